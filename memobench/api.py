@@ -1,0 +1,296 @@
+"""memobench's public plugin API: the shapes a plugin implements and the value types it exchanges.
+
+A plugin registers *classes* through the hooks in :mod:`memobench.hookspecs`. Each class carries
+``name``, ``version`` and a nested ``Params`` dataclass whose defaults are the paper defaults
+(``METHODS.md``); the harness instantiates ``cls(params)`` and records the expanded params in every result.
+
+Kinds:
+
+* :class:`ModelPlugin` — loads a :class:`memobench.model.DiffusionModel` (a diffusers SD pipeline wrapper).
+* :class:`PromptSet` — prompts with memorization labels and reference (training) images.
+* :class:`Mitigation` — ``kind = "weights"`` (a fit step that produces a cached artifact, applied as a
+  context manager that restores the model on exit) or ``kind = "inference"`` (changes the conditioning
+  during sampling).
+* :class:`Attack` — receives the mitigated model with its hooks active and returns conditioning.
+* :class:`Metric` — scores a set of generated samples; declares direction, range and implementation.
+
+This module imports neither torch nor diffusers at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import torch
+
+    from .model import DiffusionModel
+
+__all__ = [
+    "Prompt", "Conditioning", "AttackOutput", "Sample", "MetricInfo", "MetricValue", "Context",
+    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "params_dict",
+]
+
+
+def _sha256(s: str) -> str:
+    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------- value types
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a prompt set.
+
+    ``reference_ids`` name the training (ground-truth) images of the prompt inside its prompt set; the set's
+    :meth:`PromptSet.reference_image` resolves them (``None`` = recorded as missing, never a blank image).
+    """
+
+    id: str
+    text: str
+    mem_type: str | None = None  # "VM", "TM", "NONMEM" or None when unlabelled
+    reference_ids: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def sha256(self) -> str:
+        return _sha256(self.text)
+
+
+@dataclass
+class Conditioning:
+    """What the denoiser is conditioned on for one prompt: text embeddings (1×77×d each)."""
+
+    prompt_embeds: "torch.Tensor"
+    negative_prompt_embeds: "torch.Tensor"
+    text: str | None = None  # the prompt text these embeddings came from, if any
+    trace: dict = field(default_factory=dict)
+
+
+@dataclass
+class AttackOutput:
+    """An attack's result for one target: the conditioning to generate from, plus a JSON-able trace
+    (loss curve, RNG seeds, distances) and optional tensors saved as safetensors (e.g. ``y_adv``)."""
+
+    conditioning: Conditioning
+    trace: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    """One generated image with everything a metric needs."""
+
+    sample_key: str
+    prompt: Prompt
+    seed: int
+    image: "np.ndarray"  # H×W×3 uint8
+    references: list  # list of H×W×3 uint8 arrays (may be empty: missing ground truth)
+    role: str = "target"  # "target" (attacked/mitigated prompt) or a utility role
+    baseline_image: "np.ndarray | None" = None  # unmitigated image with the same seed (SSCD_gen)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    name: str
+    display_name: str
+    higher_is_better: bool
+    min: float | None = None
+    max: float | None = None
+    description: str = ""
+
+
+@dataclass
+class MetricValue:
+    """A metric's result. ``impl`` names the implementation, library, feature extractor, weights
+    identifier (sha256 or hub id) and preset that produced the number."""
+
+    value: float | None
+    n: int
+    impl: dict
+    dispersion: dict | None = None  # {"kind": "std"|"mad"|"ci", "value": float}
+    groups: dict = field(default_factory=dict)  # e.g. {"VM": {...}, "TM": {...}}
+    per_sample: dict = field(default_factory=dict)  # sample_key -> float (or per prompt id)
+    extra: dict = field(default_factory=dict)
+    unavailable: str | None = None  # reason, when the metric could not be computed
+
+
+# ---------------------------------------------------------------------------------------------- run context
+@dataclass
+class Context:
+    """Services the harness hands to plugins: caches, seeds, progress and settings of the run."""
+
+    cache_dir: Any  # pathlib.Path
+    offline: bool = False
+    device: str = "cpu"
+    seeds: tuple[int, ...] = (0,)
+    progress: Any = None  # memobench.progress.ProgressReporter
+    settings: dict = field(default_factory=dict)
+    model_id: str = ""  # identity of the (unmitigated) model weights
+
+    def artifact_path(self, plugin: "Plugin", *parts: str, suffix: str = ".safetensors"):
+        """Content-addressed path for a plugin artifact keyed by model identity, plugin params and ``parts``."""
+        from .cache import artifact_path
+
+        return artifact_path(self.cache_dir, self.model_id, plugin, parts, suffix)
+
+    def task(self, description: str, total: int | None):
+        """A progress task (a context manager yielding ``advance(n=1)``)."""
+        if self.progress is None:
+            return contextlib.nullcontext(lambda n=1, **kw: None)
+        return self.progress.task(description, total)
+
+
+# ---------------------------------------------------------------------------------------------- plugin bases
+class Plugin:
+    """Base of every registered class: ``name``, ``version`` and a ``Params`` dataclass."""
+
+    name: ClassVar[str] = ""
+    version: ClassVar[str] = "0"
+    kind_label: ClassVar[str] = "plugin"
+
+    @dataclass
+    class Params:
+        pass
+
+    def __init__(self, params: Any = None, **overrides: Any):
+        if params is None:
+            params = self.Params()
+        if overrides:
+            params = dataclasses.replace(params, **overrides)
+        self.params = params
+
+    @classmethod
+    def make_params(cls, values: dict | None) -> Any:
+        """Build ``Params`` from a dict of overrides, rejecting unknown names with the valid ones."""
+        values = dict(values or {})
+        names = {f.name: f for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise ValueError(f"{cls.kind_label} '{cls.name}' has no parameter {', '.join(unknown)}; "
+                             f"valid: {', '.join(names) or '(none)'}")
+        conv = {}
+        for k, v in values.items():
+            default = getattr(cls.Params(), k)
+            conv[k] = _coerce(v, default, f"{cls.kind_label} '{cls.name}' parameter {k}")
+        return cls.Params(**conv)
+
+    def identity(self) -> dict:
+        return {"name": self.name, "version": self.version, "params": params_dict(self.params)}
+
+
+def _coerce(v: Any, default: Any, what: str) -> Any:
+    if not isinstance(v, str) or isinstance(default, str) or default is None:
+        return v
+    try:
+        if isinstance(default, bool):
+            if v.lower() in ("1", "true", "yes"):
+                return True
+            if v.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(v)
+        if isinstance(default, float):
+            return float(v)
+        if isinstance(default, (tuple, list)):
+            return type(default)(type(default[0])(x) if default else x for x in v.split(","))
+    except ValueError:
+        raise ValueError(f"{what}: cannot read {v!r} as {type(default).__name__}") from None
+    return v
+
+
+def params_dict(params: Any) -> dict:
+    """Fully expanded, JSON-able parameters."""
+    if params is None:
+        return {}
+    if dataclasses.is_dataclass(params):
+        d = dataclasses.asdict(params)
+    else:
+        d = dict(params)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+class ModelPlugin(Plugin):
+    """Loads a model. ``generation`` holds the model's default sampler settings; ``prompt_sets`` names the
+    default target set and the utility sets scored with it (by role)."""
+
+    kind_label = "model"
+    generation: ClassVar[dict] = {"num_inference_steps": 50, "guidance_scale": 7.5, "height": 512, "width": 512}
+    prompt_sets: ClassVar[dict] = {}  # {"target": "...", "nonmem": "...", "utility": "..."}
+
+    def load(self, ctx: Context) -> "DiffusionModel":
+        raise NotImplementedError
+
+
+class PromptSet(Plugin):
+    kind_label = "prompt set"
+
+    def prompts(self, ctx: Context) -> list[Prompt]:
+        raise NotImplementedError
+
+    def reference_image(self, prompt: Prompt, ref_id: str, ctx: Context) -> "np.ndarray | None":
+        """The training image ``ref_id`` of ``prompt`` as H×W×3 uint8, or ``None`` if it is missing."""
+        return None
+
+    def provenance(self) -> dict:
+        """``{repository, path, commit, license, sha256, url}`` of the underlying file(s)."""
+        return {}
+
+
+class Mitigation(Plugin):
+    """A memorization mitigation.
+
+    ``fit`` computes (and caches) what the mitigation needs for a set of prompts; ``apply`` is a context
+    manager active while one prompt is generated or attacked (it must restore the model exactly on exit and
+    stay differentiable); ``condition`` may replace the conditioning at inference time (it receives the initial
+    latents of the generation). Weight-editing mitigations implement ``fit``/``apply``; inference-time ones
+    ``condition``.
+    """
+
+    kind_label = "mitigation"
+    kind: ClassVar[Literal["weights", "inference", "none"]] = "none"
+
+    def fit(self, model: "DiffusionModel", prompts: list[Prompt], ctx: Context) -> None:
+        return None
+
+    @contextlib.contextmanager
+    def apply(self, model: "DiffusionModel", prompt: Prompt | None, ctx: Context) -> Iterator[None]:
+        yield
+
+    def condition(self, model: "DiffusionModel", prompt: Prompt, cond: Conditioning,
+                  latents: "torch.Tensor", ctx: Context) -> Conditioning:
+        return cond
+
+    def report(self) -> dict:
+        """Summary of the fitted artifact (e.g. neurons per prompt) recorded in the result."""
+        return {}
+
+
+class Attack(Plugin):
+    """Produces the conditioning for one target under the (already applied) mitigation."""
+
+    kind_label = "attack"
+    needs_reference: ClassVar[bool] = False  # True: the attack uses the target's training image
+
+    def run(self, model: "DiffusionModel", prompt: Prompt, reference: "np.ndarray | None",
+            ctx: Context) -> AttackOutput:
+        raise NotImplementedError
+
+
+class Metric(Plugin):
+    """Scores samples. ``roles`` lists the sample roles it reads (``target`` = memorized prompts; other roles
+    are utility prompt sets generated with the mitigation only)."""
+
+    kind_label = "metric"
+    info: ClassVar[MetricInfo]
+    roles: ClassVar[tuple[str, ...]] = ("target",)
+    needs_baseline: ClassVar[bool] = False
+
+    def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
+        raise NotImplementedError

@@ -1,0 +1,197 @@
+"""Content-addressed, atomically written caches: generated images, attack outputs, plugin artifacts.
+
+Layout under the cache directory::
+
+    images/<key[:2]>/<key>.png       + <key>.json  (sidecar: image sha256 and what determined the pixels)
+    attacks/<key[:2]>/<key>.safetensors + <key>.json
+    artifacts/<plugin>/<key>.<suffix>
+
+A key is the sha256 of the canonical JSON of everything that determines the content (never batch size,
+world size or shard). Every write goes to a temporary file in the same directory followed by ``os.replace``,
+so a killed process leaves either the old state or the complete new file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CACHE_SCHEMA = 1
+
+
+class CacheError(Exception):
+    """A cache entry is unreadable or does not match its recorded hash."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MEMOBENCH_CACHE_DIR", Path.home() / ".cache" / "memobench"))
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=_default)
+
+
+def _default(o: Any):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def key_of(obj: Any) -> str:
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def sha256_bytes(b: bytes) -> str:
+    return hashlib.sha256(b).hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_png(path: str | Path) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+class ImageCache:
+    """Generated images keyed by sample key."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root) / "images"
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        d = self.root / key[:2]
+        return d / f"{key}.png", d / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        png, side = self.paths(key)
+        return png.exists() and side.exists()
+
+    def put(self, key: str, image: np.ndarray, meta: dict) -> str:
+        png, side = self.paths(key)
+        data = png_bytes(image)
+        digest = sha256_bytes(data)
+        atomic_write_bytes(png, data)
+        atomic_write_text(side, json.dumps({**meta, "sample_key": key, "image_sha256": digest}, sort_keys=True))
+        return digest
+
+    def meta(self, key: str) -> dict:
+        _, side = self.paths(key)
+        try:
+            return json.loads(side.read_text())
+        except (OSError, ValueError) as e:
+            raise CacheError(f"corrupt cache entry {side}: {e}; delete it or run `memobench cache clear`") from None
+
+    def get(self, key: str) -> np.ndarray:
+        png, _ = self.paths(key)
+        meta = self.meta(key)
+        try:
+            data = png.read_bytes()
+        except OSError as e:
+            raise CacheError(f"corrupt cache entry {png}: {e}; delete it or run `memobench cache clear`") from None
+        if sha256_bytes(data) != meta.get("image_sha256"):
+            raise CacheError(f"corrupt cache entry {png}: sha256 differs from its sidecar; delete it or run "
+                             "`memobench cache clear`")
+        return read_png(io.BytesIO(data))
+
+
+class TensorCache:
+    """Safetensors blobs (attack outputs, fitted artifacts) with a JSON sidecar."""
+
+    def __init__(self, root: str | Path, kind: str):
+        self.root = Path(root) / kind
+
+    def paths(self, key: str) -> tuple[Path, Path]:
+        d = self.root / key[:2]
+        return d / f"{key}.safetensors", d / f"{key}.json"
+
+    def has(self, key: str) -> bool:
+        a, b = self.paths(key)
+        return a.exists() and b.exists()
+
+    def put(self, key: str, tensors: dict, meta: dict) -> None:
+        from safetensors.torch import save
+
+        a, b = self.paths(key)
+        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        atomic_write_bytes(a, data)
+        atomic_write_text(b, json.dumps({**meta, "sha256": sha256_bytes(data)}, sort_keys=True))
+
+    def get(self, key: str) -> tuple[dict, dict]:
+        from safetensors.torch import load
+
+        a, b = self.paths(key)
+        try:
+            meta = json.loads(b.read_text())
+            data = a.read_bytes()
+        except (OSError, ValueError) as e:
+            raise CacheError(f"corrupt cache entry {a}: {e}; delete it or run `memobench cache clear`") from None
+        if sha256_bytes(data) != meta.get("sha256"):
+            raise CacheError(f"corrupt cache entry {a}: sha256 differs from its sidecar; delete it or run "
+                             "`memobench cache clear`")
+        return load(data), meta
+
+
+def artifact_path(cache_dir: str | Path, model_id: str, plugin: Any, parts: tuple[str, ...], suffix: str) -> Path:
+    """Path of a plugin artifact keyed by model identity + plugin name/version/params + ``parts``."""
+    ident = plugin.identity() if hasattr(plugin, "identity") else {"name": str(plugin)}
+    key = key_of({"schema": CACHE_SCHEMA, "model": model_id, "plugin": ident, "parts": list(parts)})
+    p = Path(cache_dir) / "artifacts" / ident["name"] / f"{key}{suffix}"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def cache_info(cache_dir: str | Path) -> dict:
+    root = Path(cache_dir)
+    out = {"path": str(root), "exists": root.exists(), "sections": {}}
+    if root.exists():
+        for sec in sorted(p for p in root.iterdir() if p.is_dir()):
+            files = [f for f in sec.rglob("*") if f.is_file()]
+            out["sections"][sec.name] = {"files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    return out
+
+
+def cache_clear(cache_dir: str | Path, section: str | None = None) -> int:
+    root = Path(cache_dir)
+    targets = [root / section] if section else [p for p in root.iterdir() if p.is_dir()] if root.exists() else []
+    n = 0
+    for t in targets:
+        if t.exists():
+            n += sum(1 for f in t.rglob("*") if f.is_file())
+            shutil.rmtree(t)
+    return n

@@ -1,0 +1,312 @@
+"""The ``memobench`` command line (Typer + rich).
+
+Bad input — unknown plugin, unreadable file, bad seed spec, unwritable output directory, corrupt cache entry —
+prints one line ``error: …`` naming the input and the fix, and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import click
+import typer
+
+from .cache import CacheError, cache_clear, cache_info, default_cache_dir
+from .config import BadInput, RunConfig, config_from_dict, load_config_file, parse_kv, parse_seeds
+from .registry import KIND_PLURAL, KINDS, PluginError, UnknownPluginError, get_registry
+
+app = typer.Typer(
+    name="memobench",
+    help="Benchmark memorization mitigations × attacks for text-to-image diffusion models.\n\n"
+         "Start with: memobench run --mitigation none --attack none  (the embedded `tiny` model, offline, CPU).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+cache_app = typer.Typer(help="Inspect or clear the content-addressed cache.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+BAD_INPUT = (BadInput, UnknownPluginError, CacheError, FileNotFoundError, PluginError)
+
+
+class _State:
+    plugins_dir: Optional[Path] = None
+
+
+def _registry():
+    return get_registry(plugins_dir=_State.plugins_dir)
+
+
+@app.callback()
+def _main(
+    plugins_dir: Optional[Path] = typer.Option(None, "--plugins-dir", help="Also load every *.py file in DIR as a "
+                                               "plugin (one-off plugins without packaging)."),
+):
+    if plugins_dir is not None:
+        if not plugins_dir.is_dir():
+            raise BadInput(f"--plugins-dir: not a directory: {plugins_dir}")
+        _State.plugins_dir = plugins_dir
+
+
+# ----------------------------------------------------------------------------------------------------- run
+@app.command()
+def run(
+    mitigation: str = typer.Option(None, "--mitigation", "-m", help="Mitigation plugin (see `memobench ls "
+                                   "mitigations`). Default: none."),
+    attack: str = typer.Option(None, "--attack", "-a", help="Attack plugin (see `memobench ls attacks`). "
+                               "Default: none (the target's own prompt)."),
+    model: str = typer.Option(None, "--model", help="Model plugin (default: tiny, the embedded model)."),
+    prompts: str = typer.Option(None, "--prompts", "-p", help="Prompt-set plugin name, or a prompt file "
+                                "(.txt one per line, .csv with a 'prompt' column, .jsonl with 'prompt')."),
+    metric: list[str] = typer.Option(None, "--metric", help="Metric plugin (repeatable). Default: the model's."),
+    seeds: str = typer.Option(None, "--seeds", help="Seeds, e.g. 0-9 or 0,1,2: one CPU generator per image, "
+                              "the same seeds for every prompt. Default: the model's (tiny: 0-9)."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N prompts (smoke test; marked partial)."),
+    steps: int = typer.Option(None, "--steps", help="Denoising steps (default: the model's)."),
+    guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: model's)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Images per UNet batch (does not enter cache keys)."),
+    model_param: list[str] = typer.Option(None, "--model-param", help="KEY=VALUE for the model plugin."),
+    mitigation_param: list[str] = typer.Option(None, "--mitigation-param", help="KEY=VALUE for the mitigation."),
+    attack_param: list[str] = typer.Option(None, "--attack-param", help="KEY=VALUE for the attack."),
+    output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Where result files go (default: results)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache (default: $MEMOBENCH_CACHE_DIR or "
+                                   "~/.cache/memobench)."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network: local files and caches only."),
+    config: Path = typer.Option(None, "--config", help="Run settings from a .json/.toml/.yaml file; flags "
+                                "override it."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (cached / remaining) and exit."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result JSON instead of a table."),
+):
+    """Generate, attack and score one mitigation × attack pairing; write a result JSON + per-sample table."""
+    from rich.console import Console
+
+    if offline or os.environ.get("MEMOBENCH_OFFLINE"):
+        offline = True
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ[v] = "1"
+    data = load_config_file(config) if config else {}
+    cfg = config_from_dict(data)
+    flags = {"mitigation": mitigation, "attack": attack, "model": model, "limit": limit,
+             "num_inference_steps": steps, "guidance_scale": guidance, "batch_size": batch_size}
+    for k, v in flags.items():
+        if v is not None:
+            setattr(cfg, k, v)
+    if metric:
+        cfg.metrics = list(metric)
+    if seeds is not None:
+        cfg.seeds = parse_seeds(seeds)
+        if not cfg.seeds:
+            raise BadInput("--seeds: no seeds given; use e.g. 0-9")
+    cfg.model_params.update(parse_kv(model_param, "--model-param"))
+    cfg.mitigation_params.update(parse_kv(mitigation_param, "--mitigation-param"))
+    cfg.attack_params.update(parse_kv(attack_param, "--attack-param"))
+    if output_dir is not None:
+        cfg.output_dir = str(output_dir)
+    if cache_dir is not None:
+        cfg.cache_dir = str(cache_dir)
+    cfg.offline = offline
+    reg = _registry()
+    if prompts is not None:
+        if prompts in reg.entries["prompt_set"]:
+            cfg.prompts = prompts
+        elif any(prompts.endswith(s) for s in (".txt", ".csv", ".jsonl")) or os.sep in prompts:
+            from .prompts import register_prompt_file
+
+            cfg.prompts = register_prompt_file(reg, prompts)
+        else:
+            reg.get("prompt_set", prompts)  # raises "unknown prompt set … did you mean"
+    cfg_validated = config_from_dict({}, cfg)
+    from .runner import Runner
+
+    console = Console(stderr=True)
+    runner = Runner(cfg_validated, registry=reg, progress=progress and not as_json, console=console)
+    out = runner.run(dry_run=dry_run)
+    if dry_run:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    if as_json:
+        typer.echo(json.dumps(out.result, indent=1, default=str))
+    else:
+        _print_summary(out)
+    if out.errors:
+        for e in out.errors:
+            typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _print_summary(out) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    r = out.result
+    con = Console()
+    t = Table(title=f"{r['model']['plugin']['name']} · mitigation {r['mitigation']['name']} · "
+                    f"attack {r['attack']['name']} · {r['status']}")
+    for c in ("metric", "value", "±", "n", "better", "implementation"):
+        t.add_column(c)
+    for name, m in r["metrics"].items():
+        disp = m.get("dispersion") or {}
+        impl = m.get("impl") or {}
+        impl_s = ", ".join(str(impl[k]) for k in ("name", "checkpoint", "feature_extractor", "preset") if impl.get(k))
+        t.add_row(name, _fmt(m["value"]) if not m.get("unavailable") else f"unavailable: {m['unavailable']}",
+                  f"{_fmt(disp.get('value'))} ({disp.get('kind')})" if disp else "", str(m["n"]),
+                  "↑" if m["higher_is_better"] else "↓", impl_s)
+        for g, gv in (m.get("groups") or {}).items():
+            t.add_row(f"  {name}[{g}]", _fmt(gv.get("value")), "", str(gv.get("n", "")), "", "")
+    con.print(t)
+    con.print(f"result:  {out.result_path}")
+    con.print(f"samples: {out.samples_path}")
+    if out.grid_path:
+        con.print(f"grid:    {out.grid_path}  (training original | generated, one row per prompt)")
+
+
+# ----------------------------------------------------------------------------------------------------- plugins
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List registered plugins (name, kind, version, origin) and plugins that failed to load."""
+    reg = _registry()
+    items = [e.describe() for e in reg.all_entries()]
+    if as_json:
+        typer.echo(json.dumps({"plugins": items, "failed": reg.failures, "distributions": reg.plugins}, indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="memobench plugins")
+    for c in ("kind", "name", "version", "plugin", "origin"):
+        t.add_column(c, overflow="fold")
+    for e in sorted(items, key=lambda e: (e["kind"], e["name"])):
+        t.add_row(e["kind"], e["name"], e["version"], f"{e['plugin']} ({e['dist'] or '-'})", e["origin"])
+    con = Console()
+    con.print(t)
+    for f in reg.failures:
+        con.print(f"[red]failed[/red] {f['name']} ({f['dist'] or '-'} {f['version'] or ''}): {f['error']}",
+                  highlight=False)
+
+
+@app.command("ls")
+def ls_cmd(kind: str = typer.Argument(..., help="models | prompt-sets | mitigations | attacks | metrics")):
+    """List registered objects of one kind with their parameters and defaults."""
+    rev = {v: k for k, v in KIND_PLURAL.items()}
+    k = rev.get(kind) or (kind if kind in KINDS else None) or rev.get(kind + "s")
+    if k is None:
+        raise BadInput(f"ls: unknown kind {kind!r}; use one of {', '.join(KIND_PLURAL.values())}")
+    reg = _registry()
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{KIND_PLURAL[k]}")
+    for c in ("name", "version", "parameters (defaults)", "description"):
+        t.add_column(c, overflow="fold")
+    for name in reg.names(k):
+        cls = reg.get(k, name)
+        try:
+            params = ", ".join(f"{f.name}={getattr(cls.Params(), f.name)!r}" for f in dataclasses.fields(cls.Params))
+        except Exception:
+            params = "?"
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        t.add_row(name, str(cls.version), params, doc)
+    Console().print(t)
+
+
+# ----------------------------------------------------------------------------------------------------- cache
+@cache_app.command("info")
+def cache_info_cmd(cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache directory.")):
+    """Show the cache location and size per section."""
+    typer.echo(json.dumps(cache_info(cache_dir or default_cache_dir()), indent=1))
+
+
+@cache_app.command("clear")
+def cache_clear_cmd(
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache directory."),
+    section: str = typer.Option(None, "--section", help="images | attacks | artifacts (default: all)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+):
+    """Delete cached images, attack outputs and artifacts."""
+    d = cache_dir or default_cache_dir()
+    if section and section not in ("images", "attacks", "artifacts", "data", "sscd"):
+        raise BadInput(f"--section: unknown section {section!r}; use images, attacks, artifacts, data or sscd")
+    if not yes and not typer.confirm(f"delete {section or 'everything'} under {d}?"):
+        raise typer.Exit(1)
+    n = cache_clear(d, section)
+    typer.echo(f"deleted {n} files from {d}")
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def _add_plugin_commands() -> None:
+    try:
+        reg = _registry()
+    except PluginError as e:  # strict mode
+        raise
+    for p in list(reg.plugins):
+        obj = reg.pm.get_plugin(p["name"])
+        impl = getattr(obj, "register_commands", None)
+        if impl is None:
+            continue
+        try:
+            impl(app=app)
+        except Exception as e:
+            reg.failures.append({"name": p["name"], "dist": p["dist"], "version": p["version"],
+                                 "error": f"register_commands: {type(e).__name__}: {e}"})
+            print(f"warning: plugin {p['name']} failed to add commands: {e}", file=sys.stderr)
+
+
+def _pre_parse_plugins_dir(argv: list[str]) -> None:
+    for i, a in enumerate(argv):
+        if a == "--plugins-dir" and i + 1 < len(argv):
+            _State.plugins_dir = Path(argv[i + 1])
+        elif a.startswith("--plugins-dir="):
+            _State.plugins_dir = Path(a.split("=", 1)[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        _pre_parse_plugins_dir(argv)
+        if _State.plugins_dir is not None and not _State.plugins_dir.is_dir():
+            raise BadInput(f"--plugins-dir: not a directory: {_State.plugins_dir}")
+        _add_plugin_commands()
+        rv = app(args=argv, prog_name="memobench", standalone_mode=False)
+        return int(rv or 0)
+    except BAD_INPUT as e:
+        msg = str(e).strip().replace("\n", " ")
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # plugin parameter / data errors raised as ValueError
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 2
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        print("error: aborted", file=sys.stderr)
+        return 1
+    except click.UsageError as e:
+        print(f"error: {e.format_message()} (see `memobench {' '.join(argv[:1])} --help`)", file=sys.stderr)
+        return 2
+    except click.ClickException as e:
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted; completed samples are cached, re-run to resume", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

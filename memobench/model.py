@@ -1,0 +1,299 @@
+"""The model adapter: one wrapper over a diffusers ``StableDiffusionPipeline`` (hub id or local folder).
+
+It exposes what mitigations, attacks and detectors need — prompt encoding, per-image seeded initial latents,
+one classifier-free-guidance denoising loop with access to both noise predictions at every step, and VAE
+encode/decode — written against diffusers' public API (``UNet2DConditionModel.__call__``,
+``scheduler.set_timesteps/step``, ``AutoencoderKL.encode/decode``). The same code serves SD v1.4/v2 and the
+embedded ``tiny`` model; its loop reproduces ``StableDiffusionPipeline.__call__`` (DDIM, η = 0) step for step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@dataclass
+class StepInfo:
+    """Passed to ``on_step`` at every denoising step (before the scheduler update)."""
+
+    index: int
+    timestep: torch.Tensor
+    latents: torch.Tensor
+    eps_uncond: torch.Tensor | None
+    eps_cond: torch.Tensor
+
+
+def _dir_sha256(path: Path) -> str:
+    """sha256 over the weight files of a pipeline folder (relative names + contents), cached next to them."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".bin", ".json", ".txt")
+                   and not p.name.startswith(".memobench"))
+    h = hashlib.sha256()
+    for p in files:
+        h.update(str(p.relative_to(path)).encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_identity(path: str | Path) -> str:
+    """sha256 identity of a local pipeline folder, memoised by (file sizes, mtimes)."""
+    path = Path(path)
+    stamp = json.dumps(sorted((str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime))
+                              for p in path.rglob("*") if p.is_file() and not p.name.startswith(".memobench")))
+    memo = Path(os.environ.get("MEMOBENCH_CACHE_DIR", Path.home() / ".cache" / "memobench")) / "weights_sha.json"
+    key = hashlib.sha256((str(path.resolve()) + stamp).encode()).hexdigest()
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = _dir_sha256(path)
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, memo)
+        except OSError:
+            pass
+    return known[key]
+
+
+class DiffusionModel:
+    """A Stable Diffusion pipeline plus the operations the benchmark needs."""
+
+    def __init__(self, pipe, model_id: str, revision: str | None = None, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        self.pipe = pipe.to(device) if pipe.unet.dtype == dtype else pipe.to(device=device, dtype=dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.model_id = model_id
+        self.revision = revision
+        self.device = torch.device(device)
+        self.dtype = dtype
+        for m in (self.unet, self.vae, self.text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+        self._empty: torch.Tensor | None = None
+        if any(".to_kv" in n or n.endswith("to_qkv") for n, _ in self.unet.named_modules()):
+            raise ValueError("fused QKV projections are active (fuse_qkv_projections()); unfuse them first: "
+                             "hooks on attn2.to_v would never fire")
+
+    # ------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, path_or_id: str, *, revision: str | None = None, offline: bool = False,
+                        device: str = "cpu", dtype: torch.dtype = torch.float32) -> "DiffusionModel":
+        """Load a ``StableDiffusionPipeline`` from a local folder or a hub id (safetensors only, no pickles)."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        quiet_libraries()
+        local = Path(path_or_id)
+        if offline and not local.exists():
+            try:
+                from huggingface_hub import snapshot_download
+
+                local = Path(snapshot_download(path_or_id, revision=revision, local_files_only=True))
+            except Exception:
+                raise FileNotFoundError(f"model '{path_or_id}' is not a local folder and is not in the Hugging Face "
+                                        "cache; run once online or pass a local path") from None
+        src = str(local) if local.exists() else path_or_id
+        pipe = StableDiffusionPipeline.from_pretrained(
+            src, revision=None if local.exists() else revision, use_safetensors=True, safety_checker=None,
+            requires_safety_checker=False, local_files_only=offline, torch_dtype=dtype,
+        )
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        if local.exists():
+            ident = weights_identity(local)
+        else:
+            ident = getattr(pipe, "_internal_dict", {}).get("_commit_hash") or revision or "unknown"
+        return cls(pipe, model_id=path_or_id, revision=ident, device=device, dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------- components
+    @property
+    def unet(self):
+        return self.pipe.unet
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def text_encoder(self):
+        return self.pipe.text_encoder
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def scheduler(self):
+        return self.pipe.scheduler
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    def latent_shape(self, height: int | None = None, width: int | None = None) -> tuple[int, int, int]:
+        h = (height or self.resolution) // self.vae_scale_factor
+        w = (width or self.resolution) // self.vae_scale_factor
+        return (int(self.unet.config.in_channels), h, w)
+
+    def identity(self) -> dict:
+        return {
+            "id": self.model_id,
+            "revision_or_sha256": self.revision,
+            "pipeline_class": type(self.pipe).__name__,
+            "scheduler": {"class": type(self.scheduler).__name__, "config": _jsonable(dict(self.scheduler.config))},
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "attention_processor": sorted({type(p).__name__ for p in self.unet.attn_processors.values()}),
+        }
+
+    # ------------------------------------------------------------------------------------------- text
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    def encode_prompt(self, texts: str | list[str]) -> torch.Tensor:
+        """Text embeddings (B×77×d), as ``StableDiffusionPipeline.encode_prompt`` computes them."""
+        if isinstance(texts, str):
+            texts = [texts]
+        with torch.no_grad():
+            return self.text_encoder(self.tokenize(texts))[0].to(self.dtype)
+
+    def encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    def empty_embedding(self) -> torch.Tensor:
+        if self._empty is None:
+            self._empty = self.encode_prompt([""])
+        return self._empty
+
+    # ------------------------------------------------------------------------------------------- noise
+    def initial_latents(self, seeds: list[int], height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """One CPU ``torch.Generator().manual_seed(s)`` per image: identical to passing
+        ``generator=[torch.Generator().manual_seed(s) for s in seeds]`` to the diffusers pipeline."""
+        shape = (1, *self.latent_shape(height, width))
+        lat = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=self.dtype)
+                         for s in seeds])
+        return lat.to(self.device) * self.scheduler.init_noise_sigma
+
+    def eps(self, latents: torch.Tensor, t, embeds: torch.Tensor) -> torch.Tensor:
+        """ε_θ(x_t, t, e): one UNet call (differentiable when grad is enabled)."""
+        return self.unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
+
+    def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a = self.alphas_cumprod()[t].view(-1, *([1] * (z0.dim() - 1))).to(z0.dtype)
+        return a.sqrt() * z0 + (1 - a).sqrt() * noise
+
+    def timesteps(self, num_inference_steps: int) -> torch.Tensor:
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        return self.scheduler.timesteps
+
+    # ------------------------------------------------------------------------------------------- sampling
+    def denoise(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor, latents: torch.Tensor,
+                num_inference_steps: int, guidance_scale: float,
+                on_step: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+        """The CFG denoising loop of ``StableDiffusionPipeline.__call__``; embeddings broadcast over the batch."""
+        b = latents.shape[0]
+        pe = prompt_embeds.expand(b, -1, -1) if prompt_embeds.shape[0] == 1 else prompt_embeds
+        ne = negative_prompt_embeds.expand(b, -1, -1) if negative_prompt_embeds.shape[0] == 1 else negative_prompt_embeds
+        cfg = guidance_scale > 1.0
+        embeds = torch.cat([ne, pe]) if cfg else pe
+        for i, t in enumerate(self.timesteps(num_inference_steps)):
+            x = torch.cat([latents] * 2) if cfg else latents
+            x = self.scheduler.scale_model_input(x, t)
+            out = self.eps(x, t, embeds)
+            if cfg:
+                eu, ec = out.chunk(2)
+                eps = eu + guidance_scale * (ec - eu)
+            else:
+                eu, ec, eps = None, out, out
+            if on_step is not None:
+                on_step(StepInfo(i, t, latents, eu, ec))
+            latents = self.scheduler.step(eps, t, latents, eta=0.0, return_dict=False)[0]
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        """Latents → B×H×W×3 uint8, as the pipeline's ``output_type="pil"`` post-processing."""
+        with torch.no_grad():
+            img = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        img = (img / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+        return (img * 255).round().astype("uint8")
+
+    def decode_differentiable(self, latents: torch.Tensor) -> torch.Tensor:
+        img = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (img / 2 + 0.5).clamp(0, 1)
+
+    def encode_image(self, image: np.ndarray, sample: bool = False,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+        """H×W×3 uint8 (resized/centre-cropped to the model resolution) → scaled latent (1×C×h×w)."""
+        x = torch.from_numpy(to_model_resolution(image, self.resolution)).permute(2, 0, 1)[None].float()
+        x = (x / 127.5 - 1.0).to(self.device, self.dtype)
+        with torch.no_grad():
+            dist = self.vae.encode(x).latent_dist
+            z = dist.sample(generator) if sample else dist.mean
+        return z * self.vae.config.scaling_factor
+
+    def generate(self, cond_embeds: torch.Tensor, negative_embeds: torch.Tensor, seeds: list[int],
+                 num_inference_steps: int, guidance_scale: float, height: int | None = None,
+                 width: int | None = None, latents: torch.Tensor | None = None) -> np.ndarray:
+        """Images (B×H×W×3 uint8) for one conditioning and a list of seeds."""
+        if latents is None:
+            latents = self.initial_latents(seeds, height, width)
+        with torch.no_grad():
+            lat = self.denoise(cond_embeds, negative_embeds, latents, num_inference_steps, guidance_scale)
+        return self.decode(lat)
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers/transformers loading bars and info logs (memobench shows its own progress)."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def to_model_resolution(image: np.ndarray, res: int) -> np.ndarray:
+    """Centre-crop to a square and resize (bicubic, antialiased) to res×res, RGB uint8."""
+    from PIL import Image
+
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    a = a[..., :3]
+    h, w = a.shape[:2]
+    s = min(h, w)
+    a = a[(h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    if s != res:
+        a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((res, res), Image.BICUBIC))
+    return a.astype(np.uint8)
+
+
+def _jsonable(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, (np.ndarray, torch.Tensor)):
+            v = v.tolist()
+        elif isinstance(v, tuple):
+            v = list(v)
+        out[k] = v
+    return out

@@ -1,0 +1,105 @@
+"""Prompt files given on the command line (``--prompts my_prompts.txt``) as a prompt set.
+
+Formats: ``.txt`` (one prompt per non-empty line), ``.csv`` (a ``prompt``/``caption``/``text`` column; optional
+``id``, ``mem_type``, ``reference`` = path of the training image), ``.jsonl`` (objects with the same keys).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .api import Prompt, PromptSet
+from .config import BadInput
+
+TEXT_KEYS = ("prompt", "caption", "text", "Caption")
+
+
+def _row_prompt(row: dict, i: int, where: str) -> Prompt:
+    text = next((row[k] for k in TEXT_KEYS if k in row and row[k] is not None), None)
+    if not isinstance(text, str) or not text.strip():
+        raise BadInput(f"--prompts: {where}: no non-empty 'prompt' (or caption/text) field; fix the file")
+    ref = row.get("reference") or row.get("reference_image")
+    return Prompt(id=str(row.get("id", i)), text=text.strip(), mem_type=row.get("mem_type") or None,
+                  reference_ids=(str(ref),) if ref else ())
+
+
+def read_prompt_file(path: str | Path) -> list[Prompt]:
+    p = Path(path)
+    if not p.is_file():
+        raise BadInput(f"--prompts: file not found: {p}; give an existing .txt/.csv/.jsonl file or a prompt-set name")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise BadInput(f"--prompts: {p} is not UTF-8 text; save it as UTF-8") from None
+    out: list[Prompt] = []
+    if p.suffix == ".txt":
+        out = [Prompt(id=str(i), text=line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
+    elif p.suffix == ".jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"--prompts: {p} line {n}: invalid JSON ({e.msg}); one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise BadInput(f"--prompts: {p} line {n}: expected a JSON object with a 'prompt' key")
+            out.append(_row_prompt(row, len(out), f"{p} line {n}"))
+    elif p.suffix == ".csv":
+        try:
+            dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
+        except csv.Error:
+            dialect = csv.excel
+        reader = csv.DictReader(text.splitlines(), dialect=dialect)
+        if not reader.fieldnames or not any(k in reader.fieldnames for k in TEXT_KEYS):
+            raise BadInput(f"--prompts: {p} has no 'prompt' (or caption/text) column; header: {reader.fieldnames}")
+        for n, row in enumerate(reader, 2):
+            out.append(_row_prompt(row, len(out), f"{p} line {n}"))
+    else:
+        raise BadInput(f"--prompts: unsupported file type {p.suffix!r}; use .txt, .csv or .jsonl")
+    if not out:
+        raise BadInput(f"--prompts: {p} contains no prompts")
+    ids = [q.id for q in out]
+    if len(set(ids)) != len(ids):
+        raise BadInput(f"--prompts: {p} has duplicate ids; make the 'id' column unique")
+    return out
+
+
+def register_prompt_file(reg, path: str | Path) -> str:
+    """Register a prompt file as a prompt set named ``file:<path>`` and return that name."""
+    prompts = read_prompt_file(path)
+    p = Path(path).resolve()
+    digest = hashlib.sha256(p.read_bytes()).hexdigest()
+
+    @dataclass
+    class _Params:
+        pass
+
+    class FilePromptSet(PromptSet):
+        """Prompts read from a user file."""
+
+        name = f"file:{p.name}"
+        version = digest[:12]
+        Params = _Params
+
+        def prompts(self, ctx):
+            return prompts
+
+        def reference_image(self, prompt, ref_id, ctx):
+            from .cache import read_png
+
+            rp = Path(ref_id) if Path(ref_id).is_absolute() else p.parent / ref_id
+            return read_png(rp) if rp.is_file() else None
+
+        def provenance(self):
+            return {"path": str(p), "sha256": digest}
+
+    from .registry import Entry
+
+    reg.entries["prompt_set"][FilePromptSet.name] = Entry(FilePromptSet, "prompt_set", FilePromptSet.name,
+                                                          "command line", None, FilePromptSet.version, str(p))
+    return FilePromptSet.name

@@ -1,0 +1,526 @@
+"""The runner: resolve plugins, generate (cached, resumable), attack, score, write the result.
+
+Phases, each with its own cache so that a crash in one never forces redoing another:
+
+1. *fit* — the mitigation's fit step (its artifacts are cached by the plugin under ``ctx.artifact_path``);
+2. *attack* — per target prompt, the attack's conditioning (cached as safetensors + JSON trace);
+3. *generate* — per (prompt, seed) image, keyed by everything that determines its pixels (not batch size or
+   shard), written atomically as soon as its batch is done; a re-run prints "cached X, remaining Y" and
+   generates only what is missing;
+4. *score* — metrics over the cached images; one result JSON per run plus a per-sample JSONL table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .api import Attack, AttackOutput, Conditioning, Context, Metric, MetricValue, Mitigation, ModelPlugin, Prompt, \
+    PromptSet, Sample, params_dict
+from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_write_text, canonical_json, \
+    default_cache_dir, key_of
+from .config import BadInput, RunConfig, validate
+from .progress import ProgressReporter
+from .registry import Registry, UnknownPluginError, get_registry
+
+RESULT_SCHEMA = 1
+
+
+@dataclass
+class Job:
+    role: str
+    prompt: Prompt
+    seed: int
+    key: str
+
+
+@dataclass
+class RunOutcome:
+    result: dict
+    result_path: Path
+    samples_path: Path
+    grid_path: Path | None
+    errors: list[str] = field(default_factory=list)
+
+
+def _instantiate(reg: Registry, kind: str, name: str, params: dict):
+    cls = reg.get(kind, name)
+    try:
+        return cls(cls.make_params(params))
+    except (ValueError, TypeError) as e:
+        raise BadInput(str(e)) from None
+
+
+def _git_hash() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except Exception:
+        return None
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    def v(name: str) -> str | None:
+        try:
+            return md.version(name)
+        except md.PackageNotFoundError:
+            return None
+
+    import torch
+
+    return {
+        "python": platform.python_version(), "platform": platform.platform(),
+        "torch": torch.__version__, "diffusers": v("diffusers"), "transformers": v("transformers"),
+        "torchvision": v("torchvision"), "open_clip": v("open_clip_torch"), "torch_fidelity": v("torch-fidelity"),
+        "onnxruntime": v("onnxruntime"), "numpy": np.__version__,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch_threads": torch.get_num_threads(), "world_size": 1,
+    }
+
+
+def check_output_dir(path: str | Path) -> Path:
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".memobench-write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise BadInput(f"--output-dir: cannot write to {p} ({e.strerror or e}); choose a writable directory") from None
+    return p
+
+
+class Runner:
+    def __init__(self, cfg: RunConfig, registry: Registry | None = None, progress: bool = True, console=None):
+        validate(cfg)
+        self.cfg = cfg
+        self.reg = registry or get_registry()
+        self.progress = ProgressReporter(enabled=progress, console=console)
+        self._resolve()
+
+    # ------------------------------------------------------------------------------------------- planning
+    def _resolve(self) -> None:
+        cfg, reg = self.cfg, self.reg
+        self.model_plugin: ModelPlugin = _instantiate(reg, "model", cfg.model, cfg.model_params)
+        mcls = type(self.model_plugin)
+        pname = cfg.prompts or mcls.prompt_sets.get("target")
+        if not pname:
+            raise BadInput(f"--prompts: model '{cfg.model}' has no default prompt set; pass --prompts NAME")
+        self.prompt_set: PromptSet = _instantiate(reg, "prompt_set", pname, cfg.prompt_params)
+        self.mitigation: Mitigation = _instantiate(reg, "mitigation", cfg.mitigation, cfg.mitigation_params)
+        self.attack: Attack = _instantiate(reg, "attack", cfg.attack, cfg.attack_params)
+        names = cfg.metrics if cfg.metrics is not None else list(getattr(mcls, "default_metrics", ()))
+        unknown_mp = sorted(set(cfg.metric_params) - set(names))
+        if unknown_mp:
+            raise BadInput(f"metric_params: {', '.join(unknown_mp)} not among the selected metrics {names}")
+        self.metrics: list[Metric] = [_instantiate(reg, "metric", n, cfg.metric_params.get(n, {})) for n in names]
+        gen = dict(mcls.generation)
+        for k in ("num_inference_steps", "guidance_scale", "height", "width"):
+            if getattr(cfg, k) is not None:
+                gen[k] = getattr(cfg, k)
+        self.generation = gen
+        self.seeds = list(cfg.seeds if cfg.seeds is not None else getattr(mcls, "default_seeds", range(10)))
+        self.utility_seeds = list(cfg.utility_seeds if cfg.utility_seeds is not None
+                                  else getattr(mcls, "default_utility_seeds", (0,)))
+        roles = {r for m in self.metrics for r in m.roles}
+        self.utility_sets: dict[str, PromptSet] = {}
+        for role in sorted(roles - {"target"}):
+            sname = mcls.prompt_sets.get(role)
+            if not sname:
+                raise BadInput(f"--metric: a selected metric needs a '{role}' prompt set, which model "
+                               f"'{cfg.model}' does not name")
+            self.utility_sets[role] = _instantiate(reg, "prompt_set", sname, {})
+        self.needs_baseline = any(m.needs_baseline for m in self.metrics)
+        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+        self.images = ImageCache(self.cache_dir)
+        self.attack_cache = TensorCache(self.cache_dir, "attacks")
+
+    def resolved(self) -> dict:
+        """The fully resolved, hashable description of the run."""
+        return {
+            "config": self.cfg.identity(),
+            "model": self.model_plugin.identity(),
+            "prompt_set": self.prompt_set.identity(),
+            "mitigation": self.mitigation.identity(),
+            "attack": self.attack.identity(),
+            "metrics": [m.identity() for m in self.metrics],
+            "generation": self.generation,
+            "seeds": self.seeds,
+            "utility_seeds": self.utility_seeds if self.utility_sets else [],
+            "utility_sets": {r: s.identity() for r, s in self.utility_sets.items()},
+        }
+
+    def config_hash(self) -> str:
+        return key_of(self.resolved())
+
+    # ------------------------------------------------------------------------------------------- keys
+    def _sample_key(self, model_ident: dict, prompt: Prompt, seed: int, mitigation: Mitigation | None,
+                    attack: Attack | None) -> str:
+        return key_of({
+            "schema": CACHE_SCHEMA, "model": model_ident, "generation": self.generation,
+            "mitigation": None if mitigation is None or mitigation.kind == "none" else mitigation.identity(),
+            "attack": None if attack is None or getattr(attack, "is_identity", False) else attack.identity(),
+            "prompt_sha256": prompt.sha256, "seed": int(seed),
+        })
+
+    def _attack_key(self, model_ident: dict, prompt: Prompt, ref_sha: str | None) -> str:
+        return key_of({"schema": CACHE_SCHEMA, "model": model_ident,
+                       "mitigation": None if self.mitigation.kind == "none" else self.mitigation.identity(),
+                       "attack": self.attack.identity(), "prompt_sha256": prompt.sha256, "reference": ref_sha})
+
+    # ------------------------------------------------------------------------------------------- run
+    def run(self, dry_run: bool = False) -> RunOutcome | dict:
+        cfg = self.cfg
+        out_root = check_output_dir(cfg.output_dir)
+        t_start = time.time()
+        timing: dict[str, float] = {}
+        ctx = Context(cache_dir=self.cache_dir, offline=cfg.offline, device=cfg.device, seeds=tuple(self.seeds),
+                      progress=self.progress, settings={"generation": self.generation, "batch_size": cfg.batch_size})
+        log = self.progress.log
+        t = time.time()
+        prompts = self.prompt_set.prompts(ctx)
+        if cfg.limit:
+            prompts = prompts[: cfg.limit]
+        if not prompts:
+            raise BadInput(f"--prompts: prompt set '{self.prompt_set.name}' is empty")
+        utility = {role: (s.prompts(ctx)[: cfg.utility_limit] if cfg.utility_limit else s.prompts(ctx))
+                   for role, s in self.utility_sets.items()}
+        timing["prompts_s"] = time.time() - t
+        t = time.time()
+        model = self.model_plugin.load(ctx)
+        model_ident = model.identity()
+        ctx.model_id = key_of(model_ident)
+        timing["load_s"] = time.time() - t
+
+        jobs: list[Job] = []
+        for p in prompts:
+            for s in self.seeds:
+                jobs.append(Job("target", p, s, self._sample_key(model_ident, p, s, self.mitigation, self.attack)))
+        baseline_needed = self.needs_baseline and (self.mitigation.kind != "none"
+                                                   or not getattr(self.attack, "is_identity", False))
+        if baseline_needed:
+            for p in prompts:
+                for s in self.seeds:
+                    jobs.append(Job("baseline", p, s, self._sample_key(model_ident, p, s, None, None)))
+        for role, ps in utility.items():
+            for p in ps:
+                for s in self.utility_seeds:
+                    jobs.append(Job(role, p, s, self._sample_key(model_ident, p, s, self.mitigation, None)))
+        unique = {j.key for j in jobs}
+        cached = {k for k in unique if self.images.has(k)}
+        log(f"[memobench] cached {len(cached)}, remaining {len(unique) - len(cached)} "
+            f"(model {cfg.model}, prompts {self.prompt_set.name} ×{len(prompts)}, mitigation {self.mitigation.name}, "
+            f"attack {self.attack.name}, seeds {len(self.seeds)})")
+        if cfg.limit:
+            log(f"[memobench] --limit {cfg.limit}: smoke test only, numbers are not comparable (status: partial)")
+        if dry_run:
+            return {"cached": len(cached), "remaining": len(unique) - len(cached), "jobs": len(jobs),
+                    "config_hash": self.config_hash()}
+
+        errors: list[str] = []
+        with self.progress:
+            t = time.time()
+            self.mitigation.fit(model, prompts, ctx)
+            timing["fit_s"] = time.time() - t
+            t = time.time()
+            attack_traces = self._generate_targets(model, model_ident, prompts, jobs, ctx, errors)
+            timing["target_s"] = time.time() - t
+            t = time.time()
+            if baseline_needed:
+                self._generate_plain(model, [j for j in jobs if j.role == "baseline"], None, ctx, "baseline")
+            for role in utility:
+                self._generate_plain(model, [j for j in jobs if j.role == role], self.mitigation, ctx, role)
+            timing["other_generation_s"] = time.time() - t
+
+        t = time.time()
+        samples = self._load_samples(jobs, prompts, ctx, errors)
+        metrics_out: dict[str, dict] = {}
+        for m in self.metrics:
+            subset = [s for s in samples if s.role in m.roles]
+            try:
+                vals = m.compute(subset, ctx)
+            except (BadInput, UnknownPluginError, CacheError):
+                raise
+            except Exception as e:  # a metric failure is recorded, the rest of the run survives
+                errors.append(f"metric {m.name}: {type(e).__name__}: {e}")
+                continue
+            for name, mv in vals.items():
+                metrics_out[name] = _metric_record(m, mv)
+        timing["score_s"] = time.time() - t
+        timing["total_s"] = time.time() - t_start
+
+        status = "failed" if errors and not metrics_out else ("partial" if cfg.limit or errors else "complete")
+        chash = self.config_hash()
+        run_dir = out_root / _slug(cfg.model) / f"{_slug(self.mitigation.name)}__{_slug(self.attack.name)}"
+        run_id = chash[:16]
+        result = {
+            "schema_version": RESULT_SCHEMA,
+            "memobench_version": __version__,
+            "git_hash": _git_hash(),
+            "run_id": run_id,
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "config_hash": chash,
+            "status": status,
+            "errors": errors,
+            "config": dataclasses.asdict(cfg),
+            "model": {**model_ident, "plugin": self.model_plugin.identity()},
+            "mitigation": {**self.mitigation.identity(), "kind": self.mitigation.kind,
+                           "dist": self.reg.entry("mitigation", self.mitigation.name).dist,
+                           "report": self.mitigation.report()},
+            "attack": {**self.attack.identity(), "dist": self.reg.entry("attack", self.attack.name).dist},
+            "prompt_set": {**self.prompt_set.identity(), "n_original": len(self.prompt_set.prompts(ctx)),
+                           "n_effective": len(prompts),
+                           "content_sha256": key_of([p.text for p in prompts]),
+                           "source": self.prompt_set.provenance()},
+            "utility_sets": {r: {**s.identity(), "n_effective": len(utility[r]),
+                                 "content_sha256": key_of([p.text for p in utility[r]]),
+                                 "source": s.provenance()} for r, s in self.utility_sets.items()},
+            "generation": {**self.generation, "images_per_prompt": len(self.seeds), "batch_size": cfg.batch_size,
+                           "negative_prompt": ""},
+            "seeds": {"target": self.seeds, "utility": self.utility_seeds if utility else [],
+                      "rule": "one CPU torch.Generator().manual_seed(seed) per image; the same seeds for every "
+                              "prompt (pass generator=[...] to diffusers to reproduce)"},
+            "metrics": metrics_out,
+            "attack_traces": attack_traces,
+            "env": environment(),
+            "timing": timing,
+        }
+        result_path = run_dir / f"{run_id}.json"
+        samples_path = run_dir / f"{run_id}.samples.jsonl"
+        rows = [_sample_row(s, metrics_out) for s in samples]
+        atomic_write_text(samples_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        result["samples_file"] = samples_path.name
+        grid = None
+        try:
+            grid = run_dir / f"{run_id}.grid.png"
+            write_grid([s for s in samples if s.role == "target"], grid)
+            result["grid_file"] = grid.name
+        except Exception as e:  # the grid is a convenience; never lose the result over it
+            errors.append(f"grid: {type(e).__name__}: {e}")
+            grid = None
+        atomic_write_text(result_path, json.dumps(result, indent=1, sort_keys=True, default=str))
+        return RunOutcome(result, result_path, samples_path, grid, errors)
+
+    # ------------------------------------------------------------------------------------------- phases
+    def _reference(self, prompt: Prompt, ctx: Context) -> list[np.ndarray]:
+        refs = []
+        for rid in prompt.reference_ids:
+            img = self.prompt_set.reference_image(prompt, rid, ctx)
+            if img is not None:
+                refs.append(img)
+        return refs
+
+    def _attack_output(self, model, model_ident: dict, prompt: Prompt, ctx: Context, errors: list[str]):
+        if getattr(self.attack, "is_identity", False):
+            emb = model.encode_prompt(prompt.text)
+            return Conditioning(emb, model.empty_embedding(), text=prompt.text), None
+        ref = None
+        if self.attack.needs_reference:
+            refs = self._reference(prompt, ctx)
+            if not refs:
+                errors.append(f"attack {self.attack.name}: prompt {prompt.id} has no reference image; skipped")
+                return None, None
+            ref = refs[0]
+        ref_sha = image_sha256(ref) if ref is not None else None
+        key = self._attack_key(model_ident, prompt, ref_sha)
+        if self.attack_cache.has(key):
+            tensors, meta = self.attack_cache.get(key)
+        else:
+            out: AttackOutput = self.attack.run(model, prompt, ref, ctx)
+            tensors = {"prompt_embeds": out.conditioning.prompt_embeds,
+                       "negative_prompt_embeds": out.conditioning.negative_prompt_embeds, **out.tensors}
+            meta = {"trace": out.trace, "prompt_id": prompt.id, "attack": self.attack.identity()}
+            self.attack_cache.put(key, tensors, meta)
+        cond = Conditioning(tensors["prompt_embeds"].to(model.device, model.dtype),
+                            tensors["negative_prompt_embeds"].to(model.device, model.dtype), text=None)
+        return cond, {"attack_key": key, **meta.get("trace", {})}
+
+    def _generate_targets(self, model, model_ident, prompts, jobs, ctx, errors) -> dict:
+        traces: dict[str, Any] = {}
+        by_prompt: dict[str, list[Job]] = {}
+        for j in jobs:
+            if j.role == "target":
+                by_prompt.setdefault(j.prompt.id, []).append(j)
+        total = sum(1 for j in jobs if j.role == "target")
+        label = "generate" if getattr(self.attack, "is_identity", False) else f"attack {self.attack.name} + generate"
+        with ctx.task(f"{label} ({self.mitigation.name})", total) as advance:
+            for p in prompts:
+                pj = by_prompt[p.id]
+                pending = [j for j in pj if not self.images.has(j.key)]
+                advance(len(pj) - len(pending))
+                need_attack = bool(pending) or not getattr(self.attack, "is_identity", False)
+                if not need_attack:
+                    continue
+                with self.mitigation.apply(model, p, ctx):
+                    cond, trace = self._attack_output(model, model_ident, p, ctx, errors)
+                    if trace is not None:
+                        traces[p.id] = trace
+                    if cond is None:
+                        advance(len(pending))
+                        continue
+                    if pending:
+                        self._generate_prompt(model, p, pj, pending, cond, self.mitigation, ctx, advance)
+        return traces
+
+    def _generate_plain(self, model, jobs: list[Job], mitigation: Mitigation | None, ctx: Context, role: str) -> None:
+        by_prompt: dict[str, list[Job]] = {}
+        for j in jobs:
+            by_prompt.setdefault(j.prompt.id, []).append(j)
+        with ctx.task(f"generate {role}", len(jobs)) as advance:
+            for pj in by_prompt.values():
+                p = pj[0].prompt
+                pending = [j for j in pj if not self.images.has(j.key)]
+                advance(len(pj) - len(pending))
+                if not pending:
+                    continue
+                cm = mitigation.apply(model, p, ctx) if mitigation is not None else contextlib.nullcontext()
+                with cm:
+                    cond = Conditioning(model.encode_prompt(p.text), model.empty_embedding(), text=p.text)
+                    self._generate_prompt(model, p, pj, pending, cond, mitigation, ctx, advance)
+
+    def _generate_prompt(self, model, prompt: Prompt, all_jobs: list[Job], pending: list[Job], cond: Conditioning,
+                         mitigation: Mitigation | None, ctx: Context, advance) -> None:
+        g = self.generation
+        seeds_all = [j.seed for j in all_jobs]
+        lat_all = model.initial_latents(seeds_all, g["height"], g["width"])
+        if mitigation is not None and mitigation.kind != "none":
+            # inference-time mitigations see the latents of all of the prompt's seeds (never only the pending
+            # ones), so that what they compute does not depend on what happened to be cached
+            cond = mitigation.condition(model, prompt, cond, lat_all, ctx)
+        index = {j.seed: i for i, j in enumerate(all_jobs)}
+        bs = self.cfg.batch_size
+        for i in range(0, len(pending), bs):
+            chunk = pending[i: i + bs]
+            lat = lat_all[[index[j.seed] for j in chunk]]
+            with torch.no_grad():
+                out = model.denoise(cond.prompt_embeds, cond.negative_prompt_embeds, lat,
+                                    g["num_inference_steps"], g["guidance_scale"])
+            imgs = model.decode(out)
+            for j, img in zip(chunk, imgs):
+                self.images.put(j.key, img, {"prompt_id": prompt.id, "prompt_sha256": prompt.sha256,
+                                             "seed": j.seed, "role": j.role})
+            advance(len(chunk))
+
+    def _load_samples(self, jobs: list[Job], prompts: list[Prompt], ctx: Context, errors: list[str]) -> list[Sample]:
+        refs: dict[str, list[np.ndarray]] = {}
+        baseline = {(j.prompt.id, j.seed): j.key for j in jobs if j.role == "baseline"}
+        if not baseline and self.needs_baseline:
+            baseline = {(j.prompt.id, j.seed): j.key for j in jobs if j.role == "target"}
+        out = []
+        for j in jobs:
+            if j.role == "baseline":
+                continue
+            if not self.images.has(j.key):
+                continue  # recorded as an error by the phase that skipped it
+            if j.role == "target":
+                if j.prompt.id not in refs:
+                    refs[j.prompt.id] = self._reference(j.prompt, ctx)
+                r = refs[j.prompt.id]
+            else:
+                ps = self.utility_sets[j.role]
+                r = [x for rid in j.prompt.reference_ids if (x := ps.reference_image(j.prompt, rid, ctx)) is not None]
+            bkey = baseline.get((j.prompt.id, j.seed)) if j.role == "target" else None
+            out.append(Sample(sample_key=j.key, prompt=j.prompt, seed=j.seed, image=self.images.get(j.key),
+                              references=r, role=j.role,
+                              baseline_image=self.images.get(bkey) if bkey and self.images.has(bkey) else None,
+                              extra={"image_sha256": self.images.meta(j.key)["image_sha256"]}))
+        return out
+
+
+def _metric_record(m: Metric, mv: MetricValue) -> dict:
+    info = m.info
+    rec = {
+        "value": mv.value, "n": mv.n, "dispersion": mv.dispersion, "groups": mv.groups,
+        "higher_is_better": info.higher_is_better, "min": info.min, "max": info.max,
+        "display_name": info.display_name, "metric_plugin": m.identity(), "impl": mv.impl,
+        "extra": mv.extra,
+    }
+    if mv.unavailable:
+        rec["unavailable"] = mv.unavailable
+    if mv.per_sample:
+        rec["per_sample"] = mv.per_sample
+    return rec
+
+
+def _sample_row(s: Sample, metrics: dict) -> dict:
+    row = {"sample_key": s.sample_key, "role": s.role, "prompt_id": s.prompt.id, "prompt": s.prompt.text,
+           "prompt_sha256": s.prompt.sha256, "mem_type": s.prompt.mem_type, "seed": s.seed,
+           "image_path": f"images/{s.sample_key[:2]}/{s.sample_key}.png",
+           "image_sha256": s.extra.get("image_sha256"), "n_references": len(s.references)}
+    for name, rec in metrics.items():
+        ps = rec.get("per_sample") or {}
+        if s.sample_key in ps:
+            row[name] = ps[s.sample_key]
+    return row
+
+
+def image_sha256(image: np.ndarray) -> str:
+    """sha256 of an image's shape and raw uint8 pixels."""
+    a = np.ascontiguousarray(image, dtype=np.uint8)
+    return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+
+
+def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_seeds: int = 8, scale: int = 2) -> None:
+    """Training original | generations, one row per prompt (a picture a person can check by eye)."""
+    from PIL import Image, ImageDraw
+
+    from .cache import atomic_write_bytes, png_bytes
+    from .model import to_model_resolution
+
+    by: dict[str, list[Sample]] = {}
+    for s in samples:
+        by.setdefault(s.prompt.id, []).append(s)
+    rows = list(by.values())[:max_prompts]
+    if not rows:
+        return
+    res = rows[0][0].image.shape[0]
+    cell = res * scale
+    label_h = 14
+    ncols = 1 + min(max_seeds, max(len(r) for r in rows))
+    W = ncols * (cell + 4) + 4
+    H = len(rows) * (cell + label_h + 6) + 24
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    d = ImageDraw.Draw(canvas)
+    d.text((4, 4), "training original | generated (one per seed); score = SSCD to the original when computed",
+           fill=(0, 0, 0))
+    y = 24
+    for r in rows:
+        p = r[0].prompt
+        d.text((4, y), f"[{p.mem_type or '-'}] {p.text[:110]}", fill=(0, 0, 0))
+        y += label_h
+        x = 4
+        if r[0].references:
+            ref = to_model_resolution(r[0].references[0], res)
+            canvas.paste(Image.fromarray(ref).resize((cell, cell), Image.NEAREST), (x, y))
+        else:
+            d.rectangle([x, y, x + cell - 1, y + cell - 1], outline=(200, 0, 0))
+            d.text((x + 4, y + cell // 2), "missing", fill=(200, 0, 0))
+        x += cell + 4
+        for s in sorted(r, key=lambda s: s.seed)[:max_seeds]:
+            canvas.paste(Image.fromarray(s.image).resize((cell, cell), Image.NEAREST), (x, y))
+            x += cell + 4
+        y += cell + 6
+    atomic_write_bytes(path, png_bytes(np.asarray(canvas)))

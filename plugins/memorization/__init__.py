@@ -1,0 +1,360 @@
+"""Memorization metrics built on SSCD (METHODS §4): ``mr``, ``sscd_orig``, ``sscd_gen`` and ``diversity``.
+
+Every metric embeds images with :class:`memobench.sscd.SSCD` (preset, backend and weights are ``Params`` fields) and
+aggregates with :mod:`memobench.stats`. Common behaviour:
+
+* Samples of one prompt share ``prompt.id``; generations of a prompt are ordered by seed.
+* s_{p,g} = reduction over the prompt's reference images (``ref_reduce``: max or median) of the cosine between
+  generation g and each reference. Prompts without any reference image are excluded and counted in
+  ``n_missing_ref`` (METHODS §4).
+* ``groups`` holds one entry per ``prompt.mem_type`` present (``VM``, ``TM``, ``NONMEM`` ...) plus ``all``. The
+  headline ``value`` is computed on the prompts of ``headline_group`` (default ``VM``, the DoRI/NeMo VM rows) when the
+  samples contain prompts with that label (``value`` is None with ``unavailable`` set if none of them can be scored),
+  and on all prompts otherwise (``"all"`` forces that); ``extra["headline_group"]`` records which.
+* ``per_sample`` maps ``sample_key`` to the per-generation number; ``extra["per_prompt"]`` maps ``prompt.id`` to the
+  per-prompt number, so every aggregate can be recomputed.
+* Each distinct image (by content hash) is embedded once per ``compute`` call.
+* ``jpeg_roundtrip=True`` passes generated images through a PIL JPEG round trip (quality 75) first, as NeMo's scripts
+  score JPEG files (METHODS §3.2 note).
+* When the SSCD weights cannot be loaded (e.g. a TorchScript checkpoint missing in offline mode), the metric returns
+  values with ``unavailable`` set to the reason.
+
+Local TorchScript files can also be named per checkpoint in the run settings:
+``ctx.settings["sscd_weights"] = {"sscd_disc_large": "/path/sscd_disc_large.torchscript.pt"}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+
+from memobench import stats
+from memobench.api import Context, Metric, MetricInfo, MetricValue, Sample
+from memobench.hookspecs import hookimpl
+from memobench.sscd import SSCD, SSCDUnavailableError, get_preset, image_digest, jpeg_roundtrip
+
+__all__ = ["MemorizationRate", "SSCDOrig", "SSCDGen", "Diversity", "EmbeddingCache"]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+class EmbeddingCache:
+    """Embeds each distinct image (by :func:`memobench.sscd.image_digest`) once; lookups by image."""
+
+    def __init__(self, embedder: Any):
+        self.embedder = embedder
+        self._vectors: dict[str, np.ndarray] = {}
+
+    def add(self, images: Sequence[np.ndarray]) -> None:
+        """Embed, in one batched call, every image not seen before."""
+        todo: dict[str, np.ndarray] = {}
+        for im in images:
+            d = image_digest(im)
+            if d not in self._vectors and d not in todo:
+                todo[d] = im
+        if todo:
+            feats = np.asarray(self.embedder.embed(list(todo.values())))
+            for d, f in zip(todo, feats):
+                self._vectors[d] = f.astype(np.float64)
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        return self._vectors[image_digest(image)]
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+
+def _by_prompt(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
+    """Samples grouped by ``prompt.id`` (first-appearance order), each group sorted by seed."""
+    groups: dict[str, list[Sample]] = {}
+    for s in samples:
+        groups.setdefault(s.prompt.id, []).append(s)
+    return {pid: sorted(ss, key=lambda s: s.seed) for pid, ss in groups.items()}
+
+
+def _unique_refs(samples: Sequence[Sample]) -> list[np.ndarray]:
+    """The distinct reference images of a prompt (union over its samples, by content hash)."""
+    seen: dict[str, np.ndarray] = {}
+    for s in samples:
+        for r in s.references or []:
+            seen.setdefault(image_digest(r), r)
+    return list(seen.values())
+
+
+def _resolve(value: str, preset_value: str) -> str:
+    return preset_value if value == "preset" else value
+
+
+def _aggregate(per_prompt: dict[str, float], labels: dict[str, str | None], set_reduce: str,
+               headline_group: str, impl: dict, per_sample: dict, extra: dict,
+               missing: dict[str, str | None]) -> MetricValue:
+    """Set-level value, dispersion and per-``mem_type`` groups of per-prompt values."""
+    def summary(pids: list[str]) -> tuple[float | None, dict | None]:
+        if not pids:
+            return None, None
+        return stats.summarize([per_prompt[p] for p in pids], set_reduce)  # type: ignore[arg-type]
+
+    all_ids = list(per_prompt)
+    groups: dict[str, dict] = {}
+    names = sorted({lab for lab in list(labels.values()) + list(missing.values()) if lab})
+    for g in names + ["all"]:
+        ids = all_ids if g == "all" else [p for p in all_ids if labels[p] == g]
+        n_miss = len(missing) if g == "all" else sum(1 for lab in missing.values() if lab == g)
+        v, disp = summary(ids)
+        groups[g] = {"value": v, "dispersion": disp, "n": len(ids), "n_missing_ref": n_miss}
+    head = headline_group if headline_group in names else "all"
+    extra = {**extra, "headline_group": head, "set_reduce": set_reduce, "n_missing_ref": groups[head]["n_missing_ref"],
+             "missing_ref_prompts": sorted(missing), "per_prompt": dict(per_prompt)}
+    if groups[head]["n"] == 0:
+        what = "no prompt" if head == "all" else f"no {head} prompt"
+        return MetricValue(value=None, n=0, impl=impl, groups=groups, per_sample=per_sample, extra=extra,
+                           unavailable=f"{what} could be scored (missing references or generations)")
+    return MetricValue(value=groups[head]["value"], n=groups[head]["n"], impl=impl,
+                       dispersion=groups[head]["dispersion"], groups=groups, per_sample=per_sample, extra=extra)
+
+
+# ---------------------------------------------------------------------------------------------- base class
+class _SSCDMetric(Metric):
+    """Shared embedding plumbing of the SSCD metrics."""
+
+    version = "1"
+    default_preset: ClassVar[str] = "dori2026"
+
+    @dataclass
+    class Params:
+        preset: str = "dori2026"
+        backend: str = "auto"  # auto | onnx | torchscript (memobench.sscd.SSCD)
+        weights_path: str = ""
+        headline_group: str = "VM"
+        jpeg_roundtrip: bool = False
+        batch_size: int = 16
+
+    def make_embedder(self, ctx: Context) -> Any:
+        """The SSCD embedder for this metric's params and the run context (tests may replace this)."""
+        p = self.params
+        weights = p.weights_path or None
+        if weights is None:
+            local = (ctx.settings or {}).get("sscd_weights", {}) or {}
+            weights = local.get(get_preset(p.preset).checkpoint)
+        return SSCD(preset=p.preset, backend=p.backend, weights_path=weights,
+                    cache_dir=Path(ctx.cache_dir) if ctx.cache_dir is not None else None,
+                    offline=ctx.offline, batch_size=p.batch_size,
+                    device=ctx.device if p.backend == "torchscript" else "cpu")
+
+    def _gen_image(self, image: np.ndarray) -> np.ndarray:
+        return jpeg_roundtrip(image) if self.params.jpeg_roundtrip else image
+
+    def _unavailable(self, keys: Sequence[str], reason: str, n_missing: int = 0) -> dict[str, MetricValue]:
+        return {k: MetricValue(value=None, n=0, impl={"name": "sscd", "preset": self.params.preset},
+                               extra={"n_missing_ref": n_missing}, unavailable=reason) for k in keys}
+
+    def _setup(self, ctx: Context) -> tuple[EmbeddingCache, dict]:
+        embedder = self.make_embedder(ctx)
+        impl = {**embedder.impl, "metric": self.name, "metric_version": self.version}
+        return EmbeddingCache(embedder), impl
+
+    def _reference_scores(self, samples: Sequence[Sample], ctx: Context, ref_reduce: str
+                          ) -> tuple[dict[str, list[tuple[str, float]]], dict[str, str | None],
+                                     dict[str, str | None], dict, EmbeddingCache]:
+        """s_{p,g} per prompt as ``[(sample_key, s), ...]`` (seed order), labels, missing prompts, impl, cache."""
+        by_prompt = _by_prompt(samples)
+        labels = {pid: ss[0].prompt.mem_type for pid, ss in by_prompt.items()}
+        refs = {pid: _unique_refs(ss) for pid, ss in by_prompt.items()}
+        missing = {pid: labels[pid] for pid in by_prompt if not refs[pid]}
+        cache, impl = self._setup(ctx)
+        gens = {s.sample_key: self._gen_image(s.image) for pid in by_prompt if pid not in missing
+                for s in by_prompt[pid]}
+        cache.add(list(gens.values()) + [r for pid in refs for r in refs[pid]])
+        scores: dict[str, list[tuple[str, float]]] = {}
+        for pid, ss in by_prompt.items():
+            if pid in missing:
+                continue
+            r = np.stack([cache(x) for x in refs[pid]])
+            scores[pid] = [(s.sample_key, stats.reduce(r @ cache(gens[s.sample_key]), ref_reduce))  # type: ignore
+                           for s in ss]
+        return scores, {p: labels[p] for p in scores}, missing, impl, cache
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+class SSCDOrig(_SSCDMetric):
+    """SSCD_orig: similarity of generations to the prompt's training image(s) (METHODS §4.1).
+
+    s_{p,g} = ref_reduce_r ⟨f(x_{p,g}), f(x*_{p,r})⟩ (METHODS §4 notation; max = Wen/MemBench/memobench default,
+    median = NeMo ``metrics/compute_sscd_orig.py``); SSCD_orig(p) = gen_reduce_g s_{p,g}; the set value is mean ± std
+    (ddof 0) or median ± MAD over prompts.
+
+    Defaults: DoRI (Kowalczuk, Hintersdorf, Struppek et al., "Finding DoRI", ICML 2026, blog "SSCD_Orig … a mean
+    cosine similarity", tables as mean ± deviation) — preset ``dori2026``, gen_reduce = mean, set_reduce = mean_std.
+    NeMo (Hintersdorf, Struppek et al., NeurIPS 2024, Table 1) reports max_g and median_g as median ± MAD; Wen et al.
+    (ICLR 2024, ``inference_mem.py``) mean_g/max_g/min_g averaged over prompts. ``extra["by_gen_reduce"]`` carries the
+    mean/median/max/min variants with the same set reduction. ``"preset"`` for a reduction takes the preset's value.
+    """
+
+    name = "sscd_orig"
+    info = MetricInfo("sscd_orig", "SSCD_Orig", higher_is_better=False, min=-1.0, max=1.0,
+                      description="SSCD cosine between generations and the training image (METHODS §4.1)")
+
+    @dataclass
+    class Params(_SSCDMetric.Params):
+        ref_reduce: str = "max"  # max | median | preset
+        gen_reduce: str = "mean"  # mean | median | max | min | preset
+        set_reduce: str = "mean_std"  # mean_std | median_mad | mean | preset
+
+    def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
+        p, pre = self.params, get_preset(self.params.preset)
+        ref_reduce, gen_reduce = _resolve(p.ref_reduce, pre.ref_reduce), _resolve(p.gen_reduce, pre.gen_reduce)
+        set_reduce = _resolve(p.set_reduce, pre.set_reduce)
+        try:
+            scores, labels, missing, impl, _ = self._reference_scores(samples, ctx, ref_reduce)
+        except SSCDUnavailableError as e:
+            return self._unavailable([self.name], str(e))
+        per_sample = {k: v for sc in scores.values() for k, v in sc}
+        variants = {}
+        for how in stats.REDUCTIONS:
+            pp = {pid: stats.reduce([v for _, v in sc], how) for pid, sc in scores.items()}  # type: ignore[arg-type]
+            mv = _aggregate(pp, labels, set_reduce, p.headline_group, impl, {}, {}, missing)
+            variants[how] = {"value": mv.value, "dispersion": mv.dispersion, "n": mv.n, "groups": mv.groups,
+                             "per_prompt": pp}
+        extra = {"ref_reduce": ref_reduce, "gen_reduce": gen_reduce, "by_gen_reduce": variants}
+        pp = variants[gen_reduce]["per_prompt"]
+        return {self.name: _aggregate(pp, labels, set_reduce, p.headline_group, impl, per_sample, extra, missing)}
+
+
+class MemorizationRate(_SSCDMetric):
+    """MR: fraction of prompts (or generations) whose SSCD_orig exceeds τ, strict ">" (METHODS §4.2).
+
+    MR_gen = 1/|P| Σ_p 1/G Σ_g 1[s_{p,g} > τ]; MR_mean = 1/|P| Σ_p 1[mean_g s_{p,g} > τ];
+    MR_any = 1/|P| Σ_p 1[max_g s_{p,g} > τ] (METHODS §4.2 equations; MR_any at τ = 0.7 over 10 seeds is NeMo's VM rule,
+    App. C.1; MR_gen at τ = 0.5 is DCR's replication rate and MemBench's ``SSCD > 0.5``).
+
+    Defaults: DoRI (Kowalczuk, Hintersdorf, Struppek et al., ICML 2026, blog: "Values above 0.7 indicate
+    replication", reported for verbatim memorized samples): τ = 0.7, level = prompt-mean, preset ``dori2026``,
+    headline on the VM prompts. Returns ``mr`` (the chosen ``level``) and always ``mr_gen``, ``mr_mean``, ``mr_any``.
+    """
+
+    name = "mr"
+    info = MetricInfo("mr", "MR", higher_is_better=False, min=0.0, max=1.0,
+                      description="memorization rate: SSCD_orig > τ (METHODS §4.2)")
+
+    @dataclass
+    class Params(_SSCDMetric.Params):
+        threshold: float = 0.7
+        level: str = "mean"  # mean | gen | any
+        ref_reduce: str = "max"  # max | median | preset
+
+    def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
+        p, pre = self.params, get_preset(self.params.preset)
+        if p.level not in ("mean", "gen", "any"):
+            raise ValueError(f"mr level must be mean, gen or any, not {p.level!r}")
+        ref_reduce, tau = _resolve(p.ref_reduce, pre.ref_reduce), float(p.threshold)
+        keys = ["mr", "mr_gen", "mr_mean", "mr_any"]
+        try:
+            scores, labels, missing, impl, _ = self._reference_scores(samples, ctx, ref_reduce)
+        except SSCDUnavailableError as e:
+            return self._unavailable(keys, str(e))
+        per_sample = {k: v for sc in scores.values() for k, v in sc}
+        indicator = {
+            "gen": lambda s: float(np.mean(s > tau)),
+            "mean": lambda s: float(np.mean(s) > tau),
+            "any": lambda s: float(np.max(s) > tau),
+        }
+        out: dict[str, MetricValue] = {}
+        for level, fn in indicator.items():
+            pp = {pid: fn(np.array([v for _, v in sc])) for pid, sc in scores.items()}
+            extra = {"threshold": tau, "comparison": ">", "level": level, "ref_reduce": ref_reduce}
+            out[f"mr_{level}"] = _aggregate(pp, labels, "mean", p.headline_group, impl, per_sample, extra, missing)
+        out["mr"] = dataclasses.replace(out[f"mr_{p.level}"], extra={**out[f"mr_{p.level}"].extra})
+        return {k: out[k] for k in keys}
+
+
+class SSCDGen(_SSCDMetric):
+    """SSCD_gen: similarity of each mitigated generation to the unmitigated one with the same seed (METHODS §4.3).
+
+    SSCD_gen(p) = median_g ⟨f(x^mit_{p,g}), f(x^base_{p,g})⟩, median ± MAD over prompts, VM/TM separately
+    (NeMo, Hintersdorf, Struppek et al., NeurIPS 2024, Table 1; ``metrics/compute_sscd_gen.py``). The pair of slot g
+    is ``Sample.image`` and ``Sample.baseline_image`` (same seed, same initial latent); samples without a baseline
+    are excluded and counted in ``extra["n_missing_baseline"]``. 1.0 = unchanged. Reference images are not used.
+    """
+
+    name = "sscd_gen"
+    info = MetricInfo("sscd_gen", "SSCD_Gen", higher_is_better=False, min=-1.0, max=1.0,
+                      description="SSCD cosine between mitigated and unmitigated generations (METHODS §4.3)")
+    needs_baseline = True
+
+    @dataclass
+    class Params(_SSCDMetric.Params):
+        preset: str = "nemo2024"
+        gen_reduce: str = "median"  # mean | median | max | min
+        set_reduce: str = "median_mad"  # median_mad | mean_std | mean
+
+    def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
+        p = self.params
+        with_base = [s for s in samples if s.baseline_image is not None]
+        n_missing_base = len(samples) - len(with_base)
+        try:
+            cache, impl = self._setup(ctx)
+        except SSCDUnavailableError as e:
+            return self._unavailable([self.name], str(e))
+        by_prompt = _by_prompt(with_base)
+        pairs = {s.sample_key: (self._gen_image(s.image), self._gen_image(s.baseline_image))  # type: ignore[arg-type]
+                 for s in with_base}
+        cache.add([im for pair in pairs.values() for im in pair])
+        per_sample = {k: float(cache(a) @ cache(b)) for k, (a, b) in pairs.items()}
+        pp = {pid: stats.reduce([per_sample[s.sample_key] for s in ss], p.gen_reduce)  # type: ignore[arg-type]
+              for pid, ss in by_prompt.items()}
+        labels = {pid: ss[0].prompt.mem_type for pid, ss in by_prompt.items()}
+        extra = {"gen_reduce": p.gen_reduce, "n_missing_baseline": n_missing_base, "uses_references": False,
+                 "pairing": "Sample.image vs Sample.baseline_image (same seed)"}
+        return {self.name: _aggregate(pp, labels, p.set_reduce, p.headline_group, impl, per_sample, extra, {})}
+
+
+class Diversity(_SSCDMetric):
+    """D_SSCD: median pairwise SSCD among a prompt's generations; lower = more diverse (METHODS §4.4).
+
+    D_SSCD(p) = median over the G(G−1)/2 pairs g < g' of ⟨f(x_{p,g}), f(x_{p,g'})⟩, median ± MAD over prompts
+    (NeMo, Hintersdorf, Struppek et al., NeurIPS 2024, Table 1; ``metrics/compute_diversity.py``). Prompts with fewer
+    than two generations are excluded and counted in ``extra["n_single"]``. Reference images are not used;
+    ``per_sample`` holds each generation's median similarity to the prompt's other generations.
+    """
+
+    name = "diversity"
+    info = MetricInfo("diversity", "D_SSCD", higher_is_better=False, min=-1.0, max=1.0,
+                      description="median pairwise SSCD among a prompt's generations (METHODS §4.4)")
+
+    @dataclass
+    class Params(_SSCDMetric.Params):
+        preset: str = "nemo2024"
+        set_reduce: str = "median_mad"  # median_mad | mean_std | mean
+
+    def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
+        p = self.params
+        try:
+            cache, impl = self._setup(ctx)
+        except SSCDUnavailableError as e:
+            return self._unavailable([self.name], str(e))
+        by_prompt = _by_prompt(samples)
+        single = [pid for pid, ss in by_prompt.items() if len(ss) < 2]
+        by_prompt = {pid: ss for pid, ss in by_prompt.items() if len(ss) >= 2}
+        gens = {s.sample_key: self._gen_image(s.image) for ss in by_prompt.values() for s in ss}
+        cache.add(list(gens.values()))
+        pp: dict[str, float] = {}
+        per_sample: dict[str, float] = {}
+        for pid, ss in by_prompt.items():
+            f = np.stack([cache(gens[s.sample_key]) for s in ss])
+            sim = f @ f.T
+            pp[pid] = float(np.median([sim[i, j] for i, j in itertools.combinations(range(len(ss)), 2)]))
+            for i, s in enumerate(ss):
+                per_sample[s.sample_key] = float(np.median(np.delete(sim[i], i)))
+        labels = {pid: ss[0].prompt.mem_type for pid, ss in by_prompt.items()}
+        extra = {"n_single": len(single), "uses_references": False, "pairs": "g < g'"}
+        return {self.name: _aggregate(pp, labels, p.set_reduce, p.headline_group, impl, per_sample, extra, {})}
+
+
+@hookimpl
+def register_metrics(register):
+    for cls in (MemorizationRate, SSCDOrig, SSCDGen, Diversity):
+        register(cls)

@@ -1,0 +1,349 @@
+"""Train the embedded `tiny` Stable Diffusion from scratch: a VAE, then UNet + text encoder.
+
+The recipe (``RECIPE``) is the one that produced the shipped weights. Every phase checkpoints to safetensors
+(model, EMA, optimizer state) and resumes from its last checkpoint; the data drawn at step ``s`` depends only on
+``(seed, s)``, so an interrupted run continues on the same data stream.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from . import data as D
+
+RECIPE: dict = {
+    "seed": 0,
+    "res": 64,
+    # VAE: f = 4 (64x64x3 image -> 16x16x4 latent)
+    "vae_block_out_channels": [16, 32, 64],
+    "vae_steps": 1200,
+    "vae_batch": 16,
+    "vae_lr": 1e-3,
+    "vae_kl_weight": 1e-6,
+    # text encoder (CLIP architecture, SD tokenizer, trained jointly with the UNet)
+    "text_hidden": 64,
+    "text_layers": 2,
+    "text_heads": 4,
+    # UNet (SD layout: cross-attention down blocks, plain lowest block, cross-attention mid block)
+    "unet_block_out_channels": [64, 128, 128],
+    "unet_layers_per_block": 1,
+    "unet_heads": 4,
+    "unet_steps": 4500,
+    "batch": 24,
+    "frac_vm": 0.5,
+    "frac_tm": 0.084,
+    "caption_dropout": 0.1,
+    "lr": 6e-4,
+    "warmup_frac": 0.05,
+    "ema_decay": 0.999,
+    "general_pool": 6000,
+    # DDPM schedule (linear betas, made for a small latent space, not SD's scaled-linear)
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "train_timesteps": 1000,
+    "checkpoint_every": 250,
+}
+
+
+# ------------------------------------------------------------------------------------------------ components
+def build_components(recipe: dict | None = None):
+    """Fresh, randomly initialised diffusers/transformers components with the recipe's architecture."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    r = {**RECIPE, **(recipe or {})}
+    res = r["res"]
+    nv = len(r["vae_block_out_channels"])
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * nv, up_block_types=("UpDecoderBlock2D",) * nv,
+        block_out_channels=tuple(r["vae_block_out_channels"]), layers_per_block=1, norm_num_groups=16,
+        sample_size=res,
+    )
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=r["text_hidden"], intermediate_size=4 * r["text_hidden"],
+        num_hidden_layers=r["text_layers"], num_attention_heads=r["text_heads"], max_position_embeddings=77,
+        hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        projection_dim=r["text_hidden"],
+    ))
+    lat = res // 2 ** (nv - 1)
+    unet = UNet2DConditionModel(
+        sample_size=lat, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=tuple(r["unet_block_out_channels"]), layers_per_block=r["unet_layers_per_block"],
+        cross_attention_dim=r["text_hidden"], attention_head_dim=r["unet_heads"], norm_num_groups=32,
+    )
+    sched = DDIMScheduler(
+        num_train_timesteps=r["train_timesteps"], beta_start=r["beta_start"], beta_end=r["beta_end"],
+        beta_schedule="linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        timestep_spacing="leading", prediction_type="epsilon",
+    )
+    return {"vae": vae, "text_encoder": text, "unet": unet, "scheduler": sched}
+
+
+# --------------------------------------------------------------------------------------------- checkpointing
+def _save_opt(opt: torch.optim.Optimizer, path: Path) -> None:
+    sd = opt.state_dict()
+    flat = {f"{i}.{k}": v.detach().clone().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+            for i, st in sd["state"].items() for k, v in st.items()}
+    _atomic(lambda p: save_file(flat, p, metadata={"param_groups": json.dumps(sd["param_groups"])}), path)
+
+
+def _load_opt(opt: torch.optim.Optimizer, path: Path) -> None:
+    from safetensors import safe_open
+
+    flat = load_file(str(path))
+    with safe_open(str(path), "pt") as f:
+        groups = json.loads(f.metadata()["param_groups"])
+    state: dict = {}
+    for k, v in flat.items():
+        i, name = k.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _atomic(write, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    write(str(tmp))
+    os.replace(tmp, path)
+
+
+def _save_state(d: Path, phase: str, models: dict, opt, step: int, extra: dict | None = None) -> None:
+    for name, m in models.items():
+        _atomic(lambda p, m=m: save_file({k: v.contiguous() for k, v in m.state_dict().items()}, p),
+                d / f"{phase}_{name}.safetensors")
+    _save_opt(opt, d / f"{phase}_opt.safetensors")
+    _atomic(lambda p: Path(p).write_text(json.dumps({"step": step, **(extra or {})})), d / f"{phase}_state.json")
+
+
+def _load_state(d: Path, phase: str, models: dict, opt) -> int:
+    st = d / f"{phase}_state.json"
+    if not st.exists():
+        return 0
+    for name, m in models.items():
+        m.load_state_dict(load_file(str(d / f"{phase}_{name}.safetensors")))
+    _load_opt(opt, d / f"{phase}_opt.safetensors")
+    return json.loads(st.read_text())["step"]
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def _to_tensor(imgs: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _memorized_bank(res: int) -> tuple[np.ndarray, list[str], list[str]]:
+    imgs, caps, kinds = [], [], []
+    for it in D.VM_ITEMS:
+        imgs.append(D.memorized_image(it, 0, res)); caps.append(it.caption); kinds.append("VM")
+    for it in D.TM_ITEMS:
+        for v in range(D.TM_VARIANTS):
+            imgs.append(D.memorized_image(it, v, res)); caps.append(it.caption); kinds.append("TM")
+    return np.stack(imgs), caps, kinds
+
+
+def _draw_indices(rng: np.random.Generator, r: dict, kinds: list[str], n_pool: int, batch: int):
+    vm = [i for i, k in enumerate(kinds) if k == "VM"]
+    tm = [i for i, k in enumerate(kinds) if k == "TM"]
+    n_vm = round(batch * r["frac_vm"]); n_tm = round(batch * r["frac_tm"]); n_gen = batch - n_vm - n_tm
+    mem = list(rng.choice(vm, n_vm)) + list(rng.choice(tm, n_tm))
+    gen = list(rng.integers(0, n_pool, n_gen))
+    return mem, gen
+
+
+class _Progress:
+    def __init__(self, total: int, start: int, desc: str, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TextColumn("{task.fields[info]}"), TimeRemainingColumn())
+            self.p.start()
+            self.t = self.p.add_task(desc, total=total, completed=start, info="")
+
+    def update(self, info: str) -> None:
+        if self.enabled:
+            self.p.update(self.t, advance=1, info=info)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.p.stop()
+
+
+def _lr_at(step: int, total: int, peak: float, warm_frac: float) -> float:
+    w = max(1, int(total * warm_frac))
+    if step < w:
+        return peak * (step + 1) / w
+    p = (step - w) / max(1, total - w)
+    return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+# ------------------------------------------------------------------------------------------------- phases
+def train_vae(work: Path, r: dict, progress: bool, log) -> None:
+    comps = build_components(r)
+    vae = comps["vae"]
+    opt = torch.optim.Adam(vae.parameters(), lr=r["vae_lr"])
+    start = _load_state(work, "vae", {"vae": vae}, opt)
+    if start >= r["vae_steps"]:
+        return
+    bank, _, kinds = _memorized_bank(r["res"])
+    pool = np.load(work / "general_pool.npy")
+    bar = _Progress(r["vae_steps"], start, "VAE", progress)
+    vae.train()
+    for step in range(start, r["vae_steps"]):
+        rng = np.random.default_rng([r["seed"], 1, step])
+        torch.manual_seed(r["seed"] * 1_000_003 + step)
+        mem, gen = _draw_indices(rng, {**r, "frac_vm": 0.35, "frac_tm": 0.15}, kinds, len(pool), r["vae_batch"])
+        x = _to_tensor(np.concatenate([bank[mem], pool[gen]]))
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(step, r["vae_steps"], r["vae_lr"], 0.02)
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + r["vae_kl_weight"] * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(f"loss {loss.item():.4f}")
+        if (step + 1) % r["checkpoint_every"] == 0 or step + 1 == r["vae_steps"]:
+            _save_state(work, "vae", {"vae": vae}, opt, step + 1)
+            log(f"vae step {step + 1} loss {loss.item():.4f}")
+    bar.close()
+
+
+@torch.no_grad()
+def encode_latents(work: Path, r: dict) -> None:
+    out = work / "latents.safetensors"
+    if out.exists():
+        return
+    vae = build_components(r)["vae"]
+    vae.load_state_dict(load_file(str(work / "vae_vae.safetensors")))
+    vae.eval()
+    bank, caps, kinds = _memorized_bank(r["res"])
+    pool = np.load(work / "general_pool.npy")
+
+    def enc(a):
+        return torch.cat([vae.encode(_to_tensor(a[i:i + 64])).latent_dist.mean for i in range(0, len(a), 64)])
+
+    zm, zg = enc(bank), enc(pool)
+    scale = float(1.0 / torch.cat([zm, zg]).flatten().std())
+    _atomic(lambda p: save_file({"mem": zm.contiguous(), "gen": zg.contiguous()}, p,
+                                metadata={"scaling_factor": repr(scale)}), out)
+
+
+def train_unet(work: Path, r: dict, progress: bool, log) -> None:
+    from safetensors import safe_open
+
+    comps = build_components(r)
+    unet, text, sched = comps["unet"], comps["text_encoder"], comps["scheduler"]
+    ema = {"unet": build_components(r)["unet"], "text_encoder": build_components(r)["text_encoder"]}
+    ema["unet"].load_state_dict(unet.state_dict()); ema["text_encoder"].load_state_dict(text.state_dict())
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=0.0)
+    start = _load_state(work, "unet", {"unet": unet, "text_encoder": text, "ema_unet": ema["unet"],
+                                       "ema_text_encoder": ema["text_encoder"]}, opt)
+    if start >= r["unet_steps"]:
+        return
+    lat = load_file(str(work / "latents.safetensors"))
+    with safe_open(str(work / "latents.safetensors"), "pt") as f:
+        scale = float(f.metadata()["scaling_factor"])
+    zm, zg = lat["mem"] * scale, lat["gen"] * scale
+    _, mcaps, kinds = _memorized_bank(r["res"])
+    gcaps = json.loads((work / "general_pool.json").read_text())
+    from memobench.tokenizer import load_sd_tokenizer
+
+    tok = load_sd_tokenizer(work / "tokenizer")
+    ac = sched.alphas_cumprod
+    bar = _Progress(r["unet_steps"], start, "UNet+text", progress)
+    unet.train(); text.train()
+    ema_params = list(ema["unet"].parameters()) + list(ema["text_encoder"].parameters())
+    for step in range(start, r["unet_steps"]):
+        rng = np.random.default_rng([r["seed"], 2, step])
+        g = torch.Generator().manual_seed(r["seed"] * 1_000_003 + step)
+        mem, gen = _draw_indices(rng, r, kinds, len(zg), r["batch"])
+        z0 = torch.cat([zm[mem], zg[gen]])
+        caps = [mcaps[i] for i in mem] + [gcaps[i] for i in gen]
+        caps = ["" if u < r["caption_dropout"] else c for c, u in zip(caps, rng.random(len(caps)))]
+        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        t = torch.randint(0, r["train_timesteps"], (len(z0),), generator=g)
+        eps = torch.randn(z0.shape, generator=g)
+        a = ac[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        for grp in opt.param_groups:
+            grp["lr"] = _lr_at(step, r["unet_steps"], r["lr"], r["warmup_frac"])
+        pred = unet(xt, t, encoder_hidden_states=text(ids)[0]).sample
+        loss = F.mse_loss(pred, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(r["ema_decay"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - d)
+        bar.update(f"loss {loss.item():.4f}")
+        if (step + 1) % r["checkpoint_every"] == 0 or step + 1 == r["unet_steps"]:
+            _save_state(work, "unet", {"unet": unet, "text_encoder": text, "ema_unet": ema["unet"],
+                                       "ema_text_encoder": ema["text_encoder"]}, opt, step + 1)
+            log(f"unet step {step + 1} loss {loss.item():.4f} lr {opt.param_groups[0]['lr']:.2e}")
+    bar.close()
+
+
+def export(work: Path, r: dict, out_dir: Path) -> Path:
+    """Assemble the EMA weights into a ``StableDiffusionPipeline`` folder (``save_pretrained``)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors import safe_open
+
+    comps = build_components(r)
+    comps["vae"].load_state_dict(load_file(str(work / "vae_vae.safetensors")))
+    comps["unet"].load_state_dict(load_file(str(work / "unet_ema_unet.safetensors")))
+    comps["text_encoder"].load_state_dict(load_file(str(work / "unet_ema_text_encoder.safetensors")))
+    with safe_open(str(work / "latents.safetensors"), "pt") as f:
+        comps["vae"].register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
+    from memobench.tokenizer import load_sd_tokenizer
+
+    pipe = StableDiffusionPipeline(**comps, tokenizer=load_sd_tokenizer(work / "tokenizer"), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict | None = None,
+          progress: bool = True, log=print) -> Path:
+    """Run (or resume) every phase in ``work_dir``; export the pipeline to ``out_dir`` (default work_dir/pipeline)."""
+    r = {**RECIPE, **(recipe or {})}
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    rj = work / "recipe.json"
+    if rj.exists() and json.loads(rj.read_text()) != r:
+        raise ValueError(f"{work} holds a run with another recipe; use a fresh --work-dir or the same recipe")
+    _atomic(lambda p: Path(p).write_text(json.dumps(r, indent=1)), rj)
+    t0 = time.time()
+    if not (work / "general_pool.npy").exists():
+        pool, caps = D.general_pool(r["general_pool"], seed=r["seed"], res=r["res"])
+        def _save_npy(p):
+            with open(p, "wb") as f:
+                np.save(f, pool)
+
+        _atomic(_save_npy, work / "general_pool.npy")
+        _atomic(lambda p: Path(p).write_text(json.dumps(caps)), work / "general_pool.json")
+    train_vae(work, r, progress, log)
+    encode_latents(work, r)
+    train_unet(work, r, progress, log)
+    out = export(work, r, Path(out_dir) if out_dir else work / "pipeline")
+    log(f"done in {time.time() - t0:.0f}s -> {out}")
+    return out
+
+
+# A few steps of every phase on the real architecture: exercises the whole command (tests, CI smoke).
+SMOKE: dict = {"vae_steps": 2, "vae_batch": 4, "unet_steps": 2, "batch": 8, "general_pool": 16,
+               "checkpoint_every": 1}
