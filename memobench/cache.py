@@ -117,7 +117,7 @@ class ImageCache:
         except (OSError, ValueError) as e:
             raise CacheError(f"corrupt cache entry {side}: {e}; delete it or run `memobench cache clear`") from None
 
-    def get(self, key: str) -> np.ndarray:
+    def _checked_bytes(self, key: str) -> bytes:
         png, _ = self.paths(key)
         meta = self.meta(key)
         try:
@@ -127,7 +127,14 @@ class ImageCache:
         if sha256_bytes(data) != meta.get("image_sha256"):
             raise CacheError(f"corrupt cache entry {png}: sha256 differs from its sidecar; delete it or run "
                              "`memobench cache clear`")
-        return read_png(io.BytesIO(data))
+        return data
+
+    def verify(self, key: str) -> None:
+        """Raise :class:`CacheError` unless the entry's PNG matches the sha256 recorded in its sidecar."""
+        self._checked_bytes(key)
+
+    def get(self, key: str) -> np.ndarray:
+        return read_png(io.BytesIO(self._checked_bytes(key)))
 
 
 class TensorCache:

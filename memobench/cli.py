@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 
 from .cache import CacheError, cache_clear, cache_info, default_cache_dir
 from .config import BadInput, RunConfig, config_from_dict, load_config_file, parse_kv, parse_seeds
-from .registry import KIND_PLURAL, KINDS, PluginError, UnknownPluginError, get_registry
+from .registry import KIND_PLURAL, KINDS, PluginError, UnknownPluginError, call_hookimpl, get_registry
 
 app = typer.Typer(
     name="memobench",
@@ -35,8 +34,32 @@ app.add_typer(cache_app, name="cache")
 BAD_INPUT = (BadInput, UnknownPluginError, CacheError, FileNotFoundError, PluginError)
 
 
+def _click_exceptions(name: str) -> tuple[type, ...]:
+    """``name`` from click and from the copy of click that recent Typer versions vendor as ``typer._click`` (its
+    exceptions are not click's, so ``except click.UsageError`` alone misses Typer's usage errors)."""
+    import importlib
+
+    out = []
+    for mod in ("click.exceptions", "typer._click.exceptions", "typer.exceptions"):
+        try:
+            cls = getattr(importlib.import_module(mod), name, None)
+        except ImportError:
+            continue
+        if isinstance(cls, type) and cls not in out:
+            out.append(cls)
+    return tuple(out)
+
+
+_NO_ARGS_IS_HELP = _click_exceptions("NoArgsIsHelpError")
+_USAGE_ERROR = _click_exceptions("UsageError")
+_CLICK_EXCEPTION = _click_exceptions("ClickException")
+_EXIT = _click_exceptions("Exit")
+_ABORT = _click_exceptions("Abort")
+
+
 class _State:
     plugins_dir: Optional[Path] = None
+    commands_added: set[str] = set()  # plugins whose register_commands hook already ran in this process
 
 
 def _registry():
@@ -247,21 +270,20 @@ def cache_clear_cmd(
 
 # ----------------------------------------------------------------------------------------------------- main
 def _add_plugin_commands() -> None:
-    try:
-        reg = _registry()
-    except PluginError as e:  # strict mode
-        raise
-    for p in list(reg.plugins):
-        obj = reg.pm.get_plugin(p["name"])
-        impl = getattr(obj, "register_commands", None)
-        if impl is None:
+    """Call every plugin's ``register_commands(app)`` hook once per process (failure-tolerant)."""
+    reg = _registry()  # PluginError (strict mode) propagates
+    for impl in reg.pm.hook.register_commands.get_hookimpls():
+        if impl.plugin_name in _State.commands_added:
             continue
+        _State.commands_added.add(impl.plugin_name)
         try:
-            impl(app=app)
+            call_hookimpl("register_commands", impl, app=app)
         except Exception as e:
-            reg.failures.append({"name": p["name"], "dist": p["dist"], "version": p["version"],
+            p = next((q for q in reg.plugins if q["name"] == impl.plugin_name), {})
+            reg.failures.append({"name": impl.plugin_name, "dist": p.get("dist"), "version": p.get("version"),
                                  "error": f"register_commands: {type(e).__name__}: {e}"})
-            print(f"warning: plugin {p['name']} failed to add commands: {e}", file=sys.stderr)
+            print(f"warning: plugin {impl.plugin_name} failed to add commands: {type(e).__name__}: {e}",
+                  file=sys.stderr)
 
 
 def _pre_parse_plugins_dir(argv: list[str]) -> None:
@@ -272,8 +294,13 @@ def _pre_parse_plugins_dir(argv: list[str]) -> None:
             _State.plugins_dir = Path(a.split("=", 1)[1])
 
 
+def _one_line(msg: str) -> str:
+    return " ".join(str(msg).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _State.plugins_dir = None  # main() may be called more than once in a process (tests, notebooks)
     try:
         _pre_parse_plugins_dir(argv)
         if _State.plugins_dir is not None and not _State.plugins_dir.is_dir():
@@ -282,23 +309,29 @@ def main(argv: list[str] | None = None) -> int:
         rv = app(args=argv, prog_name="memobench", standalone_mode=False)
         return int(rv or 0)
     except BAD_INPUT as e:
-        msg = str(e).strip().replace("\n", " ")
-        print(f"error: {msg}", file=sys.stderr)
+        print(f"error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
         return 2
     except ValueError as e:  # plugin parameter / data errors raised as ValueError
         print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
-    except click.exceptions.Exit as e:
-        return e.exit_code
-    except click.exceptions.Abort:
+    except _EXIT as e:
+        return int(getattr(e, "exit_code", 0) or 0)
+    except _ABORT:
         print("error: aborted", file=sys.stderr)
         return 1
-    except click.UsageError as e:
-        print(f"error: {e.format_message()} (see `memobench {' '.join(argv[:1])} --help`)", file=sys.stderr)
+    except _NO_ARGS_IS_HELP as e:  # `memobench` / `memobench cache` without a sub-command: show the help
+        text = e.format_message()  # (Typer's rich help has already been printed; plain help is returned)
+        if text.strip():
+            print(text)
+        return 0
+    except _USAGE_ERROR as e:  # wrong option, missing argument, value of the wrong type
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "memobench"
+        print(f"error: {_one_line(e.format_message())} (see `{where} --help`)", file=sys.stderr)
         return 2
-    except click.ClickException as e:
-        print(f"error: {e.format_message()}", file=sys.stderr)
-        return e.exit_code
+    except _CLICK_EXCEPTION as e:
+        print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 1))
     except KeyboardInterrupt:
         print("error: interrupted; completed samples are cached, re-run to resume", file=sys.stderr)
         return 130

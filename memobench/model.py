@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -104,10 +105,12 @@ class DiffusionModel:
                 raise FileNotFoundError(f"model '{path_or_id}' is not a local folder and is not in the Hugging Face "
                                         "cache; run once online or pass a local path") from None
         src = str(local) if local.exists() else path_or_id
-        pipe = StableDiffusionPipeline.from_pretrained(
-            src, revision=None if local.exists() else revision, use_safetensors=True, safety_checker=None,
-            requires_safety_checker=False, local_files_only=offline, torch_dtype=dtype,
-        )
+        with warnings.catch_warnings():  # newer diffusers deprecate torch_dtype for dtype, which older ones lack
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = StableDiffusionPipeline.from_pretrained(
+                src, revision=None if local.exists() else revision, use_safetensors=True, safety_checker=None,
+                requires_safety_checker=False, local_files_only=offline, torch_dtype=dtype,
+            )
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         if local.exists():
             ident = weights_identity(local)

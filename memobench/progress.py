@@ -45,4 +45,5 @@ class ProgressReporter:
             self._progress.update(tid, completed=self._progress.tasks[tid].total or 0)
 
     def log(self, msg: str) -> None:
-        self.console.print(msg, highlight=False)
+        # plain text: "[memobench] …" is not rich markup, and a log line is never wrapped (it is parsed)
+        self.console.print(msg, highlight=False, markup=False, soft_wrap=True)

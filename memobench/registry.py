@@ -6,7 +6,8 @@ point is imported and its hooks called on its own; a failure rolls back what tha
 one warning line and is listed by ``memobench plugins``. Environment switches:
 
 * ``MEMOBENCH_STRICT_PLUGINS=1`` — re-raise the first plugin failure;
-* ``MEMOBENCH_LOAD_PLUGINS="dist1,dist2"`` — load only the entry points of these distributions ("" = none);
+* ``MEMOBENCH_LOAD_PLUGINS="dist1,dist2"`` — load only the entry points of these distributions (or entry-point
+  names; "" = none);
 * ``MEMOBENCH_DISABLE_PLUGIN_AUTOLOAD=1`` — skip entry points entirely;
 * ``MEMOBENCH_PLUGINS_DIR=DIR`` (or ``--plugins-dir``) — also register every ``*.py`` file in DIR;
 * ``MEMOBENCH_TRACE_PLUGINS=1`` — print every hook call to stderr.
@@ -18,6 +19,7 @@ import difflib
 import importlib.util
 import inspect
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -96,13 +98,14 @@ class Registry:
         return [e for k in KINDS for e in self.entries[k].values()]
 
 
-def _origin(obj) -> str:
+def _origin(obj, fallback: str | None = None) -> str:
+    """``file:line`` of a class; for classes without source (made by ``type(...)``), ``fallback``."""
     try:
         f = inspect.getsourcefile(obj) or "?"
         line = inspect.getsourcelines(obj)[1]
         return f"{f}:{line}"
     except (OSError, TypeError):
-        return getattr(obj, "__module__", "?")
+        return fallback or getattr(obj, "__module__", "?")
 
 
 def _validate_name(name: object, cls: type) -> str:
@@ -110,6 +113,24 @@ def _validate_name(name: object, cls: type) -> str:
         raise PluginError(f"{cls.__module__}.{cls.__qualname__} has an invalid name {name!r} "
                           "(non-empty, no surrounding spaces, no path separators)")
     return name
+
+
+def _tracing() -> bool:
+    return os.environ.get("MEMOBENCH_TRACE_PLUGINS", "") not in ("", "0")
+
+
+def call_hookimpl(hook: str, impl, **kwargs):
+    """Call one plugin's implementation of ``hook``; printed to stderr when ``MEMOBENCH_TRACE_PLUGINS=1``.
+
+    (Calling one plugin at a time, for failure isolation, bypasses ``pm.hook``; hence the explicit trace.)"""
+    if _tracing():
+        print(f"[memobench hook] {hook}({', '.join(kwargs)}) -> {impl.plugin_name}", file=sys.stderr)
+    return impl.function(**kwargs)
+
+
+def _normalize_dist(name: str) -> str:
+    """PEP 503 normalisation: ``Memobench_Example`` and ``memobench-example`` name the same distribution."""
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _call_plugin_hooks(reg: Registry, plugin: object, plugin_name: str, dist: str | None) -> list[tuple[str, str]]:
@@ -122,17 +143,22 @@ def _call_plugin_hooks(reg: Registry, plugin: object, plugin_name: str, dist: st
                 continue
 
             def register(cls, aliases=(), _kind=kind):
+                caller = sys._getframe(1)  # where register() was called: the origin of a class made by type()
+                origin = _origin(cls, f"{caller.f_code.co_filename}:{caller.f_lineno}")
                 for nm in (getattr(cls, "name", None), *aliases):
                     nm = _validate_name(nm, cls)
                     if nm in reg.entries[_kind]:
                         other = reg.entries[_kind][nm]
-                        raise PluginError(f"duplicate {_kind.replace('_', ' ')} name '{nm}': {_origin(cls)} "
+                        raise PluginError(f"duplicate {_kind.replace('_', ' ')} name '{nm}': {origin} "
                                           f"(plugin {plugin_name}) and {other.origin} (plugin {other.plugin})")
                     reg.entries[_kind][nm] = Entry(cls, _kind, nm, plugin_name, dist,
-                                                   str(getattr(cls, "version", "0")), _origin(cls))
+                                                   str(getattr(cls, "version", "0")), origin)
                     added.append((_kind, nm))
+                    if _tracing():
+                        print(f"[memobench hook]   {plugin_name} registered {_kind.replace('_', ' ')} '{nm}' "
+                              f"({cls.__module__}.{cls.__qualname__})", file=sys.stderr)
 
-            impl.function(register=register)
+            call_hookimpl(hook, impl, register=register)
     return added
 
 
@@ -176,7 +202,7 @@ def build_registry(plugins_dir: str | Path | None = None) -> Registry:
     strict = os.environ.get("MEMOBENCH_STRICT_PLUGINS", "") not in ("", "0")
     pm = pluggy.PluginManager("memobench")
     pm.add_hookspecs(hookspecs)
-    if os.environ.get("MEMOBENCH_TRACE_PLUGINS", "") not in ("", "0"):
+    if _tracing():  # calls through pm.hook (registration calls each plugin itself: see call_hookimpl)
         pm.add_hookcall_monitoring(
             lambda name, impls, kw: print(f"[memobench hook] {name} -> {[i.plugin_name for i in impls]}",
                                           file=sys.stderr),
@@ -184,11 +210,12 @@ def build_registry(plugins_dir: str | Path | None = None) -> Registry:
     reg = Registry(pm)
     if os.environ.get("MEMOBENCH_DISABLE_PLUGIN_AUTOLOAD", "") in ("", "0"):
         only = os.environ.get("MEMOBENCH_LOAD_PLUGINS")
-        allowed = None if only is None else {s.strip() for s in only.split(",") if s.strip()}
+        allowed = None if only is None else {_normalize_dist(s.strip()) for s in only.split(",") if s.strip()}
         eps = sorted(metadata.entry_points(group=GROUP), key=lambda ep: (ep.dist.name if ep.dist else "", ep.name))
         for ep in eps:
             dist = ep.dist.name if ep.dist else None
-            if allowed is not None and dist not in allowed and ep.name not in allowed:
+            if allowed is not None and _normalize_dist(dist or "") not in allowed \
+                    and _normalize_dist(ep.name) not in allowed:
                 continue
             version = ep.dist.version if ep.dist else None
             try:
@@ -220,13 +247,16 @@ def build_registry(plugins_dir: str | Path | None = None) -> Registry:
 
 
 _REGISTRY: Registry | None = None
+_REGISTRY_DIR: str | None = None  # the plugins_dir the current registry was built with
 
 
 def get_registry(plugins_dir: str | Path | None = None, reload: bool = False) -> Registry:
-    """The process-wide registry (built once; ``reload=True`` rebuilds it)."""
-    global _REGISTRY
-    if _REGISTRY is None or reload or plugins_dir is not None:
+    """The process-wide registry (built once; ``reload=True`` or another ``plugins_dir`` rebuilds it)."""
+    global _REGISTRY, _REGISTRY_DIR
+    key = str(Path(plugins_dir).resolve()) if plugins_dir is not None else None
+    if _REGISTRY is None or reload or (key is not None and key != _REGISTRY_DIR):
         _REGISTRY = build_registry(plugins_dir)
+        _REGISTRY_DIR = key
     return _REGISTRY
 
 
@@ -238,7 +268,9 @@ def register_object(obj: object, name: str) -> Registry:
 
 
 def unregister_object(name: str) -> None:
+    """Undo :func:`register_object` (also forgets a failed registration under ``name``)."""
     reg = get_registry()
+    reg.failures = [f for f in reg.failures if f["name"] != name]
     obj = reg.pm.get_plugin(name)
     if obj is None:
         return

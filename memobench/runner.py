@@ -227,6 +227,8 @@ class Runner:
                     jobs.append(Job(role, p, s, self._sample_key(model_ident, p, s, self.mitigation, None)))
         unique = {j.key for j in jobs}
         cached = {k for k in unique if self.images.has(k)}
+        for k in cached:  # a corrupt entry fails the run now, not after everything else has been generated
+            self.images.verify(k)
         log(f"[memobench] cached {len(cached)}, remaining {len(unique) - len(cached)} "
             f"(model {cfg.model}, prompts {self.prompt_set.name} ×{len(prompts)}, mitigation {self.mitigation.name}, "
             f"attack {self.attack.name}, seeds {len(self.seeds)})")
@@ -254,6 +256,7 @@ class Runner:
         t = time.time()
         samples = self._load_samples(jobs, prompts, ctx, errors)
         metrics_out: dict[str, dict] = {}
+        per_sample: dict[str, dict] = {}
         for m in self.metrics:
             subset = [s for s in samples if s.role in m.roles]
             try:
@@ -265,6 +268,7 @@ class Runner:
                 continue
             for name, mv in vals.items():
                 metrics_out[name] = _metric_record(m, mv)
+                per_sample[name] = mv.per_sample or {}
         timing["score_s"] = time.time() - t
         timing["total_s"] = time.time() - t_start
 
@@ -306,13 +310,13 @@ class Runner:
         }
         result_path = run_dir / f"{run_id}.json"
         samples_path = run_dir / f"{run_id}.samples.jsonl"
-        rows = [_sample_row(s, metrics_out) for s in samples]
+        rows = [_sample_row(s, per_sample) for s in samples]
         atomic_write_text(samples_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
         result["samples_file"] = samples_path.name
         grid = None
         try:
             grid = run_dir / f"{run_id}.grid.png"
-            write_grid([s for s in samples if s.role == "target"], grid)
+            write_grid([s for s in samples if s.role == "target"], grid, scores=per_sample.get("sscd_orig"))
             result["grid_file"] = grid.name
         except Exception as e:  # the grid is a convenience; never lose the result over it
             errors.append(f"grid: {type(e).__name__}: {e}")
@@ -406,19 +410,26 @@ class Runner:
             # inference-time mitigations see the latents of all of the prompt's seeds (never only the pending
             # ones), so that what they compute does not depend on what happened to be cached
             cond = mitigation.condition(model, prompt, cond, lat_all, ctx)
-        index = {j.seed: i for i, j in enumerate(all_jobs)}
+        todo = {j.key for j in pending}
         bs = self.cfg.batch_size
-        for i in range(0, len(pending), bs):
-            chunk = pending[i: i + bs]
-            lat = lat_all[[index[j.seed] for j in chunk]]
+        # Batches are cut from *all* of the prompt's seeds at fixed boundaries, never from the pending ones only:
+        # CPU/GPU kernels can change a few uint8 values by one level with the batch composition, so this way a
+        # resumed run computes every image in the same batch as an uninterrupted run (bit-identical resume). A
+        # batch with a cached image is recomputed whole; cached images are never rewritten.
+        for i in range(0, len(all_jobs), bs):
+            chunk = all_jobs[i: i + bs]
+            n_todo = sum(j.key in todo for j in chunk)
+            if not n_todo:
+                continue
             with torch.no_grad():
-                out = model.denoise(cond.prompt_embeds, cond.negative_prompt_embeds, lat,
+                out = model.denoise(cond.prompt_embeds, cond.negative_prompt_embeds, lat_all[i: i + bs],
                                     g["num_inference_steps"], g["guidance_scale"])
             imgs = model.decode(out)
             for j, img in zip(chunk, imgs):
-                self.images.put(j.key, img, {"prompt_id": prompt.id, "prompt_sha256": prompt.sha256,
-                                             "seed": j.seed, "role": j.role})
-            advance(len(chunk))
+                if j.key in todo:
+                    self.images.put(j.key, img, {"prompt_id": prompt.id, "prompt_sha256": prompt.sha256,
+                                                 "seed": j.seed, "role": j.role})
+            advance(n_todo)
 
     def _load_samples(self, jobs: list[Job], prompts: list[Prompt], ctx: Context, errors: list[str]) -> list[Sample]:
         refs: dict[str, list[np.ndarray]] = {}
@@ -456,18 +467,15 @@ def _metric_record(m: Metric, mv: MetricValue) -> dict:
     }
     if mv.unavailable:
         rec["unavailable"] = mv.unavailable
-    if mv.per_sample:
-        rec["per_sample"] = mv.per_sample
     return rec
 
 
-def _sample_row(s: Sample, metrics: dict) -> dict:
+def _sample_row(s: Sample, per_sample: dict[str, dict]) -> dict:
     row = {"sample_key": s.sample_key, "role": s.role, "prompt_id": s.prompt.id, "prompt": s.prompt.text,
            "prompt_sha256": s.prompt.sha256, "mem_type": s.prompt.mem_type, "seed": s.seed,
            "image_path": f"images/{s.sample_key[:2]}/{s.sample_key}.png",
            "image_sha256": s.extra.get("image_sha256"), "n_references": len(s.references)}
-    for name, rec in metrics.items():
-        ps = rec.get("per_sample") or {}
+    for name, ps in per_sample.items():
         if s.sample_key in ps:
             row[name] = ps[s.sample_key]
     return row
@@ -483,7 +491,8 @@ def _slug(s: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
 
 
-def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_seeds: int = 8, scale: int = 2) -> None:
+def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_seeds: int = 8, scale: int = 2,
+               scores: dict | None = None) -> None:
     """Training original | generations, one row per prompt (a picture a person can check by eye)."""
     from PIL import Image, ImageDraw
 
@@ -499,12 +508,13 @@ def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_see
     res = rows[0][0].image.shape[0]
     cell = res * scale
     label_h = 14
+    score_h = 12 if scores else 0
     ncols = 1 + min(max_seeds, max(len(r) for r in rows))
     W = ncols * (cell + 4) + 4
-    H = len(rows) * (cell + label_h + 6) + 24
+    H = len(rows) * (cell + label_h + score_h + 6) + 24
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
-    d.text((4, 4), "training original | generated (one per seed); score = SSCD to the original when computed",
+    d.text((4, 4), "training original | generated, one per seed" + (" (number: SSCD to the original)" if scores else ""),
            fill=(0, 0, 0))
     y = 24
     for r in rows:
@@ -521,6 +531,9 @@ def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_see
         x += cell + 4
         for s in sorted(r, key=lambda s: s.seed)[:max_seeds]:
             canvas.paste(Image.fromarray(s.image).resize((cell, cell), Image.NEAREST), (x, y))
+            if scores and s.sample_key in scores:
+                v = scores[s.sample_key]
+                d.text((x + 2, y + cell + 1), f"seed {s.seed}: {v:.2f}", fill=(170, 0, 0) if v > 0.7 else (0, 0, 0))
             x += cell + 4
-        y += cell + 6
+        y += cell + score_h + 6
     atomic_write_bytes(path, png_bytes(np.asarray(canvas)))

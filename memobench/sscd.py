@@ -51,17 +51,28 @@ import os
 import tempfile
 import urllib.request
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
 __all__ = [
-    "SSCD", "SSCDPreset", "PRESETS", "CHECKPOINTS", "OFFICIAL_URL", "SSCDUnavailableError",
-    "get_preset", "preprocess", "jpeg_roundtrip", "image_digest", "file_sha256", "default_cache_dir",
+    "CHECKPOINTS",
+    "OFFICIAL_URL",
+    "PRESETS",
+    "SSCD",
+    "SSCDPreset",
+    "SSCDUnavailableError",
+    "default_cache_dir",
+    "file_sha256",
+    "get_preset",
+    "image_digest",
+    "jpeg_roundtrip",
+    "preprocess",
 ]
 
 VERSION = "1"
@@ -181,7 +192,7 @@ def preprocess(image: np.ndarray, preset: str | SSCDPreset) -> np.ndarray:
         h, w = a.shape[:2]
         if h < c or w < c:
             raise ValueError(f"image {h}x{w} smaller than the centre crop {c}")
-        top, left = int(round((h - c) / 2.0)), int(round((w - c) / 2.0))
+        top, left = round((h - c) / 2.0), round((w - c) / 2.0)
         a = a[top:top + c, left:left + c]
     return np.ascontiguousarray(a)
 
@@ -407,10 +418,10 @@ class SSCD:
                             f"(not the same model: numbers are not comparable with the paper's)")
             else:
                 stem = be.path.name.replace(".torchscript.pt", "")
-                actual = stem if stem in CHECKPOINTS else requested
-                checkpoint = f"{stem} (torchscript{', official file' if stem in CHECKPOINTS else ', user file'})"
-                if actual != requested:
-                    note = f"preset {p.name} specifies {requested}; ran {stem}"
+                origin = "user file" if self.weights_path is not None else "official file"
+                checkpoint = f"{stem} (torchscript, {origin})"
+                if stem in CHECKPOINTS and stem != requested:
+                    note = f"preset {p.name} specifies {requested}; ran {stem} (not the same model)"
             self._impl = {
                 "name": "sscd",
                 "version": VERSION,

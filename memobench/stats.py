@@ -13,15 +13,29 @@ Every function takes plain sequences of floats and returns Python floats.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
 __all__ = [
-    "median_mad", "mean_std", "summarize", "reduce", "REDUCTIONS", "SET_REDUCTIONS",
-    "mr_gen", "mr_mean", "mr_any", "memorization_rates",
-    "ROC", "roc_curve", "roc_auc", "best_balanced_accuracy", "tpr_at_fpr", "detection_metrics",
+    "REDUCTIONS",
+    "ROC",
+    "SET_REDUCTIONS",
+    "best_balanced_accuracy",
+    "detection_metrics",
+    "mean_std",
+    "median_mad",
+    "memorization_rates",
+    "mr_any",
+    "mr_gen",
+    "mr_mean",
+    "reduce",
+    "roc_auc",
+    "roc_curve",
+    "summarize",
+    "tpr_at_fpr",
 ]
 
 REDUCTIONS = ("mean", "median", "max", "min")

@@ -6,17 +6,20 @@ vectors give exact cosines, plus one end-to-end check with the offline ONNX SSCD
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import subprocess
 import sys
+from typing import ClassVar
 
+import memobench_plugins.memorization as mem
 import numpy as np
 import pluggy
 import pytest
 
 from memobench import hookspecs, stats
 from memobench.api import Context, MetricValue, Prompt, Sample
-import memobench_plugins.memorization as mem
 
 
 # ---------------------------------------------------------------------------------------------- stats
@@ -97,7 +100,7 @@ def test_roc_needs_both_classes():
 class FakeEmbedder:
     """Maps image id (the value of every pixel of a 4×4 image) to a fixed unit vector; counts embedded images."""
 
-    impl = {"name": "fake", "preset": "test", "weights_sha256": "0" * 64}
+    impl: ClassVar[dict] = {"name": "fake", "preset": "test", "weights_sha256": "0" * 64}
 
     def __init__(self, table: dict[int, np.ndarray]):
         self.table, self.calls, self.n_embedded = table, 0, 0
@@ -176,6 +179,7 @@ def test_mr_variants_groups_and_missing_refs(tmp_path):
     assert out["mr_gen"].extra["per_prompt"] == {"p1": 0.25, "p2": 0.0, "p3": 0.5, "p4": 0.0}
     assert out["mr_any"].per_sample["p1-2"] == pytest.approx(0.75)
     assert out["mr"].impl["name"] == "fake" and out["mr"].impl["metric"] == "mr"
+    json.dumps({k: dataclasses.asdict(v) for k, v in out.items()}, allow_nan=False)  # result records are JSON
 
 
 def test_mr_default_threshold_tie_at_0_7(tmp_path):
@@ -211,6 +215,8 @@ def test_sscd_orig_reductions(tmp_path):
     by = v.extra["by_gen_reduce"]
     assert by["max"]["value"] == pytest.approx(np.mean([0.75, 0.5, 0.75, 0.25]))
     assert by["median"]["per_prompt"] == pytest.approx({"p1": 0.5, "p2": 0.5, "p3": 0.625, "p4": 0.25})
+
+    json.dumps(dataclasses.asdict(v), allow_nan=False)
 
     m, _ = metric(mem.SSCDOrig, table, headline_group="all", gen_reduce="max", set_reduce="median_mad")
     v = m.compute(samples, ctx(tmp_path))["sscd_orig"]

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from memobench.api import Context, Metric, MetricInfo, MetricValue, Sample
 from memobench.hookspecs import hookimpl
 from memobench.sscd import SSCD, SSCDUnavailableError, get_preset, image_digest, jpeg_roundtrip
 
-__all__ = ["MemorizationRate", "SSCDOrig", "SSCDGen", "Diversity", "EmbeddingCache"]
+__all__ = ["Diversity", "EmbeddingCache", "MemorizationRate", "SSCDGen", "SSCDOrig"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -122,7 +123,6 @@ class _SSCDMetric(Metric):
     """Shared embedding plumbing of the SSCD metrics."""
 
     version = "1"
-    default_preset: ClassVar[str] = "dori2026"
 
     @dataclass
     class Params:
@@ -148,9 +148,10 @@ class _SSCDMetric(Metric):
     def _gen_image(self, image: np.ndarray) -> np.ndarray:
         return jpeg_roundtrip(image) if self.params.jpeg_roundtrip else image
 
-    def _unavailable(self, keys: Sequence[str], reason: str, n_missing: int = 0) -> dict[str, MetricValue]:
-        return {k: MetricValue(value=None, n=0, impl={"name": "sscd", "preset": self.params.preset},
-                               extra={"n_missing_ref": n_missing}, unavailable=reason) for k in keys}
+    def _unavailable(self, keys: Sequence[str], reason: str) -> dict[str, MetricValue]:
+        impl = {"name": "sscd", "preset": self.params.preset, "backend": self.params.backend}
+        return {k: MetricValue(value=None, n=0, impl=impl, extra={"n_missing_ref": None}, unavailable=reason)
+                for k in keys}
 
     def _setup(self, ctx: Context) -> tuple[EmbeddingCache, dict]:
         embedder = self.make_embedder(ctx)

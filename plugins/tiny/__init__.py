@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memobench.api import ModelPlugin, Prompt, PromptSet
+from memobench.api import Metric, MetricInfo, MetricValue, ModelPlugin, Prompt, PromptSet
 from memobench.hookspecs import hookimpl
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -28,7 +28,7 @@ class TinyModel(ModelPlugin):
     generation = {"num_inference_steps": 50, "guidance_scale": 3.0, "height": 64, "width": 64}
     default_seeds = tuple(range(10))
     default_utility_seeds = (0, 1)
-    default_metrics = ["mr", "sscd_orig"]
+    default_metrics = ["mr", "sscd_orig", "tiny_alignment"]
     prompt_sets = {"target": "tiny-vm", "nonmem": "tiny-nonmem", "utility": "tiny-heldout"}
 
     @dataclass
@@ -45,10 +45,17 @@ class TinyModel(ModelPlugin):
         return DiffusionModel.from_pretrained(str(path), offline=True, device=ctx.device)
 
 
-def _reference(key: str):
+def _reference(key: str, caption: str = ""):
     from . import data as D
 
     name, _, variant = key.partition(":")
+    if name == "render":  # a ground-truth rendering of a general-set caption ("real image" of the utility set)
+        import hashlib
+
+        import numpy as np
+
+        seed = int(hashlib.sha256(f"{caption}|{variant}".encode()).hexdigest()[:8], 16)
+        return D.render(caption, np.random.default_rng(seed))
     for it in D.TM_ITEMS:
         if it.key == name:
             return D.tm_image(name, int(variant or 0))
@@ -63,7 +70,7 @@ class _TinySet(PromptSet):
         pass
 
     def reference_image(self, prompt, ref_id, ctx):
-        return _reference(ref_id)
+        return _reference(ref_id, prompt.text)
 
     def provenance(self) -> dict:
         return {"repository": "memobench (generated)", "path": "plugins/tiny/data.py", "license": "see data.py"}
@@ -132,20 +139,24 @@ class TinyNonMem(_TinySet):
 
 class TinyHeldout(_TinySet):
     """Held-out compositional captions of the general set (never trained on): the embedded model's utility set
-    (its analogue of COCO captions and T2I-CompBench prompts)."""
+    (its analogue of COCO captions and T2I-CompBench prompts). Each prompt's references are ``n_refs`` ground-truth
+    renderings of its caption (the "real images" of image-quality metrics)."""
 
     name = "tiny-heldout"
 
     @dataclass
     class Params:
         n: int = 60
+        n_refs: int = 2
 
     def prompts(self, ctx):
         from . import data as D
 
         caps = D.heldout_captions()
         step = max(1, len(caps) // self.params.n)
-        return [Prompt(id=f"heldout{i:03d}", text=c, mem_type=None) for i, c in enumerate(caps[::step][: self.params.n])]
+        refs = tuple(f"render:{k}" for k in range(self.params.n_refs))
+        return [Prompt(id=f"heldout{i:03d}", text=c, mem_type=None, reference_ids=refs)
+                for i, c in enumerate(caps[::step][: self.params.n])]
 
 
 class TinyNonMemPhotos(_TinySet):
@@ -158,6 +169,50 @@ class TinyNonMemPhotos(_TinySet):
 
         return [Prompt(id=k, text=f"a photograph of {k}", mem_type="NONMEM", reference_ids=(k,))
                 for k, _ in D.NONMEM_PHOTOS]
+
+
+class TinyAlignment(Metric):
+    """Exact prompt alignment of the embedded model: colour, shape and position read back from each generated
+    image of a held-out compositional caption by :mod:`memobench_plugins.tiny.checker` (which knows the
+    rendering grammar), scored per T2I-CompBench category it covers (``color``, ``shape``, ``spatial``; plus
+    ``count``, the number of objects). The value is the mean over images of the per-image mean of the available
+    categories. Metric id ``tiny_alignment`` — an exact checker, not T2I-CompBench's BLIP/UniDet scorers."""
+
+    name = "tiny_alignment"
+    version = "1"
+    roles = ("utility",)
+    info = MetricInfo("tiny_alignment", "Exact alignment (tiny checker)", higher_is_better=True, min=0.0, max=1.0,
+                      description="colour/shape/position read back from the image by a programmatic checker")
+
+    @dataclass
+    class Params:
+        pass
+
+    def compute(self, samples, ctx):
+        import numpy as np
+
+        from . import checker
+
+        if not samples:
+            return {}
+        per, cats = {}, {}
+        for s in samples:
+            sc = checker.score(s.image, s.prompt.text)
+            per[s.sample_key] = sc["overall"]
+            for c in ("color", "shape", "spatial", "count"):
+                if sc.get(c) is not None:
+                    cats.setdefault(c, []).append(sc[c])
+        vals = np.array(list(per.values()), dtype=float)
+        impl = {"name": "tiny-exact-checker", "library": "memobench_plugins.tiny.checker", "version": self.version,
+                "feature_extractor": None, "weights_sha256": None, "preset": None}
+        return {"tiny_alignment": MetricValue(
+            value=float(vals.mean()), n=len(vals), impl=impl, dispersion={"kind": "std", "value": float(vals.std())},
+            groups={c: {"value": float(np.mean(v)), "n": len(v)} for c, v in cats.items()}, per_sample=per)}
+
+
+@hookimpl
+def register_metrics(register):
+    register(TinyAlignment)
 
 
 @hookimpl

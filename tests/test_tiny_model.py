@@ -1,0 +1,73 @@
+"""The embedded model: SD tokenizer ids, data determinism, the training command (smoke), diffusers loading."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from memobench.tokenizer import load_sd_tokenizer
+from memobench_plugins.tiny import WEIGHTS
+from memobench_plugins.tiny import data as D
+
+
+def test_tokenizer_ids_equal_sd_v14(tmp_path):
+    tok = load_sd_tokenizer(tmp_path / "tok")
+    # ids of openai/clip-vit-large-patch14 (SD v1.4's tokenizer)
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+    assert tok("a red circle").input_ids == [49406, 320, 736, 7117, 49407]
+    assert len(tok) == 49408 and tok.model_max_length == 77 and tok.pad_token_id == 49407
+    ids = tok("x", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and ids[-1] == 49407
+
+
+def test_data_is_deterministic_and_grammar_roundtrips():
+    a, ca = D.general_pool(6, seed=3)
+    b, cb = D.general_pool(6, seed=3)
+    assert ca == cb and np.array_equal(a, b)
+    assert a.shape == (6, 64, 64, 3) and a.dtype == np.uint8
+    for c in D.general_captions()[:50]:
+        assert D.parse_caption(c)["objects"]
+    held, train = set(D.heldout_captions()), set(D.train_captions())
+    assert held and not (held & train)
+    with pytest.raises(ValueError):
+        D.parse_caption("a pink hexagon")
+    for it in D.VM_ITEMS:
+        img = D.photo(it.key)
+        assert img.shape == (64, 64, 3) and img.std() > 10  # a real photograph, not blank
+
+
+def test_zoo_train_smoke_resumes_and_loads_in_plain_diffusers(tmp_path):
+    work = tmp_path / "work"
+    cmd = [sys.executable, "-m", "memobench.cli", "zoo", "train", "tiny", "--smoke", "--work-dir", str(work)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    state = json.loads((work / "unet_state.json").read_text())
+    assert state["step"] == 2
+    first = (work / "unet_ema_unet.safetensors").read_bytes()
+    r2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # resumes: nothing left to train
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert (work / "unet_ema_unet.safetensors").read_bytes() == first
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(work / "pipeline"))
+    assert pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_v is not None
+    img = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np").images[0]
+    assert img.shape == (64, 64, 3)
+
+
+def test_shipped_weights_load_in_plain_diffusers():
+    """Acceptance: StableDiffusionPipeline.from_pretrained(<shipped path>) generates without memobench code."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    assert (WEIGHTS / "model_index.json").exists(), f"shipped weights missing at {WEIGHTS}"
+    pipe = StableDiffusionPipeline.from_pretrained(str(WEIGHTS))
+    img = pipe("a red circle", num_inference_steps=5, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert img.shape == (64, 64, 3) and np.isfinite(img).all()
