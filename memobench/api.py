@@ -139,11 +139,11 @@ class Context:
 
         return artifact_path(self.cache_dir, self.model_id, plugin, parts, suffix)
 
-    def task(self, description: str, total: int | None):
-        """A progress task (a context manager yielding ``advance(n=1)``)."""
+    def task(self, description: str, total: int | None, transient: bool = False):
+        """A progress bar (a context manager yielding ``advance(n=1)``); ``transient`` ones vanish when done."""
         if self.progress is None:
             return contextlib.nullcontext(lambda n=1, **kw: None)
-        return self.progress.task(description, total)
+        return self.progress.task(description, total, transient=transient)
 
 
 # ---------------------------------------------------------------------------------------------- plugin bases

@@ -172,6 +172,7 @@ def _fmt(v) -> str:
 
 def _print_summary(out) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     r = out.result
@@ -188,7 +189,7 @@ def _print_summary(out) -> None:
                   f"{_fmt(disp.get('value'))} ({disp.get('kind')})" if disp else "", str(m["n"]),
                   "↑" if m["higher_is_better"] else "↓", impl_s)
         for g, gv in (m.get("groups") or {}).items():
-            t.add_row(f"  {name}[{g}]", _fmt(gv.get("value")), "", str(gv.get("n", "")), "", "")
+            t.add_row(escape(f"  {name}[{g}]"), _fmt(gv.get("value")), "", str(gv.get("n", "")), "", "")
     con.print(t)
     con.print(f"result:  {out.result_path}")
     con.print(f"samples: {out.samples_path}")

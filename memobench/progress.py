@@ -30,7 +30,9 @@ class ProgressReporter:
             self._progress = None
 
     @contextlib.contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
+    def task(self, description: str, total: int | None, transient: bool = False) -> Iterator[Callable[..., None]]:
+        """A progress bar; ``transient`` bars (per-target sub-tasks such as one DoRI optimisation) are removed
+        when done, so a long run shows its phases and the current sub-task only."""
         if self._progress is None:
             yield lambda n=1, **kw: None
             return
@@ -42,7 +44,10 @@ class ProgressReporter:
         try:
             yield advance
         finally:
-            self._progress.update(tid, completed=self._progress.tasks[tid].total or 0)
+            if transient:
+                self._progress.remove_task(tid)
+            else:
+                self._progress.update(tid, completed=self._progress.tasks[tid].total or 0)
 
     def log(self, msg: str) -> None:
         # plain text: "[memobench] …" is not rich markup, and a log line is never wrapped (it is parsed)

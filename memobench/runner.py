@@ -197,6 +197,14 @@ class Runner:
                       progress=self.progress, settings={"generation": self.generation, "batch_size": cfg.batch_size})
         log = self.progress.log
         t = time.time()
+        nonmem = type(self.model_plugin).prompt_sets.get("nonmem")
+        if nonmem and nonmem in self.reg.entries["prompt_set"]:
+            try:  # e.g. NeMo's activation statistics are computed over the model's non-memorized prompts
+                ctx.settings["nonmem_prompts"] = [p.text for p in _instantiate(self.reg, "prompt_set", nonmem, {})
+                                                  .prompts(ctx)]
+                ctx.settings["nonmem_prompt_set"] = nonmem
+            except Exception as e:  # data not available offline: plugins that need it say so themselves
+                ctx.settings["nonmem_prompts_error"] = f"{type(e).__name__}: {e}"
         prompts = self.prompt_set.prompts(ctx)
         if cfg.limit:
             prompts = prompts[: cfg.limit]
@@ -305,6 +313,7 @@ class Runner:
                               "prompt (pass generator=[...] to diffusers to reproduce)"},
             "metrics": metrics_out,
             "attack_traces": attack_traces,
+            "mitigation_traces": self._condition_traces(jobs),
             "env": environment(),
             "timing": timing,
         }
@@ -427,9 +436,22 @@ class Runner:
             imgs = model.decode(out)
             for j, img in zip(chunk, imgs):
                 if j.key in todo:
+                    # the conditioning trace (e.g. Wen's iterations) travels with every image it produced, so a
+                    # result reads the same whether its images were generated now or found in the cache
                     self.images.put(j.key, img, {"prompt_id": prompt.id, "prompt_sha256": prompt.sha256,
-                                                 "seed": j.seed, "role": j.role})
+                                                 "seed": j.seed, "role": j.role,
+                                                 "condition_trace": _jsonable_trace(cond.trace)})
             advance(n_todo)
+
+    def _condition_traces(self, jobs: list[Job]) -> dict:
+        """Per target prompt, the inference-time mitigation's trace stored with its first image."""
+        out: dict[str, dict] = {}
+        for j in jobs:
+            if j.role == "target" and j.prompt.id not in out and self.images.has(j.key):
+                tr = self.images.meta(j.key).get("condition_trace")
+                if tr:
+                    out[j.prompt.id] = tr
+        return out
 
     def _load_samples(self, jobs: list[Job], prompts: list[Prompt], ctx: Context, errors: list[str]) -> list[Sample]:
         refs: dict[str, list[np.ndarray]] = {}
@@ -479,6 +501,10 @@ def _sample_row(s: Sample, per_sample: dict[str, dict]) -> dict:
         if s.sample_key in ps:
             row[name] = ps[s.sample_key]
     return row
+
+
+def _jsonable_trace(trace: dict) -> dict:
+    return json.loads(json.dumps(trace or {}, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 def image_sha256(image: np.ndarray) -> str:

@@ -356,7 +356,9 @@ class SSCD:
             return backend
         if self.weights_path is not None:
             return "onnx" if self.weights_path.suffix == ".onnx" else "torchscript"
-        if self._cached_torchscript(self.preset.checkpoint).is_file() or not self.offline:
+        # the official TorchScript file when it is already on disk; otherwise the offline ONNX disc_mixup (a
+        # download of the official file happens only when backend="torchscript" is asked for explicitly)
+        if self._cached_torchscript(self.preset.checkpoint).is_file():
             return "torchscript"
         return "onnx"
 

@@ -119,6 +119,9 @@ def test_batch_size_changes_pixels_by_at_most_one_level(batch_runs):
     assert diff.max() <= 1
 
 
+@pytest.mark.xfail(strict=True, reason="measured: on CPU, oneDNN picks other kernels for batch 1 vs 8, so a few "
+                   "uint8 values differ by one level; batch size stays out of cache keys (CONVENTIONS §8) and "
+                   "README documents it. strict: this fails if batch size stops mattering, so the note can go.")
 def test_batch_size_does_not_change_pixels(batch_runs):
     """Bit-identity across batch sizes. Batch size is excluded from cache keys, so a cache filled with one batch
     size is reused by runs with another; this test fails if that reuse can change pixels (it reveals the issue,

@@ -27,7 +27,7 @@ class TinyModel(ModelPlugin):
     version = "1"
     generation = {"num_inference_steps": 50, "guidance_scale": 3.0, "height": 64, "width": 64}
     default_seeds = tuple(range(10))
-    default_utility_seeds = (0, 1)
+    default_utility_seeds = (0,)
     default_metrics = ["mr", "sscd_orig", "tiny_alignment"]
     prompt_sets = {"target": "tiny-vm", "nonmem": "tiny-nonmem", "utility": "tiny-heldout"}
 
@@ -146,7 +146,7 @@ class TinyHeldout(_TinySet):
 
     @dataclass
     class Params:
-        n: int = 60
+        n: int = 30
         n_refs: int = 2
 
     def prompts(self, ctx):
@@ -240,15 +240,19 @@ def register_commands(app):
         out_dir: Path = typer.Option(None, help="Where to write the pipeline (default: WORK_DIR/pipeline)."),
         smoke: bool = typer.Option(False, help="A few steps of every phase (tests); not the shipped recipe."),
         unet_steps: int = typer.Option(None, help="Override the recipe's UNet steps."),
+        install_weights: bool = typer.Option(False, "--install", help="Then install the result as the package's "
+                                             "shipped weights (fp16 safetensors) — what produced the shipped copy."),
     ):
         """Train (or resume training) the embedded model with the shipped recipe and a fixed seed."""
-        from .train import SMOKE, train
+        from .train import SMOKE, install, train
 
         if model != "tiny":
             raise typer.BadParameter(f"unknown zoo model {model!r}; available: tiny")
         recipe = dict(SMOKE) if smoke else {}
         if unet_steps:
             recipe["unet_steps"] = unet_steps
-        train(work_dir, out_dir, recipe=recipe)
+        out = train(work_dir, out_dir, recipe=recipe)
+        if install_weights:
+            print(f"installed {install(out, WEIGHTS)}")
 
     app.add_typer(zoo, name="zoo")

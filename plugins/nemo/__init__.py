@@ -1,0 +1,717 @@
+"""NeMo: localize and deactivate memorization neurons (mitigation ``nemo``, kind ``"weights"``).
+
+Paper: Hintersdorf*, Struppek*, Kersting, Dziedzic, Boenisch, "Finding NeMo: Localizing Neurons Responsible For
+Memorization in Diffusion Models", NeurIPS 2024, arXiv 2406.02366 (§3 value layers, §4 Eq. 3 activations and OOD
+statistics, Alg. 1/2 initial selection and refinement, App. B.3/C). Reference code:
+``ml-research/localizing_memorization_in_diffusion_models`` (``utils/activation_detection.py``,
+``1_compute_activations_statistics.py``, ``3_detect_memorized_neurons.py``, ``hooks/block_activations.py``).
+memobench specification: METHODS §7.1 (algorithm), §6.2 (score), §1.3 (layer map), §9 #1-#6 (paper vs code).
+Where paper and code differ, this follows the code (METHODS §0.2).
+
+What it does
+------------
+* **Layers** (§7.1.1): the cross-attention value projections ``attn2.to_v`` of the UNet's down and mid blocks, in
+  forward order, resolved from the module structure (:func:`value_layers`); on SD-1.4 exactly NeMo's layers 1-7
+  (320, 320, 640, 640, 1280, 1280, 1280 neurons). Fused K/V projections are refused (hooks would never fire).
+* **Activation statistics** (§7.1.2, Eq. 3): a_i^l(y) = mean over the 77 token positions of |W_V^l e_y|_i; per-neuron
+  mean μ and unbiased std σ over a set of non-memorized prompts, cached as safetensors under
+  ``ctx.artifact_path``. OOD score z = |a - μ| / σ (the code's absolute value, §9 #3).
+* **Memorization score** (§7.1.3): δ_g(y, B) = ε_θ(x_T^(g), t_1, e_y | B blocked) - x_T^(g) for ``samples_per_prompt``
+  initial latents of seed ``seed``, evaluated at the *second* DDIM timestep on the unchanged initial latent (§9 #2),
+  without CFG; each (sample, channel) plane is min-max normalised. Similarity = torchmetrics' functional multi-scale
+  SSIM (kernel 11, betas (0.33, 0.33, 0.33), other arguments default) (§9 #1).
+* **Seed filter** K = {g : max_{g'≠g} MS-SSIM(δ_g, δ_g') > τ_pair}; K = ∅ ⇒ not memorized, no neurons.
+* **Initial selection** (§7.1.4 step 3; §9 #4): θ from ``theta_init`` down by ``theta_step``, top-k growing by one per
+  failed round; stop when M(B) ≤ τ_init or when θ reaches ``theta_min`` / k reaches ``k_max`` (then τ_ref = the last
+  score). The order of the checks is the reference code's (see :func:`initial_selection`).
+* **Refinement** (steps 4-5): layer-wise, then neuron-wise, layers from last to first, keep a removal when
+  M(B') < τ_ref (:func:`refine`).
+* **Deactivation** (§7.1.5): forward hooks on the selected ``to_v`` modules returning ``out * mask`` (out-of-place,
+  autograd-safe; mask = 1 except ρ = ``scaling_factor`` at the selected channels) on every UNet call, i.e. all
+  timesteps and *both CFG halves* (the unconditional embedding passes through the same hook, as in NeMo). Installed
+  by :meth:`NeMo.apply` and removed on exit, also on exceptions.
+
+Choices where METHODS is silent or marked [UNPUBLISHED] (each a ``Params`` field, recorded in every result)
+------------------------------------------------------------------------------------------------------------
+* ``blocking`` ("per_prompt" | "union"): DoRI's "pruned model" per image or a union is [UNPUBLISHED]; default
+  per-image S(y) (NeMo's own evaluation), option: the union of all fitted sets for every prompt.
+* ``utility_blocking`` ("union" | "none"): prompts without an own fitted set (utility prompts, ``mem_type`` None,
+  ``prompt`` None) get the union of all fitted sets (default: a deployed "pruned model") or no blocking.
+* ``stats_prompts``: where the non-memorized statistics prompts come from. "" (default) = the run setting
+  ``ctx.settings["nonmem_prompts"]`` (a list of texts or :class:`memobench.api.Prompt`; the harness may fill it from
+  the model plugin's ``prompt_sets["nonmem"]``); otherwise a prompt file path (.txt/.csv/.jsonl) or the name of a
+  registered prompt set. NeMo used 50,000 held-out LAION prompts; ``stats_limit`` > 0 keeps only the first N.
+  ``stats_file`` may name a safetensors file with ``mean.<l>`` / ``std.<l>`` tensors (l = 0-based layer index)
+  computed elsewhere.
+* ``small_latent`` ("upsample" | "fewer_scales" | "error"): torchmetrics' MS-SSIM with kernel 11 and 3 scales needs
+  latent planes of at least 44×44; SD-1.4's are 64×64 and are never changed. Smaller latents (the embedded ``tiny``
+  model: 16×16) are, by default, nearest-neighbour upsampled by the smallest integer factor f with
+  f·size ≥ ``upsample_to`` (64, SD-1.4's latent size). Integer nearest upsampling replicates every latent value into
+  an f×f block, so the coarsest of the 3 scales (two 2×2 average poolings) sees the original plane exactly when
+  f = 4. "fewer_scales" instead drops scales (betas truncated) until the size is valid; "error" refuses.
+* ``latent_rule`` ("nemo" | "per_image"): "nemo" (default) = one CPU draw of shape (G, C, h, w) after
+  ``manual_seed(seed)``, as NeMo's ``prepare_diffusion_inputs`` (preset ``nemo2024-detect``); "per_image" = memobench's
+  native one generator per image with seeds seed, seed+1, ..., seed+G-1.
+* Precision: NeMo ran under fp16 autocast; memobench computes in the model's dtype (the statistics and δ in float32
+  after the UNet call). ``autocast_fp16=True`` wraps the detection UNet calls in CUDA fp16 autocast.
+* ``detect_guidance_scale`` ≠ 0 (an ablation) uses the evident intent (uncond, cond) order, not the reference's
+  swapped chunks (§9 #6).
+* Duplicates: the reference keeps OOD ∪ top-k as a list with duplicates; refinement here uses the same list
+  semantics (removing one occurrence at a time, so a duplicated neuron is effectively tested at its last
+  occurrence), with scores memoised per *set*, so duplicates cost no UNet calls. Exported sets are deduplicated in
+  stored order.
+* ``theta_min`` also serves as the stop value (the code compares θ with the literal 1, the ``--min_theta`` default);
+  ``k_max`` = 1280 is the code's literal (SD-1.4's widest layer).
+* Constant δ planes (max = min) would divide by zero in the reference; here they map to 0.
+* ``neurons_file``: an exported neuron-set JSON (:meth:`NeMo.export`) whose sets are used for the prompts it contains
+  (matched by prompt text) instead of localizing them again.
+
+Artifacts: activation statistics (safetensors), one JSON per prompt with its seed set, initial and refined neuron
+sets and scores, and one JSON per fitted prompt list (path in :meth:`NeMo.report`, format of :meth:`NeMo.export`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from memobench.api import Context, Mitigation, Prompt, params_dict
+from memobench.hookspecs import hookimpl
+
+__all__ = [
+    "NeMo", "value_layers", "block_neurons", "activation_stats", "prompt_activations", "candidate_sets",
+    "theta_k_schedule", "initial_selection", "refine", "minmax_normalize", "ms_ssim", "msssim_min_size",
+    "max_pairwise_ms_ssim", "noise_differences",
+]
+
+_BLOCKS = ("down", "mid", "up")
+
+
+# ---------------------------------------------------------------------------------------------- layer map
+def _parse_blocks(blocks: str | Sequence[str]) -> tuple[str, ...]:
+    parts = [b.strip() for b in (blocks.split(",") if isinstance(blocks, str) else blocks) if b.strip()]
+    bad = sorted(set(parts) - set(_BLOCKS))
+    if bad or not parts:
+        raise ValueError(f"blocks: {bad or parts!r} not in {_BLOCKS}; e.g. 'down,mid'")
+    return tuple(b for b in _BLOCKS if b in parts)  # forward order regardless of how they were listed
+
+
+def _transformer_blocks(unet, blocks: Sequence[str]) -> list[tuple[str, Any]]:
+    """(name prefix, BasicTransformerBlock) of the UNet's attention modules, in forward order."""
+    groups: list[tuple[str, Any]] = []
+    if "down" in blocks:
+        groups += [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    if "mid" in blocks and getattr(unet, "mid_block", None) is not None:
+        groups.append(("mid_block", unet.mid_block))
+    if "up" in blocks:
+        groups += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    out = []
+    for prefix, block in groups:
+        for a, attn in enumerate(getattr(block, "attentions", None) or []):
+            for b, tb in enumerate(getattr(attn, "transformer_blocks", None) or []):
+                out.append((f"{prefix}.attentions.{a}.transformer_blocks.{b}", tb))
+    return out
+
+
+def value_layers(unet, blocks: str | Sequence[str] = "down,mid") -> list[tuple[str, Any]]:
+    """``(name, attn2.to_v module)`` of every cross-attention value projection in ``blocks``, in forward order.
+
+    On SD-1.x this is NeMo's layer map (METHODS §1.3): 6 down-block layers + 1 mid-block layer. Raises
+    ``ValueError`` when fused K/V projections are active (``fuse_qkv_projections()``): hooks on ``to_v`` would
+    never fire.
+    """
+    out = []
+    for prefix, tb in _transformer_blocks(unet, _parse_blocks(blocks)):
+        attn2 = getattr(tb, "attn2", None)
+        if attn2 is None or not getattr(attn2, "is_cross_attention", True):
+            continue
+        if getattr(attn2, "fused_projections", hasattr(attn2, "to_kv")):
+            raise ValueError(f"nemo: fused K/V projections are active on {prefix}.attn2 (fuse_qkv_projections()); "
+                             "call unet.unfuse_qkv_projections() first: hooks on attn2.to_v would never fire")
+        out.append((f"{prefix}.attn2.to_v", attn2.to_v))
+    if not out:
+        raise ValueError("nemo: the UNet has no cross-attention value layers (attn2.to_v) in the selected blocks")
+    return out
+
+
+@contextlib.contextmanager
+def block_neurons(layers: Sequence[tuple[str, Any]], neuron_sets: Sequence[Sequence[int]],
+                  scaling_factor: float = 0.0) -> Iterator[list]:
+    """Scale the output channels ``neuron_sets[l]`` of ``layers[l]`` by ``scaling_factor`` while the context is open.
+
+    One forward hook per layer with a non-empty set returns ``out * mask`` (out-of-place, so autograd through the
+    blocked model works); the handles are removed on exit, also on exceptions. Yields the list of handles.
+    """
+    import torch
+
+    if len(neuron_sets) != len(layers):
+        raise ValueError(f"nemo: {len(neuron_sets)} neuron sets for {len(layers)} layers")
+    handles = []
+    try:
+        for (name, mod), idx in zip(layers, neuron_sets):
+            idx = sorted({int(i) for i in idx})
+            if not idx:
+                continue
+            width = int(mod.out_features)
+            if idx[0] < 0 or idx[-1] >= width:
+                raise ValueError(f"nemo: neuron index out of range for {name} (width {width}): {idx[0]}..{idx[-1]}")
+            mask = torch.ones(width, dtype=mod.weight.dtype, device=mod.weight.device)
+            mask[idx] = float(scaling_factor)
+
+            def hook(module, args, out, _mask=mask):
+                return out * _mask.to(dtype=out.dtype, device=out.device)
+
+            handles.append(mod.register_forward_hook(hook))
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------------------------------- activations
+def prompt_activations(model, layers, texts: Sequence[str], batch_size: int = 32) -> list:
+    """a^l (N × C_l, float32): mean over the 77 token positions of |to_v(e_y)| for each text (NeMo Eq. 3).
+
+    ``to_v`` sees only the text embedding, so this needs no UNet call; the modules' ``forward`` is called directly
+    (bypassing hooks), as NeMo's statistics script does.
+    """
+    import torch
+
+    acts: list[list] = [[] for _ in layers]
+    with torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            emb = model.encode_prompt(list(texts[i: i + batch_size]))
+            for l, (_, mod) in enumerate(layers):
+                acts[l].append(mod.forward(emb.to(mod.weight.dtype)).abs().float().mean(dim=1).cpu())
+    return [torch.cat(a) for a in acts]
+
+
+def activation_stats(model, layers, texts: Sequence[str], batch_size: int = 32) -> tuple[list, list]:
+    """Per-neuron mean and (unbiased) standard deviation of a^l over ``texts`` (NeMo
+    ``1_compute_activations_statistics.py``)."""
+    if len(texts) < 2:
+        raise ValueError(f"nemo: activation statistics need at least 2 non-memorized prompts, got {len(texts)}")
+    acts = prompt_activations(model, layers, texts, batch_size)
+    return [a.mean(dim=0) for a in acts], [a.std(dim=0) for a in acts]
+
+
+def candidate_sets(activations, means, stds, theta: float, k: int) -> list[list[int]]:
+    """B_l = {i : |a_i - μ_i| / σ_i > θ} (ascending) followed by top-k_l(a) (descending), duplicates kept, k capped at
+    the layer width (reference ``initial_neuron_selection``)."""
+    out = []
+    for a, mu, sd in zip(activations, means, stds):
+        a = a.float().cpu()
+        z = (a - mu.float().cpu()).abs() / sd.float().cpu()
+        idx = (z > theta).nonzero().flatten().tolist()
+        kk = min(int(k), a.numel())
+        if kk > 0:
+            idx += a.abs().topk(k=kk).indices.tolist()
+        out.append(idx)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- score
+def minmax_normalize(x):
+    """(x - min) / (max - min) per (sample, channel) plane of an N×C×H×W tensor (constant planes → 0)."""
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    return (x - lo) / (hi - lo).clamp_min(1e-30)
+
+
+def msssim_min_size(n_scales: int, kernel_size: int) -> int:
+    """Smallest height/width torchmetrics' MS-SSIM accepts for ``n_scales`` betas and ``kernel_size``."""
+    div = max(1, n_scales - 1) ** 2
+    return max(2 ** n_scales, kernel_size * div)
+
+
+def ms_ssim(x, y, kernel_size: int = 11, betas: Sequence[float] = (0.33, 0.33, 0.33), small_latent: str = "upsample",
+            upsample_to: int = 64):
+    """Per-sample multi-scale SSIM of two N×C×H×W tensors (torchmetrics' functional MS-SSIM, ``reduction='none'``,
+    other arguments default, as NeMo calls it). Planes smaller than torchmetrics' minimum are handled by
+    ``small_latent`` (see the module docstring)."""
+    import torch
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
+
+    x, y = x.float(), y.float()
+    betas = tuple(float(b) for b in betas)
+    size = min(x.shape[-2:])
+    need = msssim_min_size(len(betas), kernel_size)
+    if size < need:
+        if small_latent == "upsample":
+            f = max(math.ceil(upsample_to / size), math.ceil(need / size))
+            x = x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
+            y = y.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
+        elif small_latent == "fewer_scales":
+            n = len(betas)
+            while n > 0 and size < msssim_min_size(n, kernel_size):
+                n -= 1
+            if n == 0:
+                raise ValueError(f"nemo: latent planes of {size}px are too small for MS-SSIM with kernel "
+                                 f"{kernel_size} even at one scale; use small_latent='upsample'")
+            betas = betas[:n]
+        else:
+            raise ValueError(f"nemo: MS-SSIM with kernel {kernel_size} and {len(betas)} scales needs planes of at "
+                             f"least {need}px, got {size}px; set small_latent='upsample' or 'fewer_scales'")
+    with torch.no_grad():
+        return msssim(x, y, reduction="none", kernel_size=kernel_size, betas=betas)
+
+
+def max_pairwise_ms_ssim(deltas, **kw):
+    """m_g = max_{g'≠g} MS-SSIM(δ_g, δ_g') over all pairs (reference ``calculate_max_pairwise_ssim``)."""
+    import torch
+
+    n = deltas.shape[0]
+    if n < 2:
+        raise ValueError("nemo: the seed filter needs at least 2 samples per prompt")
+    pairs = torch.combinations(torch.arange(n), r=2)
+    s = ms_ssim(deltas[pairs[:, 0]], deltas[pairs[:, 1]], **kw)
+    return torch.stack([s[(pairs == g).any(dim=1)].max() for g in range(n)])
+
+
+def noise_differences(model, embeds, latents, t, guidance_scale: float = 0.0, autocast_fp16: bool = False):
+    """Min-max normalised δ = ε̂(x_T, t, e) - x_T (float32), ε̂ conditional (w = 0) or CFG with (uncond, cond)."""
+    import torch
+
+    b = latents.shape[0]
+    cond = embeds.expand(b, -1, -1)
+    use_cfg = guidance_scale != 0
+    x = torch.cat([latents] * 2) if use_cfg else latents
+    e = torch.cat([model.empty_embedding().expand(b, -1, -1), cond]) if use_cfg else cond
+    ac = (torch.autocast(device_type="cuda", dtype=torch.float16) if autocast_fp16 and latents.device.type == "cuda"
+          else contextlib.nullcontext())
+    with torch.no_grad(), ac:
+        eps = model.eps(model.scheduler.scale_model_input(x, t), t, e)
+    eps = eps.float()
+    if use_cfg:
+        eu, ec = eps.chunk(2)
+        eps = eu + guidance_scale * (ec - eu)
+    return minmax_normalize(eps - latents.float())
+
+
+# ---------------------------------------------------------------------------------------------- selection
+def theta_k_schedule(theta_init: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0, k_init: int = 0,
+                     k_max: int = 1280, use_theta: bool = True, use_top_k: bool = True) -> list[tuple[float, int]]:
+    """The (θ, k) candidates the initial selection evaluates when every candidate fails (16 with the defaults:
+    θ = 5 … 1.25, k = 0 … 15)."""
+    out = []
+    initial_selection(None, None, None, lambda sets: 1.0, threshold=-math.inf, theta_init=theta_init,
+                      theta_step=theta_step, theta_min=theta_min, k_init=k_init, k_max=k_max, use_theta=use_theta,
+                      use_top_k=use_top_k, _trace=out)
+    return [(th, k) for th, k, _ in out]
+
+
+def _score_value(v) -> float:
+    try:
+        return float(v.max())
+    except AttributeError:
+        return float(v)
+
+
+def initial_selection(activations, means, stds, score: Callable, threshold: float = 0.428,
+                      refinement_threshold: float = 0.428, theta_init: float = 5.0, theta_step: float = 0.25,
+                      theta_min: float = 1.0, k_init: int = 0, k_max: int = 1280, use_theta: bool = True,
+                      use_top_k: bool = True, _trace: list | None = None) -> dict:
+    """NeMo's initial selection loop (METHODS §7.1.4 step 3, reference ``3_detect_memorized_neurons.py``).
+
+    ``score(sets)`` returns M(B) (a float or a per-sample tensor whose max is M). With ``activations`` None the
+    candidate sets are not built (``sets`` = the (θ, k) pair), which :func:`theta_k_schedule` uses.
+    Returns ``{sets, score, tau_ref, theta, k, n_candidates}``.
+    """
+    theta = theta_init if use_theta else math.inf
+    k = k_init if use_top_k else 0
+    tau_ref = refinement_threshold
+    n = 0
+    while True:
+        sets = (theta, k) if activations is None else candidate_sets(activations, means, stds, theta, k)
+        s = _score_value(score(sets))
+        n += 1
+        if _trace is not None:
+            _trace.append((theta, k, s))
+        last_theta, last_k = theta, k
+        if s > threshold:
+            if theta > theta_min and use_theta:
+                theta = theta - theta_step
+            if use_top_k:
+                k += 1
+            if (theta, k) == (last_theta, last_k):  # neither θ nor k can move (both ablated): the loop would spin
+                tau_ref = s
+                break
+        if theta == theta_min or k >= k_max:
+            tau_ref = s
+            break
+        if s <= threshold:
+            break
+    return {"sets": sets, "score": s, "tau_ref": tau_ref, "theta": last_theta, "k": last_k, "n_candidates": n}
+
+
+def refine(sets: Sequence[Sequence[int]], score: Callable, threshold: float, rel_threshold: float = 0.0) -> list:
+    """Layer-wise then neuron-wise refinement (METHODS §7.1.4 steps 4-5, reference ``neuron_refinement``).
+
+    For l from the last layer to the first: drop layer l's neurons if M(B without layer l) < ``threshold``; then for
+    each neuron i of each remaining layer (last layer first, stored order): drop i if M(B \\ {i}) < ``threshold``.
+    ``rel_threshold`` > 0 replaces M by max_g |(s_g - s_g^all) / (|s_g^all| + 1e-9)| (``--rel_threshold_refinement``),
+    s^all = the per-sample scores of the input set, and compares it with ``rel_threshold``.
+    """
+    import torch
+
+    blocking = [list(s) for s in sets]
+    if rel_threshold:
+        base = torch.as_tensor(score(blocking), dtype=torch.float64).flatten()
+        threshold = rel_threshold
+
+        def value(v):
+            v = torch.as_tensor(v, dtype=torch.float64).flatten()
+            return float(((v - base) / (base.abs() + 1e-9)).abs().max())
+    else:
+        value = _score_value
+    for l in reversed(range(len(blocking))):
+        if not blocking[l]:
+            continue
+        cand = [list(s) for s in blocking]
+        cand[l] = []
+        if value(score(cand)) < threshold:
+            blocking[l] = []
+    for l in reversed(range(len(blocking))):
+        for neuron in list(blocking[l]):
+            cand = [list(s) for s in blocking]
+            cand[l].remove(neuron)
+            if value(score(cand)) < threshold:
+                blocking[l].remove(neuron)
+    return blocking
+
+
+def _dedup(sets) -> list[list[int]]:
+    return [list(dict.fromkeys(int(i) for i in s)) for s in sets]
+
+
+class _Ident:
+    """A light identity for artifacts that depend on only some of the plugin's parameters."""
+
+    def __init__(self, name: str, version: str, params: dict):
+        self.name, self.version, self.params = name, version, params
+
+    def identity(self) -> dict:
+        return {"name": self.name, "version": self.version, "params": self.params}
+
+
+# ---------------------------------------------------------------------------------------------- the plugin
+class NeMo(Mitigation):
+    """NeMo (NeurIPS 2024): per-prompt memorization neurons in the cross-attention value layers, blocked by hooks."""
+
+    name = "nemo"
+    version = "1"
+    kind = "weights"
+
+    @dataclass
+    class Params:
+        blocks: str = "down,mid"  # value layers: down and mid blocks (§7.1.1); "up" may be added (App. C.8)
+        # activation statistics (§7.1.2)
+        stats_prompts: str = ""  # "" = ctx.settings["nonmem_prompts"]; else a prompt file or prompt-set name
+        stats_limit: int = 0  # first N statistics prompts (0 = all)
+        stats_file: str = ""  # precomputed safetensors with mean.<l>/std.<l>
+        # memorization score (§7.1.3)
+        seed: int = 1
+        samples_per_prompt: int = 10
+        num_inference_steps: int = 50  # fixes the DDIM timestep values only
+        timestep_index: int = 1  # the second DDIM timestep (t_1 = 961 for SD-1.4)
+        detect_guidance_scale: float = 0.0
+        latent_rule: str = "nemo"  # "nemo" | "per_image" [UNPUBLISHED for non-SD models]
+        msssim_kernel: int = 11
+        msssim_betas: tuple = (0.33, 0.33, 0.33)
+        small_latent: str = "upsample"  # "upsample" | "fewer_scales" | "error"
+        upsample_to: int = 64
+        autocast_fp16: bool = False
+        # thresholds and selection (§7.1.4, §7.1.6)
+        pairwise_threshold: float = 0.428  # τ_pair
+        initial_threshold: float = 0.428  # τ_init
+        refinement_threshold: float = 0.428  # τ_ref
+        rel_threshold_refinement: float = 0.0  # 0 = off
+        theta_init: float = 5.0
+        theta_step: float = 0.25
+        theta_min: float = 1.0
+        k_init: int = 0
+        k_max: int = 1280
+        use_theta: bool = True  # False = the --no_theta ablation
+        use_top_k: bool = True  # False = the --no_top_k ablation
+        # deactivation (§7.1.5)
+        scaling_factor: float = 0.0  # ρ
+        blocking: str = "per_prompt"  # "per_prompt" | "union" [UNPUBLISHED for DoRI]
+        utility_blocking: str = "union"  # "union" | "none": prompts without an own fitted set
+        neurons_file: str = ""  # exported neuron sets to use instead of localizing
+
+        def __post_init__(self):
+            choices = {"latent_rule": ("nemo", "per_image"), "small_latent": ("upsample", "fewer_scales", "error"),
+                       "blocking": ("per_prompt", "union"), "utility_blocking": ("union", "none")}
+            for k, allowed in choices.items():
+                if getattr(self, k) not in allowed:
+                    raise ValueError(f"mitigation 'nemo' parameter {k}: {getattr(self, k)!r} not in {allowed}")
+            _parse_blocks(self.blocks)
+            if self.samples_per_prompt < 2:
+                raise ValueError("mitigation 'nemo' parameter samples_per_prompt: at least 2 (seed filter)")
+            self.msssim_betas = tuple(float(b) for b in self.msssim_betas)
+
+    def __init__(self, params: Any = None, **overrides: Any):
+        super().__init__(params, **overrides)
+        self._records: dict[str, dict] | None = None  # prompt sha256 -> record
+        self._layers: list[tuple[str, int]] = []
+        self._files: dict[str, str] = {}
+
+    # ------------------------------------------------------------------------------------------- fit
+    def _stats_texts(self, ctx: Context) -> tuple[list[str], str]:
+        src = self.params.stats_prompts
+        if not src:
+            raw = (ctx.settings or {}).get("nonmem_prompts")
+            if not raw:
+                raise ValueError("mitigation 'nemo': no non-memorized prompts for the activation statistics; pass "
+                                 "--mitigation-param stats_prompts=<prompt file or prompt-set name> (NeMo used 50k "
+                                 "held-out LAION prompts) or set ctx.settings['nonmem_prompts']")
+            texts = [p.text if isinstance(p, Prompt) else str(p) for p in raw]
+            label = "ctx.settings['nonmem_prompts']"
+        elif Path(src).is_file():
+            from memobench.prompts import read_prompt_file
+
+            texts, label = [p.text for p in read_prompt_file(src)], f"file {src}"
+        else:
+            from memobench.registry import get_registry
+
+            cls = get_registry().get("prompt_set", src)
+            texts, label = [p.text for p in cls().prompts(ctx)], f"prompt set {src}"
+        if self.params.stats_limit:
+            texts = texts[: self.params.stats_limit]
+        return texts, label
+
+    def _statistics(self, model, layers, ctx: Context):
+        from safetensors.torch import load_file, save_file
+
+        from memobench.cache import key_of
+
+        if self.params.stats_file:
+            t = load_file(self.params.stats_file)
+            means = [t[f"mean.{l}"].float() for l in range(len(layers))]
+            stds = [t[f"std.{l}"].float() for l in range(len(layers))]
+            self._files["stats"] = self.params.stats_file
+        else:
+            texts, label = self._stats_texts(ctx)
+            ident = _Ident(self.name, self.version, {"artifact": "activation_stats", "blocks": self.params.blocks,
+                                                      "dtype": str(model.dtype)})
+            path = ctx.artifact_path(ident, "stats", key_of(texts))
+            if path.exists():
+                t = load_file(str(path))
+                means = [t[f"mean.{l}"] for l in range(len(layers))]
+                stds = [t[f"std.{l}"] for l in range(len(layers))]
+            else:
+                means, stds = activation_stats(model, layers, texts)
+                tmp = path.with_name(f".{path.name}.tmp")
+                save_file({**{f"mean.{l}": m.contiguous() for l, m in enumerate(means)},
+                           **{f"std.{l}": s.contiguous() for l, s in enumerate(stds)}}, str(tmp),
+                          metadata={"n_prompts": str(len(texts)), "source": label,
+                                    "layers": json.dumps([n for n, _ in layers])})
+                tmp.replace(path)
+            self._files["stats"] = str(path)
+            self._stats_source = {"source": label, "n_prompts": len(texts)}
+        for (name, mod), m in zip(layers, means):
+            if m.numel() != mod.out_features:
+                raise ValueError(f"nemo: statistics for {name} have {m.numel()} neurons, the layer has "
+                                 f"{mod.out_features}")
+        return [m.float() for m in means], [s.float() for s in stds]
+
+    def _latents(self, model):
+        import torch
+
+        p = self.params
+        if p.latent_rule == "nemo":
+            shape = (p.samples_per_prompt, *model.latent_shape())
+            lat = torch.randn(shape, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float32)
+            return (lat * model.scheduler.init_noise_sigma).to(model.device, model.dtype)
+        return model.initial_latents(list(range(p.seed, p.seed + p.samples_per_prompt)))
+
+    def _selection_ident(self, stats_key: str) -> _Ident:
+        d = params_dict(self.params)
+        for k in ("blocking", "utility_blocking", "neurons_file"):
+            d.pop(k)
+        d["stats"] = stats_key
+        return _Ident(self.name, self.version, d)
+
+    def localize(self, model, prompt_text: str, layers, means, stds, latents, t) -> dict:
+        """Steps 1-6 of METHODS §7.1.4 for one prompt; returns the JSON-able record."""
+        p = self.params
+        kw = {"kernel_size": p.msssim_kernel, "betas": p.msssim_betas, "small_latent": p.small_latent,
+              "upsample_to": p.upsample_to}
+        emb = model.encode_prompt(prompt_text)
+        d0 = noise_differences(model, emb, latents, t, p.detect_guidance_scale, p.autocast_fp16)
+        m = max_pairwise_ms_ssim(d0, **kw)
+        keep = (m > p.pairwise_threshold).nonzero().flatten().tolist()
+        names = [n for n, _ in layers]
+        rec = {"prompt": prompt_text, "layers": names, "pairwise_max": [round(float(v), 6) for v in m],
+               "seeds_K": keep, "memorized": bool(keep)}
+        if not keep:
+            empty = [[] for _ in layers]
+            rec.update(initial=empty, initial_score=0.0, refined=empty, refined_score=0.0, tau_ref=None,
+                       theta=None, k=None, n_evaluations=0)
+            return rec
+        lat_k, d0_k = latents[keep], d0[keep]
+        memo: dict = {}
+
+        def score(sets):
+            key = tuple(tuple(sorted(set(s))) for s in sets)
+            if key not in memo:
+                with block_neurons(layers, key, p.scaling_factor):
+                    db = noise_differences(model, emb, lat_k, t, p.detect_guidance_scale, p.autocast_fp16)
+                memo[key] = ms_ssim(d0_k, db, **kw).cpu()
+            return memo[key]
+
+        acts = [a[0] for a in prompt_activations(model, layers, [prompt_text])]
+        init = initial_selection(acts, means, stds, score, threshold=p.initial_threshold,
+                                 refinement_threshold=p.refinement_threshold, theta_init=p.theta_init,
+                                 theta_step=p.theta_step, theta_min=p.theta_min, k_init=p.k_init, k_max=p.k_max,
+                                 use_theta=p.use_theta, use_top_k=p.use_top_k)
+        refined = refine(init["sets"], score, init["tau_ref"], p.rel_threshold_refinement)
+        rec.update(initial=_dedup(init["sets"]), initial_score=float(init["score"]), refined=_dedup(refined),
+                   refined_score=_score_value(score(refined)), tau_ref=float(init["tau_ref"]),
+                   theta=init["theta"], k=init["k"], n_candidates=init["n_candidates"], n_evaluations=len(memo))
+        return rec
+
+    def fit(self, model, prompts: list[Prompt], ctx: Context) -> None:
+        from memobench.cache import atomic_write_text, key_of
+
+        p = self.params
+        layers = value_layers(model.unet, p.blocks)
+        self._layers = [(n, int(m.out_features)) for n, m in layers]
+        given = self._load_neurons_file(p.neurons_file) if p.neurons_file else {}
+        todo = [q for q in prompts if q.sha256 not in given]
+        records: dict[str, dict] = {}
+        stats_key = ""
+        if todo:
+            means, stds = self._statistics(model, layers, ctx)
+            stats_key = key_of([[round(float(v), 7) for v in m] for m in means + stds])
+            ident = self._selection_ident(stats_key)
+            latents = self._latents(model)
+            t = model.timesteps(p.num_inference_steps)[p.timestep_index]
+        with ctx.task(f"nemo: localize neurons ({len(prompts)} prompts)", len(prompts)) as advance:
+            for q in prompts:
+                if q.sha256 in given:
+                    records[q.sha256] = {**given[q.sha256], "prompt_id": q.id, "source": p.neurons_file}
+                    advance()
+                    continue
+                path = ctx.artifact_path(ident, "neurons", q.sha256, suffix=".json")
+                rec = None
+                if path.exists():
+                    try:
+                        rec = json.loads(path.read_text())
+                    except ValueError:
+                        rec = None
+                if rec is None:
+                    rec = self.localize(model, q.text, layers, means, stds, latents, t)
+                    atomic_write_text(path, json.dumps(rec, sort_keys=True))
+                records[q.sha256] = {**rec, "prompt_id": q.id, "mem_type": q.mem_type}
+                advance()
+        self._records = records
+        export = ctx.artifact_path(self, "neurons-run", key_of(sorted(records)), suffix=".json")
+        self.export(export)
+        self._files["neurons"] = str(export)
+
+    # ------------------------------------------------------------------------------------------- neuron sets
+    def _load_neurons_file(self, path: str) -> dict[str, dict]:
+        import hashlib
+
+        data = json.loads(Path(path).read_text())
+        recs = data.get("prompts", data) if isinstance(data, dict) else data
+        out = {}
+        for r in recs:
+            if "refined" not in r or "prompt" not in r:
+                raise ValueError(f"nemo: {path}: every record needs 'prompt' and 'refined' (see NeMo.export)")
+            if len(r["refined"]) != len(self._layers):
+                raise ValueError(f"nemo: {path}: {len(r['refined'])} layers in the file, the model has "
+                                 f"{len(self._layers)}")
+            out[hashlib.sha256(r["prompt"].encode("utf-8")).hexdigest()] = r
+        return out
+
+    def export(self, path: str | Path) -> Path:
+        """Write the fitted neuron sets as JSON: ``{layers: [{name, width}], params, prompts: [record, ...]}``;
+        each record holds ``prompt``, ``prompt_id``, ``seeds_K``, ``initial``, ``refined`` (one list of channel
+        indices per layer), their scores and ``tau_ref``."""
+        from memobench.cache import atomic_write_text
+
+        if self._records is None:
+            raise RuntimeError("nemo: fit() has not run")
+        doc = {"method": "nemo", "version": self.version, "params": params_dict(self.params),
+               "layers": [{"name": n, "width": w} for n, w in self._layers],
+               "prompts": list(self._records.values())}
+        atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True))
+        return Path(path)
+
+    @property
+    def neuron_sets(self) -> dict[str, list[list[int]]]:
+        """prompt sha256 -> refined neuron set (one list per layer)."""
+        if self._records is None:
+            return {}
+        return {k: [list(s) for s in r["refined"]] for k, r in self._records.items()}
+
+    def union_set(self) -> list[list[int]]:
+        n = len(self._layers)
+        sets: list[set] = [set() for _ in range(n)]
+        for r in (self._records or {}).values():
+            for l, s in enumerate(r["refined"]):
+                sets[l].update(int(i) for i in s)
+        return [sorted(s) for s in sets]
+
+    def sets_for(self, prompt: Prompt | None) -> list[list[int]]:
+        """The neuron set applied while ``prompt`` is generated (see ``blocking`` / ``utility_blocking``)."""
+        if self._records is None:
+            raise RuntimeError("mitigation 'nemo': fit() must run before apply()")
+        if self.params.blocking == "union":
+            return self.union_set()
+        rec = self._records.get(prompt.sha256) if prompt is not None else None
+        if rec is not None:
+            return [list(s) for s in rec["refined"]]
+        if self.params.utility_blocking == "union":
+            return self.union_set()
+        return [[] for _ in self._layers]
+
+    # ------------------------------------------------------------------------------------------- apply
+    @contextlib.contextmanager
+    def apply(self, model, prompt: Prompt | None, ctx: Context) -> Iterator[None]:
+        sets = self.sets_for(prompt)
+        layers = value_layers(model.unet, self.params.blocks)
+        if [(n, int(m.out_features)) for n, m in layers] != self._layers:
+            raise RuntimeError("mitigation 'nemo': the model's value layers differ from the fitted ones")
+        with block_neurons(layers, sets, self.params.scaling_factor):
+            yield
+
+    def report(self) -> dict:
+        import statistics
+
+        if self._records is None:
+            return {}
+        recs = list(self._records.values())
+        counts = [sum(len(s) for s in r["refined"]) for r in recs]
+        mem = [c for c, r in zip(counts, recs) if r.get("memorized", True)]
+        union = self.union_set()
+        per_layer_total = {n: sum(len(r["refined"][l]) for r in recs) for l, (n, _) in enumerate(self._layers)}
+        return {
+            "n_prompts": len(recs),
+            "n_memorized": sum(1 for r in recs if r.get("memorized", True)),
+            "median_neurons_per_prompt": statistics.median(counts) if counts else None,
+            "median_neurons_per_memorized_prompt": statistics.median(mem) if mem else None,
+            "neurons_per_layer": per_layer_total,
+            "union_per_layer": {n: len(u) for (n, _), u in zip(self._layers, union)},
+            "union_size": sum(len(u) for u in union),
+            "layers": [{"name": n, "width": w} for n, w in self._layers],
+            "total_neurons": sum(w for _, w in self._layers),
+            "blocking": self.params.blocking, "utility_blocking": self.params.utility_blocking,
+            "hook": "forward hook on attn2.to_v returning out * mask (both CFG halves, every step)",
+            "stats": {**getattr(self, "_stats_source", {}), "file": self._files.get("stats")},
+            "neurons_file": self._files.get("neurons"),
+            "per_prompt": {r.get("prompt_id", k[:12]): {"n": c, "refined_score": r.get("refined_score"),
+                                                         "seeds_K": r.get("seeds_K")}
+                           for (k, r), c in zip(self._records.items(), counts)},
+        }
+
+
+@hookimpl
+def register_mitigations(register):
+    register(NeMo)
