@@ -9,6 +9,7 @@ embedded ``tiny`` model; its loop reproduces ``StableDiffusionPipeline.__call__`
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -260,6 +261,24 @@ class DiffusionModel:
         with torch.no_grad():
             lat = self.denoise(cond_embeds, negative_embeds, latents, num_inference_steps, guidance_scale)
         return self.decode(lat)
+
+
+@contextlib.contextmanager
+def frozen_parameters(*modules):
+    """Set ``requires_grad=False`` on every parameter of ``modules`` (None skipped); restore the flags on exit.
+    Attacks and inference-time mitigations optimise an embedding through a frozen model with this."""
+    saved = []
+    for m in modules:
+        if m is None:
+            continue
+        for p in m.parameters():
+            saved.append((p, p.requires_grad))
+            p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
 
 
 def quiet_libraries() -> None:

@@ -71,21 +71,6 @@ def diffusion_loss(model, z, y, t, eps):
     return F.mse_loss(pred.float(), eps.float())
 
 
-@contextlib.contextmanager
-def _frozen(*modules):
-    saved = []
-    for m in modules:
-        if m is None:
-            continue
-        for p in m.parameters():
-            saved.append((p, p.requires_grad))
-            p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
 
 class DoRIAttack(Attack):
     """DoRI (Kowalczuk et al., ICML 2026): optimise the text conditioning against the target's training image."""
@@ -155,7 +140,9 @@ class DoRIAttack(Attack):
         t_draws: list[list[int]] = []
         B = p.batch
 
-        with _frozen(model.unet, model.text_encoder, model.vae), torch.enable_grad(), \
+        from memobench.model import frozen_parameters
+
+        with frozen_parameters(model.unet, model.text_encoder, model.vae), torch.enable_grad(), \
                 ctx_task(ctx, f"DoRI {prompt.id}", p.steps) as advance:
             zb = z.expand(B, -1, -1, -1)
             for _ in range(p.steps):

@@ -54,7 +54,6 @@ memobench choices where the reference is silent or differs by necessity (all rec
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 
 from memobench.api import Conditioning, Mitigation
@@ -65,23 +64,6 @@ PRESETS: dict[str, dict] = {
     "wen2024": {"target_loss": 3.0},
     "membench": {"target_loss": 5.0},
 }
-
-
-@contextlib.contextmanager
-def frozen_parameters(*modules):
-    """Set ``requires_grad=False`` on every parameter of ``modules`` and restore the flags on exit."""
-    saved = []
-    for m in modules:
-        if m is None:
-            continue
-        for p in m.parameters():
-            saved.append((p, p.requires_grad))
-            p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
 
 
 def joint_noise_norm(eps_cond, eps_uncond):
@@ -144,6 +126,8 @@ class WenMitigation(Mitigation):
             raise ValueError("wen: expects one conditional and one unconditional embedding (1×77×d each)")
         timesteps = model.timesteps(n_steps)
         sched = model.scheduler
+
+        from memobench.model import frozen_parameters
 
         with frozen_parameters(model.unet, model.text_encoder, model.vae), torch.enable_grad():
             x = latents.detach().to(device, dtype)
