@@ -205,13 +205,11 @@ class Runner:
                 ctx.settings["nonmem_prompt_set"] = nonmem
             except Exception as e:  # data not available offline: plugins that need it say so themselves
                 ctx.settings["nonmem_prompts_error"] = f"{type(e).__name__}: {e}"
-        prompts = self.prompt_set.prompts(ctx)
-        if cfg.limit:
-            prompts = prompts[: cfg.limit]
+        all_prompts = self.prompt_set.prompts(ctx)
+        prompts = all_prompts[: cfg.limit] if cfg.limit else all_prompts
         if not prompts:
             raise BadInput(f"--prompts: prompt set '{self.prompt_set.name}' is empty")
-        utility = {role: (s.prompts(ctx)[: cfg.utility_limit] if cfg.utility_limit else s.prompts(ctx))
-                   for role, s in self.utility_sets.items()}
+        utility = {role: s.prompts(ctx)[: cfg.utility_limit or None] for role, s in self.utility_sets.items()}
         timing["prompts_s"] = time.time() - t
         t = time.time()
         model = self.model_plugin.load(ctx)
@@ -299,7 +297,7 @@ class Runner:
                            "dist": self.reg.entry("mitigation", self.mitigation.name).dist,
                            "report": self.mitigation.report()},
             "attack": {**self.attack.identity(), "dist": self.reg.entry("attack", self.attack.name).dist},
-            "prompt_set": {**self.prompt_set.identity(), "n_original": len(self.prompt_set.prompts(ctx)),
+            "prompt_set": {**self.prompt_set.identity(), "n_original": len(all_prompts),
                            "n_effective": len(prompts),
                            "content_sha256": key_of([p.text for p in prompts]),
                            "source": self.prompt_set.provenance()},
