@@ -179,22 +179,31 @@ def _print_summary(out) -> None:
     con = Console()
     t = Table(title=f"{r['model']['plugin']['name']} · mitigation {r['mitigation']['name']} · "
                     f"attack {r['attack']['name']} · {r['status']}")
-    for c in ("metric", "value", "±", "n", "better", "implementation"):
-        t.add_column(c)
+    paired = r.get("metrics_without_attack")
+    cols = ["metric"] + (["no attack", f"+ {r['attack']['name']}"] if paired is not None else ["value"])
+    for c in cols + ["±", "n", "better", "implementation"]:
+        t.add_column(escape(c))
     for name, m in r["metrics"].items():
         disp = m.get("dispersion") or {}
         impl = m.get("impl") or {}
         impl_s = ", ".join(str(impl[k]) for k in ("name", "checkpoint", "feature_extractor", "preset") if impl.get(k))
-        t.add_row(name, _fmt(m["value"]) if not m.get("unavailable") else f"unavailable: {m['unavailable']}",
-                  f"{_fmt(disp.get('value'))} ({disp.get('kind')})" if disp else "", str(m["n"]),
-                  "↑" if m["higher_is_better"] else "↓", impl_s)
+        val = _fmt(m["value"]) if not m.get("unavailable") else f"unavailable: {m['unavailable']}"
+        vals = [val] if paired is None else [_fmt((paired.get(name) or {}).get("value")) if name in paired else "",
+                                             val]
+        t.add_row(name, *vals, f"{_fmt(disp.get('value'))} ({disp.get('kind')})" if disp else "", str(m["n"]),
+                  "↑" if m["higher_is_better"] else "↓", escape(impl_s))
         for g, gv in (m.get("groups") or {}).items():
-            t.add_row(escape(f"  {name}[{g}]"), _fmt(gv.get("value")), "", str(gv.get("n", "")), "", "")
+            pg = ((paired or {}).get(name) or {}).get("groups", {}).get(g, {})
+            gvals = [_fmt(gv.get("value"))] if paired is None else [_fmt(pg.get("value")) if pg else "",
+                                                                     _fmt(gv.get("value"))]
+            t.add_row(escape(f"  {name}[{g}]"), *gvals, "", str(gv.get("n", "")), "", "")
     con.print(t)
     con.print(f"result:  {out.result_path}")
     con.print(f"samples: {out.samples_path}")
     if out.grid_path:
         con.print(f"grid:    {out.grid_path}  (training original | generated, one row per prompt)")
+        if r.get("grid_without_attack_file"):
+            con.print(f"         {out.grid_path.parent / r['grid_without_attack_file']}  (the mitigation alone)")
 
 
 # ----------------------------------------------------------------------------------------------------- plugins
@@ -267,6 +276,42 @@ def cache_clear_cmd(
         raise typer.Exit(1)
     n = cache_clear(d, section)
     typer.echo(f"deleted {n} files from {d}")
+
+
+# ----------------------------------------------------------------------------------------------------- leaderboard
+leaderboard_app = typer.Typer(help="Build the static leaderboard (HTML, Markdown, CSV, parquet) from result files.",
+                              no_args_is_help=True)
+app.add_typer(leaderboard_app, name="leaderboard")
+_LB_RESULTS = typer.Option(Path("results"), "--results", help="Folder of result JSONs (searched recursively), as "
+                           "written by `memobench run -o DIR`.")
+_LB_OUT = typer.Option(Path("leaderboard"), "--out", help="Folder the leaderboard is written to (index.html, "
+                       "LEADERBOARD.md, leaderboard.csv/.parquet, pairings/, img/, plots/, runs/).")
+_LB_CACHE = typer.Option(None, "--cache-dir", help="Cache to take generated images from (default: "
+                         "$MEMOBENCH_CACHE_DIR or ~/.cache/memobench); images are also cut from the runs' grid PNGs.")
+
+
+@leaderboard_app.command("build")
+def leaderboard_build(results: Path = _LB_RESULTS, out: Path = _LB_OUT, cache_dir: Path = _LB_CACHE):
+    """Read every result JSON, validate it and write the leaderboard (deterministic: same results, same bytes)."""
+    from .leaderboard import build
+
+    rep = build(results, out, cache_dir=cache_dir)
+    typer.echo(f"leaderboard: {rep.n_rows} rows from {rep.n_results} result files -> {out / 'index.html'} "
+               f"({rep.written} files written, {rep.unchanged} unchanged, {rep.removed} removed; {rep.seconds:.2f} s)")
+
+
+@leaderboard_app.command("check")
+def leaderboard_check(results: Path = _LB_RESULTS, out: Path = _LB_OUT, cache_dir: Path = _LB_CACHE):
+    """Exit 1 naming the stale files if OUT differs from what `leaderboard build` would write now (for CI)."""
+    from .leaderboard import check
+
+    stale = check(results, out, cache_dir=cache_dir)
+    if stale:
+        shown = ", ".join(stale[:8]) + (f", … ({len(stale)} files)" if len(stale) > 8 else "")
+        typer.echo(f"stale: {out} does not match {results}: {shown}; rebuild with `memobench leaderboard build "
+                   f"--results {results} --out {out}` and commit it", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"leaderboard {out} is up to date with {results}")
 
 
 # ----------------------------------------------------------------------------------------------------- main

@@ -150,6 +150,8 @@ class Runner:
                                f"'{cfg.model}' does not name")
             self.utility_sets[role] = _instantiate(reg, "prompt_set", sname, {})
         self.needs_baseline = any(m.needs_baseline for m in self.metrics)
+        # paired scoring: an attack's result also holds the mitigation alone on the same targets and seeds
+        self.paired = not getattr(self.attack, "is_identity", False)
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         self.images = ImageCache(self.cache_dir)
         self.attack_cache = TensorCache(self.cache_dir, "attacks")
@@ -221,6 +223,10 @@ class Runner:
         for p in prompts:
             for s in self.seeds:
                 jobs.append(Job("target", p, s, self._sample_key(model_ident, p, s, self.mitigation, self.attack)))
+        if self.paired:  # the mitigation alone, on the same targets and seeds: the "no attack" half of the pairing
+            for p in prompts:
+                for s in self.seeds:
+                    jobs.append(Job("mitigated", p, s, self._sample_key(model_ident, p, s, self.mitigation, None)))
         baseline_needed = self.needs_baseline and (self.mitigation.kind != "none"
                                                    or not getattr(self.attack, "is_identity", False))
         if baseline_needed:
@@ -253,6 +259,9 @@ class Runner:
             attack_traces = self._generate_targets(model, model_ident, prompts, jobs, ctx, errors)
             timing["target_s"] = time.time() - t
             t = time.time()
+            if self.paired:
+                self._generate_plain(model, [j for j in jobs if j.role == "mitigated"], self.mitigation, ctx,
+                                     f"mitigated ({self.mitigation.name}, no attack)")
             if baseline_needed:
                 self._generate_plain(model, [j for j in jobs if j.role == "baseline"], None, ctx, "baseline")
             for role in utility:
@@ -262,19 +271,26 @@ class Runner:
         t = time.time()
         samples = self._load_samples(jobs, prompts, ctx, errors)
         metrics_out: dict[str, dict] = {}
+        metrics_no_attack: dict[str, dict] = {}
         per_sample: dict[str, dict] = {}
         for m in self.metrics:
-            subset = [s for s in samples if s.role in m.roles]
-            try:
-                vals = m.compute(subset, ctx)
-            except (BadInput, UnknownPluginError, CacheError):
-                raise
-            except Exception as e:  # a metric failure is recorded, the rest of the run survives
-                errors.append(f"metric {m.name}: {type(e).__name__}: {e}")
-                continue
-            for name, mv in vals.items():
-                metrics_out[name] = _metric_record(m, mv)
-                per_sample[name] = mv.per_sample or {}
+            subsets = [(metrics_out, [s for s in samples if s.role in m.roles], "")]
+            if self.paired and "target" in m.roles:  # the same metric over the mitigation-alone generations
+                subsets.append((metrics_no_attack, [dataclasses.replace(s, role="target") for s in samples
+                                                    if s.role == "mitigated"], " (no attack)"))
+            for dest, subset, label in subsets:
+                try:
+                    vals = m.compute(subset, ctx)
+                except (BadInput, UnknownPluginError, CacheError):
+                    raise
+                except Exception as e:  # a metric failure is recorded, the rest of the run survives
+                    errors.append(f"metric {m.name}{label}: {type(e).__name__}: {e}")
+                    continue
+                for name, mv in vals.items():
+                    if dest is metrics_no_attack and "target" not in m.roles:
+                        continue
+                    dest[name] = _metric_record(m, mv)
+                    per_sample.setdefault(name, {}).update(mv.per_sample or {})
         timing["score_s"] = time.time() - t
         timing["total_s"] = time.time() - t_start
 
@@ -310,6 +326,9 @@ class Runner:
                       "rule": "one CPU torch.Generator().manual_seed(seed) per image; the same seeds for every "
                               "prompt (pass generator=[...] to diffusers to reproduce)"},
             "metrics": metrics_out,
+            # paired scoring: when an attack ran, the same target metrics for the mitigation alone (same targets,
+            # same seeds); utility metrics do not depend on the attack and live in "metrics" only
+            **({"metrics_without_attack": metrics_no_attack} if self.paired else {}),
             "attack_traces": attack_traces,
             "mitigation_traces": self._condition_traces(jobs),
             "env": environment(),
@@ -323,8 +342,14 @@ class Runner:
         grid = None
         try:
             grid = run_dir / f"{run_id}.grid.png"
-            write_grid([s for s in samples if s.role == "target"], grid, scores=per_sample.get("sscd_orig"))
+            write_grid([s for s in samples if s.role == "target"], grid, scores=per_sample.get("sscd_orig"),
+                       title=f"mitigation {self.mitigation.name} + attack {self.attack.name}")
             result["grid_file"] = grid.name
+            if self.paired:
+                g2 = run_dir / f"{run_id}.grid_without_attack.png"
+                write_grid([s for s in samples if s.role == "mitigated"], g2, scores=per_sample.get("sscd_orig"),
+                           title=f"mitigation {self.mitigation.name}, no attack")
+                result["grid_without_attack_file"] = g2.name
         except Exception as e:  # the grid is a convenience; never lose the result over it
             errors.append(f"grid: {type(e).__name__}: {e}")
             grid = None
@@ -462,14 +487,14 @@ class Runner:
                 continue
             if not self.images.has(j.key):
                 continue  # recorded as an error by the phase that skipped it
-            if j.role == "target":
+            if j.role in ("target", "mitigated"):
                 if j.prompt.id not in refs:
                     refs[j.prompt.id] = self._reference(j.prompt, ctx)
                 r = refs[j.prompt.id]
             else:
                 ps = self.utility_sets[j.role]
                 r = [x for rid in j.prompt.reference_ids if (x := ps.reference_image(j.prompt, rid, ctx)) is not None]
-            bkey = baseline.get((j.prompt.id, j.seed)) if j.role == "target" else None
+            bkey = baseline.get((j.prompt.id, j.seed)) if j.role in ("target", "mitigated") else None
             out.append(Sample(sample_key=j.key, prompt=j.prompt, seed=j.seed, image=self.images.get(j.key),
                               references=r, role=j.role,
                               baseline_image=self.images.get(bkey) if bkey and self.images.has(bkey) else None,
@@ -516,7 +541,7 @@ def _slug(s: str) -> str:
 
 
 def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_seeds: int = 8, scale: int = 2,
-               scores: dict | None = None) -> None:
+               scores: dict | None = None, title: str = "") -> None:
     """Training original | generations, one row per prompt (a picture a person can check by eye)."""
     from PIL import Image, ImageDraw
 
@@ -538,8 +563,8 @@ def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_see
     H = len(rows) * (cell + label_h + score_h + 6) + 24
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
-    d.text((4, 4), "training original | generated, one per seed" + (" (number: SSCD to the original)" if scores else ""),
-           fill=(0, 0, 0))
+    d.text((4, 4), (f"{title}: " if title else "") + "training original | generated, one per seed"
+           + (" (number: SSCD to the original)" if scores else ""), fill=(0, 0, 0))
     y = 24
     for r in rows:
         p = r[0].prompt

@@ -364,6 +364,13 @@ def test_cli_smoke_dori_under_wen(tiny_pipe, tmp_path, cli_inproc):
     assert len(trace["loss_curve"]) == 2 and trace["init"] == "prompt"
     rows = [json.loads(x) for x in (path.parent / result["samples_file"]).read_text().splitlines()]
     assert len([r for r in rows if r["role"] == "target"]) == 2
+    # paired scoring: the mitigation alone on the same targets and seeds, in the same result
+    mitigated = [r for r in rows if r["role"] == "mitigated"]
+    assert sorted(r["seed"] for r in mitigated) == [0, 1]
+    assert {r["prompt_id"] for r in mitigated} == {r["prompt_id"] for r in rows if r["role"] == "target"}
+    assert set(result["metrics_without_attack"]) == set(result["metrics"]) and result["metrics_without_attack"]["mr"]["n"] == 1
+    assert (path.parent / result["grid_without_attack_file"]).is_file()
+    assert "no attack" in stdout and "+ dori" in stdout
     (mtrace,) = result["mitigation_traces"].values()  # Wen's trace, stored with the images it produced
     assert mtrace["wen"]["mitigation"] == "wen" and 0 <= mtrace["wen"]["iterations"] <= 10
     assert (cache / "attacks").is_dir() and any((cache / "attacks").rglob("*.safetensors"))
