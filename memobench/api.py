@@ -132,6 +132,23 @@ class Context:
     progress: Any = None  # memobench.progress.ProgressReporter
     settings: dict = field(default_factory=dict)
     model_id: str = ""  # identity of the (unmitigated) model weights
+    registry: Any = None  # memobench.registry.Registry of the run (use ``plugin()``)
+    references: Any = None  # callable(prompt) -> list of training images (use ``reference_images()``)
+
+    def plugin(self, kind: str, name: str, params: dict | None = None):
+        """An instance of another registered plugin (e.g. a mitigation building on an attack), with ``params``."""
+        if self.registry is None:
+            from .registry import get_registry
+
+            self.registry = get_registry()
+        cls = self.registry.get(kind, name)
+        return cls(cls.make_params(params or {}))
+
+    def reference_images(self, prompt: "Prompt") -> list:
+        """The training image(s) of a target prompt of the run (H×W×3 uint8 arrays; empty when none is known)."""
+        if self.references is None:
+            raise RuntimeError("reference_images(): this context has no prompt set (only the runner provides one)")
+        return list(self.references(prompt))
 
     def artifact_path(self, plugin: "Plugin", *parts: str, suffix: str = ".safetensors"):
         """Content-addressed path for a plugin artifact keyed by model identity, plugin params and ``parts``."""

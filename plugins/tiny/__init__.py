@@ -29,7 +29,7 @@ class TinyModel(ModelPlugin):
     default_seeds = tuple(range(10))
     default_utility_seeds = (0,)
     default_metrics = ["mr", "sscd_orig", "tiny_alignment"]
-    prompt_sets = {"target": "tiny-vm", "nonmem": "tiny-nonmem", "utility": "tiny-heldout"}
+    prompt_sets = {"target": "tiny-vm", "nonmem": "tiny-nonmem", "utility": "tiny-heldout", "regular": "tiny-general"}
 
     @dataclass
     class Params:
@@ -159,6 +159,26 @@ class TinyHeldout(_TinySet):
                 for i, c in enumerate(caps[::step][: self.params.n])]
 
 
+class TinyGeneral(_TinySet):
+    """Training captions of the general set with ground-truth renderings: regular caption–image pairs (the embedded
+    model's analogue of LAION pairs), e.g. for the diffusion loss that preserves utility during adversarial
+    fine-tuning. Disjoint from ``tiny-heldout``."""
+
+    name = "tiny-general"
+
+    @dataclass
+    class Params:
+        n: int = 200
+
+    def prompts(self, ctx):
+        from . import data as D
+
+        caps = D.train_captions()
+        step = max(1, len(caps) // self.params.n)
+        return [Prompt(id=f"general{i:03d}", text=c, mem_type=None, reference_ids=("render:0",))
+                for i, c in enumerate(caps[::step][: self.params.n])]
+
+
 class TinyNonMemPhotos(_TinySet):
     """Real photographs that were never trained on, as attack targets (DoRI's "non-memorized + DoRI" row)."""
 
@@ -222,7 +242,7 @@ def register_models(register):
 
 @hookimpl
 def register_prompt_sets(register):
-    for cls in (TinyVM, TinyTM, TinyMem, TinyNonMem, TinyHeldout, TinyNonMemPhotos):
+    for cls in (TinyVM, TinyTM, TinyMem, TinyNonMem, TinyHeldout, TinyGeneral, TinyNonMemPhotos):
         register(cls)
 
 
