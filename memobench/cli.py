@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -106,8 +107,12 @@ def run(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (cached / remaining) and exit."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     as_json: bool = typer.Option(False, "--json", help="Print the result JSON instead of a table."),
+    matrix: bool = typer.Option(False, "--matrix", help="Score every registered mitigation × attack (the "
+                                "leaderboard's input); --mitigation/--attack then take comma lists to restrict it."),
 ):
-    """Generate, attack and score one mitigation × attack pairing; write a result JSON + per-sample table."""
+    """Generate, attack and score one mitigation × attack pairing; write a result JSON + per-sample table.
+
+    With an attack, the result also scores the mitigation alone on the same targets and seeds (paired scoring)."""
     from rich.console import Console
 
     if offline or os.environ.get("MEMOBENCH_OFFLINE"):
@@ -145,6 +150,13 @@ def run(
             cfg.prompts = register_prompt_file(reg, prompts)
         else:
             reg.get("prompt_set", prompts)  # raises "unknown prompt set … did you mean"
+    if matrix:
+        if dry_run or as_json:
+            raise BadInput("--matrix: not combinable with --dry-run or --json; run one pairing for those")
+        if cfg.mitigation_params or cfg.attack_params:
+            raise BadInput("--matrix: runs every plugin with its default parameters; drop --mitigation-param/"
+                           "--attack-param or run that pairing on its own")
+        return _run_matrix(cfg, reg, mitigation, attack, progress)
     cfg_validated = config_from_dict({}, cfg)
     from .runner import Runner
 
@@ -160,6 +172,75 @@ def run(
         _print_summary(out)
     if out.errors:
         for e in out.errors:
+            typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(1)
+
+
+def matrix_pairings(reg, mitigations: str | None = None, attacks: str | None = None) -> list[tuple[str, str]]:
+    """(mitigation, attack) pairs of the matrix: every registered mitigation (or the comma list) × the identity
+    attack ``none`` and every non-identity attack (or the comma list); per mitigation the no-attack run comes first,
+    so the attack runs find the mitigated images in the cache."""
+
+    def names(kind: str, value: str | None) -> list[str]:
+        if value:
+            out = [x.strip() for x in value.split(",") if x.strip()]
+            for n in out:
+                reg.get(kind, n)  # unknown name → "did you mean …"
+            return out
+        return sorted(reg.entries[kind])
+
+    mits = names("mitigation", mitigations)
+    atks = names("attack", attacks)
+    if not attacks:  # one identity attack ("none"), then the real attacks
+        atks = ["none"] + [a for a in atks if not getattr(reg.get("attack", a), "is_identity", False)]
+    if "none" in mits:
+        mits = ["none"] + [m for m in mits if m != "none"]
+    return [(m, a) for m in mits for a in atks]
+
+
+def _run_matrix(cfg, reg, mitigations: str | None, attacks: str | None, progress: bool) -> None:
+    import copy
+
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from .runner import Runner
+
+    pairs = matrix_pairings(reg, mitigations, attacks)
+    console = Console(stderr=True)
+    con = Console()
+    rows, failed = [], []
+    t0 = time.time()
+    for i, (m, a) in enumerate(pairs):
+        c = copy.deepcopy(cfg)
+        c.mitigation, c.attack = m, a
+        console.print(f"[bold]matrix {i + 1}/{len(pairs)}: mitigation {escape(m)} × attack {escape(a)}[/bold]")
+        try:
+            out = Runner(config_from_dict({}, c), registry=reg, progress=progress, console=console).run()
+        except BadInput:
+            raise
+        except Exception as e:  # one broken pairing never loses the others
+            failed.append(f"{m} × {a}: {type(e).__name__}: {e}")
+            console.print(f"[red]error[/red]: {escape(failed[-1])}")
+            continue
+        rows.append((m, a, out))
+        if out.errors:
+            failed.extend(f"{m} × {a}: {e}" for e in out.errors)
+    t = Table(title=f"matrix: {len(rows)} of {len(pairs)} pairings in {time.time() - t0:.0f} s")
+    for col in ("mitigation", "attack", "MR (no attack)", "MR", "SSCD_orig", "utility", "result"):
+        t.add_column(col)
+    for m, a, out in rows:
+        r = out.result
+        met, paired = r["metrics"], r.get("metrics_without_attack") or {}
+        util = [f"{k} {_fmt(v['value'])}" for k, v in met.items() if k not in ("mr", "mr_gen", "mr_mean", "mr_any",
+                                                                               "sscd_orig", "sscd_gen", "diversity")]
+        t.add_row(escape(m), escape(a), _fmt((paired.get("mr") or {}).get("value")) if paired else "",
+                  _fmt((met.get("mr") or {}).get("value")), _fmt((met.get("sscd_orig") or {}).get("value")),
+                  escape(", ".join(util)), escape(str(out.result_path)))
+    con.print(t)
+    if failed:
+        for e in failed:
             typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
 
