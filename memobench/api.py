@@ -272,6 +272,9 @@ class Mitigation(Plugin):
 
     kind_label = "mitigation"
     kind: ClassVar[Literal["weights", "inference", "none"]] = "none"
+    # True when what ``fit`` computes for a prompt depends on that prompt only (cached per prompt): a sharded run
+    # then fits each target in the shard that owns it, and every shard reads the others' artifacts from the cache
+    fit_per_prompt: ClassVar[bool] = False
 
     def fit(self, model: "DiffusionModel", prompts: list[Prompt], ctx: Context) -> None:
         return None

@@ -73,6 +73,37 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def write_once_bytes(path: str | Path, data: bytes) -> bool:
+    """Create ``path`` with ``data`` atomically unless it already exists; True if this call created it.
+
+    For artifacts that several processes (ranks, shards) may compute at the same time: the first complete file
+    wins and is never replaced, so every process that then reads the file uses the same bytes even where the
+    computation is not bit-reproducible (GPU kernels). The file appears whole (``os.link`` of a finished temporary
+    file); on file systems without hard links it falls back to ``os.replace`` (atomic, last writer wins)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        return False
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        if path.exists():
+            return False
+        os.replace(tmp, path)
+        return True
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 

@@ -95,6 +95,13 @@ def run(
     steps: int = typer.Option(None, "--steps", help="Denoising steps (default: the model's)."),
     guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: model's)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per UNet batch (does not enter cache keys)."),
+    shard: str = typer.Option(None, "--shard", help="I/N: generate only part I of N (0-based) into the cache and "
+                              "write no result (job arrays, no process group); then `memobench aggregate` with the "
+                              "same options. Under torchrun / accelerate launch every rank takes its part itself."),
+    dtype: str = typer.Option(None, "--dtype", help="fp16 | bf16 | fp32 (half types on GPU only). Part of the model "
+                              "identity, hence of every cache key. Default: as the model loads."),
+    device: str = typer.Option(None, "--device", help="cpu | cuda | cuda:N (default: cpu; under torchrun / accelerate "
+                               "launch, cuda means cuda:LOCAL_RANK)."),
     model_param: list[str] = typer.Option(None, "--model-param", help="KEY=VALUE for the model plugin."),
     mitigation_param: list[str] = typer.Option(None, "--mitigation-param", help="KEY=VALUE for the mitigation."),
     attack_param: list[str] = typer.Option(None, "--attack-param", help="KEY=VALUE for the attack."),
@@ -109,6 +116,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the result JSON instead of a table."),
     matrix: bool = typer.Option(False, "--matrix", help="Score every registered mitigation × attack (the "
                                 "leaderboard's input); --mitigation/--attack then take comma lists to restrict it."),
+    aggregate_: bool = typer.Option(False, "--aggregate", hidden=True, help="What `memobench aggregate` runs."),
 ):
     """Generate, attack and score one mitigation × attack pairing; write a result JSON + per-sample table.
 
@@ -122,7 +130,8 @@ def run(
     data = load_config_file(config) if config else {}
     cfg = config_from_dict(data)
     flags = {"mitigation": mitigation, "attack": attack, "model": model, "limit": limit,
-             "num_inference_steps": steps, "guidance_scale": guidance, "batch_size": batch_size}
+             "num_inference_steps": steps, "guidance_scale": guidance, "batch_size": batch_size, "dtype": dtype,
+             "device": device}
     for k, v in flags.items():
         if v is not None:
             setattr(cfg, k, v)
@@ -150,6 +159,12 @@ def run(
             cfg.prompts = register_prompt_file(reg, prompts)
         else:
             reg.get("prompt_set", prompts)  # raises "unknown prompt set … did you mean"
+    from .distributed import shard_from_environment
+
+    this_shard = shard_from_environment(shard)
+    if this_shard.sharded and (matrix or aggregate_):
+        raise BadInput(f"--shard / torchrun: {'--matrix' if matrix else 'aggregate'} runs in one process; run each "
+                       "pairing with --shard, then aggregate it without --shard in one process")
     if matrix:
         if dry_run or as_json:
             raise BadInput("--matrix: not combinable with --dry-run or --json; run one pairing for those")
@@ -161,10 +176,19 @@ def run(
     from .runner import Runner
 
     console = Console(stderr=True)
-    runner = Runner(cfg_validated, registry=reg, progress=progress and not as_json, console=console)
-    out = runner.run(dry_run=dry_run)
+    runner = Runner(cfg_validated, registry=reg, progress=progress and not as_json and this_shard.rank == 0,
+                    console=console, shard=this_shard)
+    out = runner.run(dry_run=dry_run, aggregate=aggregate_)
     if dry_run:
         typer.echo(json.dumps(out, indent=1))
+        return
+    from .runner import ShardOutcome
+
+    if isinstance(out, ShardOutcome):  # its samples are in the cache; rank 0 or `memobench aggregate` scores them
+        where = ("rank 0 scores the run" if this_shard.array is None else
+                 "when every shard is done, run `memobench aggregate` with the same options (without --shard)")
+        typer.echo(f"{this_shard.describe()}: {out.generated} generated, {out.cached} already cached, "
+                   f"{out.missing} missing of its {out.owned} samples; {where}", err=True)
         return
     if as_json:
         typer.echo(json.dumps(out.result, indent=1, default=str))
@@ -174,6 +198,27 @@ def run(
         for e in out.errors:
             typer.echo(f"error: {e}", err=True)
         raise typer.Exit(1)
+
+
+def _aggregate(**options):
+    """Score a run whose samples were generated with --shard i/n (or by another process) from the cache: pass the
+    run's options without --shard. Generates nothing; exits 2 naming how many samples are still missing."""
+    return run(**options, shard=None, dry_run=False, matrix=False, aggregate_=True)
+
+
+def _aggregate_signature():
+    """``run``'s options (annotations evaluated: this module's are strings) less the ones aggregate fixes."""
+    import inspect
+    import typing
+
+    skip = {"shard", "dry_run", "matrix", "aggregate_"}
+    sig, hints = inspect.signature(run), typing.get_type_hints(run)
+    return sig.replace(parameters=[p.replace(annotation=hints.get(p.name, p.annotation))
+                                   for p in sig.parameters.values() if p.name not in skip], return_annotation=None)
+
+
+_aggregate.__signature__ = _aggregate_signature()
+app.command("aggregate")(_aggregate)
 
 
 def matrix_pairings(reg, mitigations: str | None = None, attacks: str | None = None) -> list[tuple[str, str]]:
@@ -462,6 +507,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("error: interrupted; completed samples are cached, re-run to resume", file=sys.stderr)
         return 130
+    except Exception as e:
+        from .distributed import DistributedError
+
+        if not isinstance(e, DistributedError):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)  # another rank died: not bad input, but one line
+        return 1
 
 
 def entry() -> None:

@@ -44,13 +44,20 @@ class RunConfig:
     cache_dir: str | None = None
     offline: bool = False
     device: str = "cpu"
+    dtype: str | None = None  # fp16 | bf16 | fp32 (GPU only for half types); None = as the model plugin loads it
 
     # fields that do not change what is computed (excluded from the config hash)
     NON_IDENTITY = ("batch_size", "output_dir", "cache_dir", "offline", "device")
 
     def identity(self) -> dict:
         d = dataclasses.asdict(self)
+        if d.get("dtype") is None:  # unset: the hash of every run from before --dtype existed stays the same
+            d.pop("dtype", None)
         return {k: v for k, v in d.items() if k not in self.NON_IDENTITY}
+
+
+DTYPES = {"fp16": "fp16", "float16": "fp16", "half": "fp16", "bf16": "bf16", "bfloat16": "bf16", "fp32": "fp32",
+          "float32": "fp32", "float": "fp32"}
 
 
 def parse_seeds(spec: str | list | int | None) -> list[int] | None:
@@ -145,6 +152,16 @@ def validate(cfg: RunConfig) -> None:
         v = getattr(cfg, n)
         if v is not None and v % 8:
             raise BadInput(f"{n}: must be a multiple of 8, got {v}")
+    if cfg.dtype is not None:
+        d = DTYPES.get(str(cfg.dtype).lower())
+        if d is None:
+            raise BadInput(f"--dtype: unknown {cfg.dtype!r}; use fp16, bf16 or fp32")
+        if d in ("fp16", "bf16") and not str(cfg.device or "cpu").startswith("cuda"):
+            raise BadInput(f"--dtype {d}: half precision runs on a GPU only; add --device cuda, or use --dtype fp32 "
+                           "on CPU")
+        cfg.dtype = d
+    if not isinstance(cfg.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device):
+        raise BadInput(f"--device: unknown {cfg.device!r}; use cpu, cuda or cuda:N")
     for n in ("model_params", "prompt_params", "mitigation_params", "attack_params", "metric_params"):
         if not isinstance(getattr(cfg, n), dict):
             raise BadInput(f"{n}: must be a mapping")

@@ -88,6 +88,14 @@ class DiffusionModel:
             raise ValueError("fused QKV projections are active (fuse_qkv_projections()); unfuse them first: "
                              "hooks on attn2.to_v would never fire")
 
+    def set_dtype(self, dtype: torch.dtype) -> "DiffusionModel":
+        """Cast every component to ``dtype`` (``--dtype``); the dtype is part of :meth:`identity`, so images of
+        different dtypes never share a cache key."""
+        self.pipe.to(dtype=dtype)
+        self.dtype = dtype
+        self._empty = None
+        return self
+
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path_or_id: str, *, revision: str | None = None, offline: bool = False,

@@ -8,6 +8,11 @@ Phases, each with its own cache so that a crash in one never forces redoing anot
    shard), written atomically as soon as its batch is done; a re-run prints "cached X, remaining Y" and
    generates only what is missing;
 4. *score* — metrics over the cached images; one result JSON per run plus a per-sample JSONL table.
+
+Sharded runs (``--shard i/n``, ``torchrun`` / ``accelerate launch``; :mod:`memobench.distributed`): each process
+fits, attacks and generates only its units and writes them to the cache; the score phase reads the cache only —
+in rank 0 after a barrier, or in ``memobench aggregate`` (:meth:`Runner.run` with ``aggregate=True``) — so the
+result is the same whatever the number of shards.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from .api import Attack, AttackOutput, Conditioning, Context, Metric, MetricValu
 from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_write_text, canonical_json, \
     default_cache_dir, key_of
 from .config import BadInput, RunConfig, validate
+from .distributed import ProcessGroup, Shard, assign_units
 from .progress import ProgressReporter
 from .registry import Registry, UnknownPluginError, get_registry
 
@@ -55,6 +61,18 @@ class RunOutcome:
     result_path: Path
     samples_path: Path
     grid_path: Path | None
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShardOutcome:
+    """What a process that does not score (``--shard i/n``, ranks ≠ 0) did: its samples are in the cache."""
+
+    shard: Shard
+    owned: int  # sample keys this shard is responsible for
+    cached: int  # of those, already in the cache when it started
+    generated: int  # of those, in the cache now that were not before
+    missing: int  # of those, still not in the cache (skipped prompts, e.g. no reference image for the attack)
     errors: list[str] = field(default_factory=list)
 
 
@@ -110,10 +128,12 @@ def check_output_dir(path: str | Path) -> Path:
 
 
 class Runner:
-    def __init__(self, cfg: RunConfig, registry: Registry | None = None, progress: bool = True, console=None):
+    def __init__(self, cfg: RunConfig, registry: Registry | None = None, progress: bool = True, console=None,
+                 shard: Shard | None = None):
         validate(cfg)
         self.cfg = cfg
         self.reg = registry or get_registry()
+        self.shard = shard or Shard()
         self.progress = ProgressReporter(enabled=progress, console=console)
         self._resolve()
 
@@ -190,16 +210,22 @@ class Runner:
                        "attack": self.attack.identity(), "prompt_sha256": prompt.sha256, "reference": ref_sha})
 
     # ------------------------------------------------------------------------------------------- run
-    def run(self, dry_run: bool = False) -> RunOutcome | dict:
-        cfg = self.cfg
+    def run(self, dry_run: bool = False, aggregate: bool = False) -> RunOutcome | ShardOutcome | dict:
+        """Fit, attack, generate and score (see the module docstring).
+
+        ``aggregate=True`` (``memobench aggregate``): fit from the cache and score what the shards wrote, generating
+        nothing; a :class:`BadInput` names the count of samples that are not in the cache yet. A process of a sharded
+        run that does not score returns a :class:`ShardOutcome`."""
+        cfg, shard = self.cfg, self.shard
+        if aggregate and shard.sharded:
+            raise BadInput(f"aggregate: runs in one process over the whole run, not as {shard.describe()}; drop "
+                           "--shard and start it without torchrun / accelerate launch")
         out_root = check_output_dir(cfg.output_dir)
+        device = self._device()
         t_start = time.time()
         timing: dict[str, float] = {}
-        ctx = Context(cache_dir=self.cache_dir, offline=cfg.offline, device=cfg.device, seeds=tuple(self.seeds),
-                      progress=self.progress, settings={"generation": self.generation, "batch_size": cfg.batch_size,
-                                                        "model_prompt_sets": dict(type(self.model_plugin).prompt_sets)},
-                      registry=self.reg)
-        ctx.references = lambda prompt: self._reference(prompt, ctx)
+        ctx = Context(cache_dir=self.cache_dir, offline=cfg.offline, device=device, seeds=tuple(self.seeds),
+                      progress=self.progress, settings={"generation": self.generation, "batch_size": cfg.batch_size})
         log = self.progress.log
         t = time.time()
         nonmem = type(self.model_plugin).prompt_sets.get("nonmem")
@@ -217,7 +243,7 @@ class Runner:
         utility = {role: s.prompts(ctx)[: cfg.utility_limit or None] for role, s in self.utility_sets.items()}
         timing["prompts_s"] = time.time() - t
         t = time.time()
-        model = self.model_plugin.load(ctx)
+        model = self._cast(self.model_plugin.load(ctx))
         model_ident = model.identity()
         ctx.model_id = key_of(model_ident)
         timing["load_s"] = time.time() - t
@@ -247,31 +273,58 @@ class Runner:
         log(f"[memobench] cached {len(cached)}, remaining {len(unique) - len(cached)} "
             f"(model {cfg.model}, prompts {self.prompt_set.name} ×{len(prompts)}, mitigation {self.mitigation.name}, "
             f"attack {self.attack.name}, seeds {len(self.seeds)})")
+        owned, owned_units = self._plan_shard(jobs)
+        if shard.sharded:
+            log(f"[memobench] {shard.describe()}: {len(owned)} samples of {len(unique)} are this shard's: cached "
+                f"{len(owned & cached)}, remaining {len(owned - cached)}")
         if cfg.limit:
             log(f"[memobench] --limit {cfg.limit}: smoke test only, numbers are not comparable (status: partial)")
         if dry_run:
-            return {"cached": len(cached), "remaining": len(unique) - len(cached), "jobs": len(jobs),
+            plan = {"cached": len(cached), "remaining": len(unique) - len(cached), "jobs": len(jobs),
                     "config_hash": self.config_hash()}
+            if shard.sharded:
+                plan["shard"] = {**shard.record(), "owned": len(owned), "owned_cached": len(owned & cached),
+                                 "owned_remaining": len(owned - cached)}
+            return plan
 
         errors: list[str] = []
-        with self.progress:
-            t = time.time()
-            self.mitigation.fit(model, prompts, ctx)
-            timing["fit_s"] = time.time() - t
-            t = time.time()
-            attack_traces = self._generate_targets(model, model_ident, prompts, jobs, ctx, errors)
-            timing["target_s"] = time.time() - t
-            t = time.time()
-            if self.paired:
-                self._generate_plain(model, [j for j in jobs if j.role == "mitigated"], self.mitigation, ctx,
-                                     f"mitigated ({self.mitigation.name}, no attack)")
-            if baseline_needed:
-                self._generate_plain(model, [j for j in jobs if j.role == "baseline"], None, ctx, "baseline")
-            for role in utility:
-                self._generate_plain(model, [j for j in jobs if j.role == role], self.mitigation, ctx, role)
-            timing["other_generation_s"] = time.time() - t
-
+        if aggregate:
+            self._require_complete(jobs, ctx, "aggregate")
+        group = ProcessGroup(shard, device) if shard.group else None
+        try:
+            with self.progress:
+                t = time.time()
+                self._fit(model, prompts, owned_units, ctx, group)
+                timing["fit_s"] = time.time() - t
+                if not aggregate:
+                    t = time.time()
+                    self._generate_targets(model, model_ident, prompts, jobs, ctx, owned, owned_units)
+                    timing["target_s"] = time.time() - t
+                    t = time.time()
+                    if self.paired:
+                        self._generate_plain(model, [j for j in jobs if j.role == "mitigated"], self.mitigation, ctx,
+                                             f"mitigated ({self.mitigation.name}, no attack)", owned)
+                    if baseline_needed:
+                        self._generate_plain(model, [j for j in jobs if j.role == "baseline"], None, ctx, "baseline",
+                                             owned)
+                    for role in utility:
+                        self._generate_plain(model, [j for j in jobs if j.role == role], self.mitigation, ctx, role,
+                                             owned)
+                    timing["other_generation_s"] = time.time() - t
+            if shard.sharded:
+                now = {k for k in owned if self.images.has(k)}
+                log(f"[memobench] {shard.describe()}: generated {len(now - cached)}, cached before "
+                    f"{len(owned & cached)}, missing {len(owned - now)} of its {len(owned)} samples")
+                if group is not None:
+                    group.barrier("generation")  # every rank's samples are in the cache after this
+                if not shard.writes_result:
+                    return ShardOutcome(shard, len(owned), len(owned & cached), len(now - cached), len(owned - now))
+                self._require_complete(jobs, ctx, f"rank {shard.rank}")
+        finally:
+            if group is not None:
+                group.close()
         t = time.time()
+        attack_traces = self._attack_traces(model, model_ident, prompts, ctx, errors)
         samples = self._load_samples(jobs, prompts, ctx, errors)
         metrics_out: dict[str, dict] = {}
         metrics_no_attack: dict[str, dict] = {}
@@ -334,7 +387,9 @@ class Runner:
             **({"metrics_without_attack": metrics_no_attack} if self.paired else {}),
             "attack_traces": attack_traces,
             "mitigation_traces": self._condition_traces(jobs),
-            "env": environment(),
+            "env": {**environment(), "world_size": shard.count,
+                    "execution": {"shard": shard.record(), "scored_by": "memobench aggregate" if aggregate
+                                  else ("rank 0 after the generation barrier" if shard.sharded else "this process")}},
             "timing": timing,
         }
         result_path = run_dir / f"{run_id}.json"
@@ -359,6 +414,84 @@ class Runner:
         atomic_write_text(result_path, json.dumps(result, indent=1, sort_keys=True, default=str))
         return RunOutcome(result, result_path, samples_path, grid, errors)
 
+    # ------------------------------------------------------------------------------------------- execution
+    def _device(self) -> str:
+        d = str(self.cfg.device or "cpu")
+        if d.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BadInput(f"--device {d}: no CUDA device is available here; use --device cpu")
+            if d == "cuda" and self.shard.group:  # one GPU per rank under torchrun / accelerate launch
+                d = f"cuda:{self.shard.local_rank}"
+        return d
+
+    def _cast(self, model):
+        """Apply ``--dtype`` (the dtype is part of the model identity, hence of every sample key)."""
+        want = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(self.cfg.dtype or "")
+        if want is not None and model.dtype != want:
+            model.set_dtype(want)
+        return model
+
+    def _plan_shard(self, jobs: list[Job]) -> tuple[set[str], set[tuple[str, str]]]:
+        """(sample keys, units) this process generates: see :mod:`memobench.distributed`. A unit is all seeds of
+        one prompt in one role; a key that occurs in several units belongs to the first (in job order)."""
+        shard = self.shard
+        if not shard.sharded:
+            return {j.key for j in jobs}, {(j.role, j.prompt.id) for j in jobs}
+        units: dict[tuple[str, str], list[str]] = {}
+        first: dict[str, tuple[str, str]] = {}
+        for j in jobs:
+            u = (j.role, j.prompt.id)
+            units.setdefault(u, []).append(j.key)
+            first.setdefault(j.key, u)
+        names = list(units)
+        where = assign_units([units[u] for u in names], shard.count, groups=[u[0] for u in names])
+        mine = {u for u, w in zip(names, where) if w == shard.index}
+        return {k for k, u in first.items() if u in mine}, mine
+
+    def _fit(self, model, prompts: list[Prompt], owned_units: set[tuple[str, str]], ctx: Context,
+             group: ProcessGroup | None) -> None:
+        """The mitigation's fit. Sharded, a mitigation whose fit is per prompt (``fit_per_prompt``) first fits the
+        targets this shard owns; then every process fits all prompts, which finds the others' artifacts in the
+        cache once they are written (in a process group after a barrier; with ``--shard``, concurrent shards may
+        compute an artifact twice, and the first complete file wins). Without per-prompt fits, rank 0 fits first."""
+        m, shard = self.mitigation, self.shard
+        if shard.sharded and getattr(m, "fit_per_prompt", False):
+            mine = [p for p in prompts if ("target", p.id) in owned_units]
+            if mine:
+                m.fit(model, mine, ctx)
+            if group is not None:
+                group.barrier("fit")
+            m.fit(model, prompts, ctx)
+        elif group is not None:
+            if shard.rank == 0:
+                m.fit(model, prompts, ctx)
+            group.barrier("fit")
+            if shard.rank != 0:
+                m.fit(model, prompts, ctx)
+        else:
+            m.fit(model, prompts, ctx)
+
+    def _require_complete(self, jobs: list[Job], ctx: Context, who: str) -> None:
+        """Raise :class:`BadInput` with the count of the run's samples that are not in the cache (targets the
+        attack skips for want of a reference image are not expected)."""
+        first: dict[str, Job] = {}
+        for j in jobs:
+            first.setdefault(j.key, j)
+        missing = [j for k, j in first.items() if not self.images.has(k)]
+        if missing and self.attack.needs_reference and not getattr(self.attack, "is_identity", False):
+            no_ref = {j.prompt.id for j in missing if j.role == "target" and not self._reference(j.prompt, ctx)}
+            missing = [j for j in missing if not (j.role == "target" and j.prompt.id in no_ref)]
+        if missing:
+            by_role: dict[str, int] = {}
+            for j in missing:
+                by_role[j.role] = by_role.get(j.role, 0) + 1
+            roles = ", ".join(f"{r} {n}" for r, n in by_role.items())
+            raise BadInput(f"{who}: {len(missing)} of {len(first)} samples are not in the cache {self.cache_dir} "
+                           f"({roles}); run the missing shards first (the same `memobench run` options with "
+                           "--shard i/n, or the same torchrun / accelerate launch), then aggregate again")
+
     # ------------------------------------------------------------------------------------------- phases
     def _reference(self, prompt: Prompt, ctx: Context) -> list[np.ndarray]:
         refs = []
@@ -368,16 +501,17 @@ class Runner:
                 refs.append(img)
         return refs
 
-    def _attack_output(self, model, model_ident: dict, prompt: Prompt, ctx: Context, errors: list[str]):
+    def _attack_output(self, model, model_ident: dict, prompt: Prompt, ctx: Context):
+        """The conditioning of one target (None when the attack has no reference image for it: that is reported
+        by :meth:`_attack_traces`, which reads every target's attack output from the cache for the result)."""
         if getattr(self.attack, "is_identity", False):
             emb = model.encode_prompt(prompt.text)
-            return Conditioning(emb, model.empty_embedding(), text=prompt.text), None
+            return Conditioning(emb, model.empty_embedding(), text=prompt.text)
         ref = None
         if self.attack.needs_reference:
             refs = self._reference(prompt, ctx)
             if not refs:
-                errors.append(f"attack {self.attack.name}: prompt {prompt.id} has no reference image; skipped")
-                return None, None
+                return None
             ref = refs[0]
         ref_sha = image_sha256(ref) if ref is not None else None
         key = self._attack_key(model_ident, prompt, ref_sha)
@@ -391,44 +525,69 @@ class Runner:
             self.attack_cache.put(key, tensors, meta)
         cond = Conditioning(tensors["prompt_embeds"].to(model.device, model.dtype),
                             tensors["negative_prompt_embeds"].to(model.device, model.dtype), text=None)
-        return cond, {"attack_key": key, **meta.get("trace", {})}
+        return cond
 
-    def _generate_targets(self, model, model_ident, prompts, jobs, ctx, errors) -> dict:
+    def _attack_traces(self, model, model_ident: dict, prompts: list[Prompt], ctx: Context,
+                       errors: list[str]) -> dict:
+        """Per target prompt, the attack's trace as stored in the attack cache (whichever process attacked it)."""
+        if getattr(self.attack, "is_identity", False):
+            return {}
         traces: dict[str, Any] = {}
+        for p in prompts:
+            ref_sha = None
+            if self.attack.needs_reference:
+                refs = self._reference(p, ctx)
+                if not refs:
+                    errors.append(f"attack {self.attack.name}: prompt {p.id} has no reference image; skipped")
+                    continue
+                ref_sha = image_sha256(refs[0])
+            key = self._attack_key(model_ident, p, ref_sha)
+            if not self.attack_cache.has(key):
+                errors.append(f"attack {self.attack.name}: prompt {p.id}: no attack output in the cache ({key[:16]})")
+                continue
+            _, meta = self.attack_cache.get(key)
+            traces[p.id] = {"attack_key": key, **meta.get("trace", {})}
+        return traces
+
+    def _generate_targets(self, model, model_ident, prompts, jobs, ctx, owned: set[str],
+                          owned_units: set[tuple[str, str]]) -> None:
         by_prompt: dict[str, list[Job]] = {}
         for j in jobs:
             if j.role == "target":
                 by_prompt.setdefault(j.prompt.id, []).append(j)
-        total = sum(1 for j in jobs if j.role == "target")
+        total = sum(1 for j in jobs if j.role == "target" and j.key in owned)
         label = "generate" if getattr(self.attack, "is_identity", False) else f"attack {self.attack.name} + generate"
         with ctx.task(f"{label} ({self.mitigation.name})", total) as advance:
             for p in prompts:
                 pj = by_prompt[p.id]
-                pending = [j for j in pj if not self.images.has(j.key)]
-                advance(len(pj) - len(pending))
-                need_attack = bool(pending) or not getattr(self.attack, "is_identity", False)
+                mine = [j for j in pj if j.key in owned]
+                pending = [j for j in mine if not self.images.has(j.key)]
+                advance(len(mine) - len(pending))
+                # a shard attacks exactly the targets whose unit it owns (their attack output is cached for the
+                # result even when all their images already are)
+                need_attack = bool(pending) or (("target", p.id) in owned_units
+                                                and not getattr(self.attack, "is_identity", False))
                 if not need_attack:
                     continue
                 with self.mitigation.apply(model, p, ctx):
-                    cond, trace = self._attack_output(model, model_ident, p, ctx, errors)
-                    if trace is not None:
-                        traces[p.id] = trace
+                    cond = self._attack_output(model, model_ident, p, ctx)
                     if cond is None:
                         advance(len(pending))
                         continue
                     if pending:
                         self._generate_prompt(model, p, pj, pending, cond, self.mitigation, ctx, advance)
-        return traces
 
-    def _generate_plain(self, model, jobs: list[Job], mitigation: Mitigation | None, ctx: Context, role: str) -> None:
+    def _generate_plain(self, model, jobs: list[Job], mitigation: Mitigation | None, ctx: Context, role: str,
+                        owned: set[str]) -> None:
         by_prompt: dict[str, list[Job]] = {}
         for j in jobs:
             by_prompt.setdefault(j.prompt.id, []).append(j)
-        with ctx.task(f"generate {role}", len(jobs)) as advance:
+        with ctx.task(f"generate {role}", sum(j.key in owned for j in jobs)) as advance:
             for pj in by_prompt.values():
                 p = pj[0].prompt
-                pending = [j for j in pj if not self.images.has(j.key)]
-                advance(len(pj) - len(pending))
+                mine = [j for j in pj if j.key in owned]
+                pending = [j for j in mine if not self.images.has(j.key)]
+                advance(len(mine) - len(pending))
                 if not pending:
                     continue
                 cm = mitigation.apply(model, p, ctx) if mitigation is not None else contextlib.nullcontext()

@@ -55,3 +55,48 @@ def save_tiny_random_pipeline(path: str | Path, **kw) -> Path:
     pipe = tiny_random_pipeline(**kw)
     pipe.save_pretrained(str(path), safe_serialization=True)
     return Path(path)
+
+
+def sd14_random_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = None, device: str = "cpu", dtype=None):
+    """A ``StableDiffusionPipeline`` with SD v1.4's full-size architecture and random weights (no download).
+
+    UNet: ``block_out_channels`` (320, 640, 1280, 1280), 2 layers per block, cross-attention in the first three down
+    blocks and the mid block, ``cross_attention_dim`` 768, ``attention_head_dim`` 8, 64×64×4 latents (512×512
+    images); VAE: (128, 256, 512, 512), 2 layers per block; text encoder: CLIP ViT-L/14's (768 wide, 12 layers, 12
+    heads, MLP 3072) with SD's tokenizer; DDIM with SD's schedule (scaled linear 0.00085-0.012). For timing the
+    harness on the real architecture where the weights cannot be downloaded; the images are noise. Modules are
+    created directly on ``device`` (fast random init on a GPU)."""
+    import tempfile
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from .tokenizer import load_sd_tokenizer
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+            downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, mid_block_scale_factor=1,
+        )
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                            layers_per_block=2, norm_num_groups=32, act_fn="silu", sample_size=512)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                            hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+                                            eos_token_id=49407, pad_token_id=49407))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.gettempdir()) / "memobench-sd-tokenizer"
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_sd_tokenizer(tok_dir), unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    if dtype is not None:
+        pipe.to(dtype=dtype)
+    return pipe

@@ -154,9 +154,9 @@ class AdversarialFineTuning(Mitigation):
 
     def fit(self, model, prompts: list[Prompt], ctx: Context) -> None:
         import torch
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save
 
-        from memobench.cache import key_of
+        from memobench.cache import atomic_write_text, key_of, write_once_bytes
 
         inits = self._check()
         targets = [q for q in prompts if ctx.reference_images(q)]
@@ -255,12 +255,13 @@ class AdversarialFineTuning(Mitigation):
             **sur_info, "history": history, "fit_seconds": time.time() - t0,
             "unet_sha256_original": _sha256_state(original), "unet_sha256_finetuned": _sha256_state(self._state),
         }
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self._state.items()}, str(tmp))
-        tmp.replace(path)
-        mtmp = meta_path.with_name(f".{meta_path.name}.tmp")
-        mtmp.write_text(json.dumps(self._report, default=str))
-        mtmp.replace(meta_path)
+        # processes of a sharded run (--shard) may fine-tune at the same time: the first complete file wins, and
+        # every process then applies the weights on disk
+        if write_once_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in self._state.items()})):
+            atomic_write_text(meta_path, json.dumps(self._report, default=str))
+        else:
+            self._state = {k: v.to(model.device, model.dtype) for k, v in load_file(str(path)).items()}
+            self._report = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         self._report["file"] = str(path)
 
     # --------------------------------------------------------------------------------------------- apply

@@ -405,6 +405,7 @@ class NeMo(Mitigation):
     name = "nemo"
     version = "1"
     kind = "weights"
+    fit_per_prompt = True  # one neuron-set artifact per prompt: sharded runs localize each target once
 
     @dataclass
     class Params:
@@ -485,9 +486,9 @@ class NeMo(Mitigation):
         return texts, label
 
     def _statistics(self, model, layers, ctx: Context):
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save
 
-        from memobench.cache import key_of
+        from memobench.cache import key_of, write_once_bytes
 
         if self.params.stats_file:
             t = load_file(self.params.stats_file)
@@ -499,18 +500,17 @@ class NeMo(Mitigation):
             ident = _Ident(self.name, self.version, {"artifact": "activation_stats", "blocks": self.params.blocks,
                                                       "dtype": str(model.dtype)})
             path = ctx.artifact_path(ident, "stats", key_of(texts))
-            if path.exists():
-                t = load_file(str(path))
-                means = [t[f"mean.{l}"] for l in range(len(layers))]
-                stds = [t[f"std.{l}"] for l in range(len(layers))]
-            else:
+            if not path.exists():
+                # several processes of a sharded run may compute this at once: the first complete file wins and
+                # every process reads the statistics back from it
                 means, stds = activation_stats(model, layers, texts)
-                tmp = path.with_name(f".{path.name}.tmp")
-                save_file({**{f"mean.{l}": m.contiguous() for l, m in enumerate(means)},
-                           **{f"std.{l}": s.contiguous() for l, s in enumerate(stds)}}, str(tmp),
-                          metadata={"n_prompts": str(len(texts)), "source": label,
-                                    "layers": json.dumps([n for n, _ in layers])})
-                tmp.replace(path)
+                write_once_bytes(path, save({**{f"mean.{l}": m.contiguous() for l, m in enumerate(means)},
+                                             **{f"std.{l}": s.contiguous() for l, s in enumerate(stds)}},
+                                            metadata={"n_prompts": str(len(texts)), "source": label,
+                                                      "layers": json.dumps([n for n, _ in layers])}))
+            t = load_file(str(path))
+            means = [t[f"mean.{l}"] for l in range(len(layers))]
+            stds = [t[f"std.{l}"] for l in range(len(layers))]
             self._files["stats"] = str(path)
             self._stats_source = {"source": label, "n_prompts": len(texts)}
         for (name, mod), m in zip(layers, means):
@@ -576,7 +576,7 @@ class NeMo(Mitigation):
         return rec
 
     def fit(self, model, prompts: list[Prompt], ctx: Context) -> None:
-        from memobench.cache import atomic_write_text, key_of
+        from memobench.cache import key_of, write_once_bytes
 
         p = self.params
         layers = value_layers(model.unet, p.blocks)
@@ -606,7 +606,9 @@ class NeMo(Mitigation):
                         rec = None
                 if rec is None:
                     rec = self.localize(model, q.text, layers, means, stds, latents, t)
-                    atomic_write_text(path, json.dumps(rec, sort_keys=True))
+                    # first complete record wins (concurrent shards): every process uses the one on disk
+                    if not write_once_bytes(path, json.dumps(rec, sort_keys=True).encode()):
+                        rec = json.loads(path.read_text())
                 records[q.sha256] = {**rec, "prompt_id": q.id, "mem_type": q.mem_type}
                 advance()
         self._records = records

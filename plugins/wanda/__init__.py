@@ -252,9 +252,9 @@ class Wanda(Mitigation):
 
     def fit(self, model, prompts: list[Prompt], ctx: Context) -> None:
         import torch
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save
 
-        from memobench.cache import key_of
+        from memobench.cache import key_of, write_once_bytes
 
         p = self.params
         layers = ffn_layers(model.unet, p.layers)
@@ -281,10 +281,12 @@ class Wanda(Mitigation):
                         nt = [tgt[t][l].sqrt() for t in range(p.timesteps)]
                         nb = [(base[t][l] * len(grp)).sqrt() for t in range(p.timesteps)]
                         masks[n] = wanda_mask(mod.weight, nt, nb, p.skill_ratio, p.timesteps, p.select_ratio)
-                    tmp = path.with_name(f".{path.name}.tmp")
-                    save_file({f"mask.{n}": m.contiguous() for n, m in masks.items()}, str(tmp),
-                              metadata={"prompts": json.dumps([q.id for q in grp])})
-                    tmp.replace(path)
+                    # processes of a sharded run may compute a group's masks at once: the first complete file wins
+                    # and every process uses the masks on disk
+                    if not write_once_bytes(path, save({f"mask.{n}": m.contiguous() for n, m in masks.items()},
+                                                       metadata={"prompts": json.dumps([q.id for q in grp])})):
+                        t = load_file(str(path))
+                        masks = {n: t[f"mask.{n}"] for n, _ in layers}
                 self._groups.append({"prompts": [q.id for q in grp], "masks": masks, "file": str(path),
                                      "mask_sha256": _sha256_tensors(masks)})
                 for q in grp:
