@@ -1,0 +1,33 @@
+"""Memorization detection and prompt explanation: ``memobench detect`` and ``memobench explain``.
+
+One module per paper, each a detector (a :class:`memobench.api.Plugin` with a per-prompt score, higher = more
+likely memorized):
+
+* :mod:`.wen` — Wen et al., ICLR 2024: d(p), the text-conditional noise magnitude along the sampling trajectory,
+  and its token-wise significance (METHODS §6.1); detector ``wen`` (default).
+* :mod:`.nemo` — Hintersdorf, Struppek et al., NeurIPS 2024 (NeMo): the memorization score m(p), the max pairwise
+  MS-SSIM of the initial noise differences (METHODS §6.2); detector ``nemo``.
+
+Evaluation (:mod:`.roc`, METHODS §6.3): AUC, ACC (best balanced accuracy) and TPR@1%FPR with scikit-learn's ROC,
+and two calibrated thresholds (max-ACC, the default verdict threshold, and the TPR@1%FPR operating point), stored
+per model identity and detector settings in the memobench cache (:mod:`.bench`). :mod:`.explain` is the Python API
+of ``memobench explain`` (:func:`.explain.explain`, :class:`.explain.Explainer`).
+
+Commands, through the ``register_commands`` hook::
+
+    memobench detect  [--model tiny] [--memorized tiny-vm] [--nonmemorized tiny-nonmem] [--detector wen|nemo]
+    memobench explain "PROMPT" | --file prompts.txt | --prompt-set tiny-vm  [--model tiny] [--seeds 0-3]
+
+This module imports neither torch nor diffusers at import time.
+"""
+
+from __future__ import annotations
+
+from memobench.hookspecs import hookimpl
+
+
+@hookimpl
+def register_commands(app):
+    from .cli import register
+
+    register(app)
