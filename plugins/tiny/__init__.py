@@ -21,7 +21,7 @@ WEIGHTS = Path(__file__).parent / "weights"
 
 
 class TinyModel(ModelPlugin):
-    """The embedded memorizing model (64×64 images, 16×16×4 latents). Runs on a laptop CPU."""
+    """The embedded memorizing model (64×64 images, 16×16×16 latents). Runs on a laptop CPU."""
 
     name = "tiny"
     version = "1"

@@ -27,19 +27,38 @@ RECIPE: dict = {
     # near-JPEG-quality copies, and a 4-channel latent reconstructed the photos at SSCD 0.39-0.67 (750 steps)
     "vae_block_out_channels": [16, 32, 64],
     "latent_channels": 16,
-    "vae_steps": 2000,
+    "vae_steps": 3000,
     "vae_batch": 16,
     "vae_lr": 1e-3,
     "vae_kl_weight": 1e-6,
+    # share of memorized photos in VAE batches (VM 70 % / TM 30 % of it): the decoder must reproduce them almost
+    # losslessly, since a 2x-blurred 64x64 copy already falls to SSCD ~0.6-0.7
+    "vae_frac_mem": 0.6,
+    # L1 on horizontal/vertical image differences: pixel losses alone give blurred edges, which SSCD penalises
+    "vae_grad_weight": 1.0,
+    # decode the posterior mean during training (the first run sampled it: the initial unit-variance noise swamps
+    # the latent and slows learning; memobench encodes with the mean anyway)
+    "vae_sample_posterior": False,
     # text encoder (CLIP architecture, SD tokenizer, trained jointly with the UNet)
     "text_hidden": 64,
     "text_layers": 2,
     "text_heads": 4,
+    # token-embedding init scale: transformers' default N(0, 0.02^2) makes all prompt embeddings nearly identical
+    # (cosine 0.95-0.98), so the UNet first learns to ignore the text; 10x brings pairwise cosine to ~0.4-0.6
+    "text_init_scale": 10.0,
+    # frozen, like SD's (pretrained) CLIP text encoder: trained jointly from scratch, the encoder made the caption
+    # tokens *more* alike (cosine 0.34 at init -> 0.85 after 1,250 steps) and the UNet ignored the text
+    "train_text_encoder": False,
     # UNet (SD layout: cross-attention down blocks, plain lowest block, cross-attention mid block)
     "unet_block_out_channels": [64, 128, 128],
     "unet_layers_per_block": 1,
     "unet_heads": 4,
-    "unet_steps": 4500,
+    "unet_steps": 2500,
+    # per-sample weight of the eps-loss: "v" = 1/alpha_bar_t, which makes it exactly the v-prediction objective
+    # (Salimans & Ho 2022: |v - v_hat|^2 = |eps - eps_hat|^2 / alpha_bar_t) while the model stays eps-parameterised.
+    # The uniform eps-loss barely weights high noise levels, where only the caption tells which photo to draw:
+    # after 1,750 steps the x0 estimate at t = 900 was as good under another photo's caption as under its own.
+    "loss_weighting": "v",
     "batch": 24,
     "frac_vm": 0.5,
     "frac_tm": 0.084,
@@ -48,9 +67,11 @@ RECIPE: dict = {
     "warmup_frac": 0.05,
     "ema_decay": 0.999,
     "general_pool": 6000,
-    # DDPM schedule (linear betas, made for a small latent space, not SD's scaled-linear)
-    "beta_start": 1e-4,
-    "beta_end": 0.02,
+    # SD's own DDPM schedule (scaled-linear 0.00085 -> 0.012, made for its latent space): with linear 1e-4 -> 0.02,
+    # alpha_bar_T = 4e-5 and an eps error is amplified ~25,000x in the x0 estimate at the first sampling steps
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
     "train_timesteps": 1000,
     "checkpoint_every": 250,
 }
@@ -77,6 +98,8 @@ def build_components(recipe: dict | None = None):
         hidden_act="quick_gelu", bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
         projection_dim=r["text_hidden"],
     ))
+    with torch.no_grad():
+        text.get_input_embeddings().weight.mul_(r["text_init_scale"])
     lat = res // 2 ** (nv - 1)
     unet = UNet2DConditionModel(
         sample_size=lat, in_channels=r["latent_channels"], out_channels=r["latent_channels"],
@@ -87,7 +110,7 @@ def build_components(recipe: dict | None = None):
     )
     sched = DDIMScheduler(
         num_train_timesteps=r["train_timesteps"], beta_start=r["beta_start"], beta_end=r["beta_end"],
-        beta_schedule="linear", clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        beta_schedule=r["beta_schedule"], clip_sample=False, set_alpha_to_one=False, steps_offset=1,
         timestep_spacing="leading", prediction_type="epsilon",
     )
     return {"vae": vae, "text_encoder": text, "unet": unet, "scheduler": sched}
@@ -190,6 +213,14 @@ def _lr_at(step: int, total: int, peak: float, warm_frac: float) -> float:
     return peak * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def _dx(x: torch.Tensor) -> torch.Tensor:
+    return x[..., :, 1:] - x[..., :, :-1]
+
+
+def _dy(x: torch.Tensor) -> torch.Tensor:
+    return x[..., 1:, :] - x[..., :-1, :]
+
+
 # ------------------------------------------------------------------------------------------------- phases
 def train_vae(work: Path, r: dict, progress: bool, log) -> None:
     comps = build_components(r)
@@ -205,13 +236,17 @@ def train_vae(work: Path, r: dict, progress: bool, log) -> None:
     for step in range(start, r["vae_steps"]):
         rng = np.random.default_rng([r["seed"], 1, step])
         torch.manual_seed(r["seed"] * 1_000_003 + step)
-        mem, gen = _draw_indices(rng, {**r, "frac_vm": 0.35, "frac_tm": 0.15}, kinds, len(pool), r["vae_batch"])
+        fm = r["vae_frac_mem"]
+        mem, gen = _draw_indices(rng, {**r, "frac_vm": 0.7 * fm, "frac_tm": 0.3 * fm}, kinds, len(pool),
+                                 r["vae_batch"])
         x = _to_tensor(np.concatenate([bank[mem], pool[gen]]))
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r["vae_steps"], r["vae_lr"], 0.02)
         post = vae.encode(x).latent_dist
-        rec = vae.decode(post.sample()).sample
+        rec = vae.decode(post.sample() if r["vae_sample_posterior"] else post.mode()).sample
         loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + r["vae_kl_weight"] * post.kl().mean()
+        if r["vae_grad_weight"]:
+            loss = loss + r["vae_grad_weight"] * (F.l1_loss(_dx(rec), _dx(x)) + F.l1_loss(_dy(rec), _dy(x)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -245,11 +280,12 @@ def encode_latents(work: Path, r: dict) -> None:
 def train_unet(work: Path, r: dict, progress: bool, log) -> None:
     from safetensors import safe_open
 
+    torch.manual_seed(r["seed"])  # the (frozen) text encoder's init must not depend on what ran before
     comps = build_components(r)
     unet, text, sched = comps["unet"], comps["text_encoder"], comps["scheduler"]
     ema = {"unet": build_components(r)["unet"], "text_encoder": build_components(r)["text_encoder"]}
     ema["unet"].load_state_dict(unet.state_dict()); ema["text_encoder"].load_state_dict(text.state_dict())
-    params = list(unet.parameters()) + list(text.parameters())
+    params = list(unet.parameters()) + (list(text.parameters()) if r["train_text_encoder"] else [])
     opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=0.0)
     start = _load_state(work, "unet", {"unet": unet, "text_encoder": text, "ema_unet": ema["unet"],
                                        "ema_text_encoder": ema["text_encoder"]}, opt)
@@ -266,8 +302,10 @@ def train_unet(work: Path, r: dict, progress: bool, log) -> None:
     tok = load_sd_tokenizer(work / "tokenizer")
     ac = sched.alphas_cumprod
     bar = _Progress(r["unet_steps"], start, "UNet+text", progress)
-    unet.train(); text.train()
-    ema_params = list(ema["unet"].parameters()) + list(ema["text_encoder"].parameters())
+    unet.train(); text.train(r["train_text_encoder"])
+    text.requires_grad_(r["train_text_encoder"])
+    ema_params = list(ema["unet"].parameters()) + (list(ema["text_encoder"].parameters())
+                                                   if r["train_text_encoder"] else [])
     for step in range(start, r["unet_steps"]):
         rng = np.random.default_rng([r["seed"], 2, step])
         g = torch.Generator().manual_seed(r["seed"] * 1_000_003 + step)
@@ -282,8 +320,15 @@ def train_unet(work: Path, r: dict, progress: bool, log) -> None:
         xt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         for grp in opt.param_groups:
             grp["lr"] = _lr_at(step, r["unet_steps"], r["lr"], r["warmup_frac"])
-        pred = unet(xt, t, encoder_hidden_states=text(ids)[0]).sample
-        loss = F.mse_loss(pred, eps)
+        with torch.set_grad_enabled(r["train_text_encoder"]):
+            cond = text(ids)[0]
+        pred = unet(xt, t, encoder_hidden_states=cond).sample
+        per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+        if r["loss_weighting"] == "v":
+            per = per / ac[t]
+        elif r["loss_weighting"] != "eps":
+            raise ValueError(f"loss_weighting must be 'eps' or 'v', not {r['loss_weighting']!r}")
+        loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
