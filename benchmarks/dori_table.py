@@ -4,7 +4,8 @@
 
 Rows (each attack run is paired: it also scores the mitigation alone on the same targets and seeds):
   memorized prompts, no mitigation · none + DoRI (prompt init) · none + DoRI (Gaussian init) ·
-  NeMo · NeMo + DoRI · Wanda · Wanda + DoRI · advft · advft + DoRI · non-memorized photos · non-memorized + DoRI,
+  NeMo · NeMo + DoRI · Wanda · Wanda + DoRI · Wen · Wen + DoRI · RTA · RTA + DoRI · RNA · RNA + DoRI ·
+  advft · advft + DoRI · non-memorized photos · non-memorized + DoRI,
 with utility (exact alignment for the embedded model, FD on SSCD features) per mitigation, the paper's SD v1.4
 value and the issue's bound for each row, and the wall time. Writes JSON + Markdown; prints a table.
 """
@@ -30,6 +31,12 @@ ROWS = [
     ("NeMo + DoRI", "nemo", "dori", {}, None, "with", 0.99, ("mr", ">=", 0.9)),
     ("Wanda", "wanda", "dori", {}, None, "without", 0.00, ("mr", "<=", 0.2)),
     ("Wanda + DoRI", "wanda", "dori", {}, None, "with", 0.72, ("mr", ">=", 0.6)),
+    ("Wen et al. (inference-time)", "wen", "dori", {}, None, "without", None, ("mr", "<=", 0.3)),
+    ("Wen et al. + DoRI", "wen", "dori", {}, None, "with", None, None),
+    ("Random token addition (RTA)", "rta", "dori", {}, None, "without", None, None),
+    ("RTA + DoRI", "rta", "dori", {}, None, "with", None, None),
+    ("Random number addition (RNA)", "rna", "dori", {}, None, "without", None, None),
+    ("RNA + DoRI", "rna", "dori", {}, None, "with", None, None),
     ("Adversarial fine-tuning", "advft", "dori", {}, None, "without", None, None),
     ("Adversarial fine-tuning + DoRI", "advft", "dori", {}, None, "with", 0.02, ("mr", "<=", 0.1)),
     ("Non-memorized photos", "none", "dori", {}, "nonmem_targets", "without", 0.00, None),
@@ -87,6 +94,9 @@ def main(argv=None) -> int:
                "sscd_orig": _val(met.get("sscd_orig")),
                "sscd_orig_dispersion": (met.get("sscd_orig") or {}).get("dispersion"),
                "utility": util, "paper_sd14_mr": paper, "result": runs[key]["path"]}
+        rep = (r.get("mitigation") or {}).get("report") or {}
+        if rep.get("median_neurons_per_memorized_prompt") is not None:  # NeMo (paper: 4 on SD v1.4)
+            row["median_neurons_per_memorized_prompt"] = rep["median_neurons_per_memorized_prompt"]
         if bound:
             m, op, b = bound
             v = row[m]
@@ -108,11 +118,17 @@ def main(argv=None) -> int:
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1, default=str))
     md = [f"DoRI table on `{a.model}` (seeds {doc['seeds']}; MR = share of targets whose SSCD to the training image "
           f"exceeds 0.7; offline SSCD; wall time {wall:.0f} s from this cache state)", "",
-          "| row | MR | SSCD_orig | utility | paper SD v1.4 MR | bound | met |", "|---|---|---|---|---|---|---|"]
+          "Utility: `tiny_alignment` = exact alignment (higher is better), `fd_sscd` = Fréchet distance on SSCD "
+          "features to ground-truth renderings (lower is better; not FID); in brackets, the ratio to `none`.", "",
+          "| row | MR | SSCD_orig | utility (ratio to none) | paper SD v1.4 MR | bound | met |",
+          "|---|---|---|---|---|---|---|"]
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for x in rows:
         disp = (x["sscd_orig_dispersion"] or {}).get("value")
-        u = ", ".join(f"{k} {f(v)}" for k, v in x["utility"].items())
+        rel = x.get("utility_rel_to_none") or {}
+        u = ", ".join(f"{k} {f(v)} ({f(rel.get(k))})" for k, v in x["utility"].items())
+        if x.get("median_neurons_per_memorized_prompt") is not None:
+            u += f"; median neurons/prompt {x['median_neurons_per_memorized_prompt']}"
         met = {True: "yes", False: "**no**", None: ""}[x.get("meets_bound")]
         md.append(f"| {x['row']} | {f(x['mr'])} | {f(x['sscd_orig'])}" + (f" ± {disp:.2f}" if disp is not None else "")
                   + f" | {u} | {f(x['paper_sd14_mr']) if x['paper_sd14_mr'] is not None else ''} | "

@@ -55,14 +55,16 @@ def main(argv=None) -> int:
     util = sorted((x for x in rows if x["role"] == "utility"), key=lambda x: (x["prompt_id"], x["seed"]))
     cache = ImageCache(Path(a.cache_dir) if a.cache_dir else Runner(RunConfig(**common)).cache_dir)
     caps = [x["prompt"] for x in util]
-    own, shuf = [], []
+    own, shuf, own_all, shuf_all = [], [], [], []
+    full = lambda sc: float(all(v == 1.0 for k, v in sc.items() if k != "overall" and v is not None))  # noqa: E731
     for i, x in enumerate(util):
         img = cache.get(x["sample_key"])
         other = caps[(i + len(caps) // 2) % len(caps)]
         if other == x["prompt"]:
             other = caps[(i + 1) % len(caps)]
-        own.append(checker.score(img, x["prompt"])["overall"])
-        shuf.append(checker.score(img, other)["overall"])
+        so, ss = checker.score(img, x["prompt"]), checker.score(img, other)
+        own.append(so["overall"]); shuf.append(ss["overall"])
+        own_all.append(full(so)); shuf_all.append(full(ss))
     g = lambda rec, k: (rec.get("groups") or {}).get(k, {}).get("value")  # noqa: E731
     doc = {
         "vm": {"mr": r1["metrics"]["mr"]["value"], "sscd_orig": r1["metrics"]["sscd_orig"]["value"],
@@ -78,14 +80,19 @@ def main(argv=None) -> int:
                       "by_category": r1["metrics"]["tiny_alignment"].get("groups"),
                       "own_caption_mean": float(np.mean(own)) if own else None,
                       "shuffled_caption_mean": float(np.mean(shuf)) if shuf else None,
-                      "gap": float(np.mean(own) - np.mean(shuf)) if own else None, "n": len(own)},
+                      "gap": float(np.mean(own) - np.mean(shuf)) if own else None, "n": len(own),
+                      # accuracy as "the image matches the caption in every category" (binary per image)
+                      "own_all_correct": float(np.mean(own_all)) if own else None,
+                      "shuffled_all_correct": float(np.mean(shuf_all)) if own else None,
+                      "gap_all_correct": float(np.mean(own_all) - np.mean(shuf_all)) if own else None},
         "generation": r1["generation"], "sscd_impl": r1["metrics"]["sscd_orig"].get("impl"),
         "model": r1["model"], "wall_seconds": time.time() - t0,
     }
     doc["bounds"] = {"vm_mr>=0.9": doc["vm"]["mr"] >= 0.9, "nonmem_mr<=0.05": doc["nonmem"]["mr"] <= 0.05,
                      "nonmem_mean_max_sscd<=0.3": doc["nonmem"]["mean_max_sscd"] <= 0.3,
                      "alignment>=0.6": doc["alignment"]["tiny_alignment"] >= 0.6,
-                     "checker_gap>=0.4": (doc["alignment"]["gap"] or 0) >= 0.4}
+                     "checker_gap>=0.4": (doc["alignment"]["gap"] or 0) >= 0.4,
+                     "checker_gap_all_correct>=0.4": (doc["alignment"]["gap_all_correct"] or 0) >= 0.4}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1, default=str))
@@ -100,9 +107,12 @@ def main(argv=None) -> int:
           f"{doc['bounds']['nonmem_mean_max_sscd<=0.3']} |",
           f"| exact alignment, held-out captions | {f(doc['alignment']['tiny_alignment'])} | ≥ 0.6 | "
           f"{doc['bounds']['alignment>=0.6']} |",
-          f"| checker: own − shuffled caption | {f(doc['alignment']['own_caption_mean'])} − "
+          f"| checker, mean category score: own − shuffled caption | {f(doc['alignment']['own_caption_mean'])} − "
           f"{f(doc['alignment']['shuffled_caption_mean'])} = {f(doc['alignment']['gap'])} | ≥ 0.4 | "
-          f"{doc['bounds']['checker_gap>=0.4']} |"]
+          f"{doc['bounds']['checker_gap>=0.4']} |",
+          f"| checker, all-categories-correct accuracy: own − shuffled caption | "
+          f"{f(doc['alignment']['own_all_correct'])} − {f(doc['alignment']['shuffled_all_correct'])} = "
+          f"{f(doc['alignment']['gap_all_correct'])} | ≥ 0.4 | {doc['bounds']['checker_gap_all_correct>=0.4']} |"]
     atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

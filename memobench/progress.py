@@ -47,7 +47,10 @@ class ProgressReporter:
             if transient:
                 self._progress.remove_task(tid)
             else:
-                self._progress.update(tid, completed=self._progress.tasks[tid].total or 0)
+                # ``tasks`` is a list in display order, not indexed by task id (removed transient bars shift it)
+                task = next((t for t in self._progress.tasks if t.id == tid), None)
+                if task is not None:
+                    self._progress.update(tid, completed=task.total or 0)
 
     def log(self, msg: str) -> None:
         # plain text: "[memobench] …" is not rich markup, and a log line is never wrapped (it is parsed)

@@ -225,7 +225,10 @@ class Runner:
         t_start = time.time()
         timing: dict[str, float] = {}
         ctx = Context(cache_dir=self.cache_dir, offline=cfg.offline, device=device, seeds=tuple(self.seeds),
-                      progress=self.progress, settings={"generation": self.generation, "batch_size": cfg.batch_size})
+                      progress=self.progress, settings={"generation": self.generation, "batch_size": cfg.batch_size,
+                                                        "model_prompt_sets": dict(type(self.model_plugin).prompt_sets)},
+                      registry=self.reg)
+        ctx.references = lambda prompt: self._reference(prompt, ctx)
         log = self.progress.log
         t = time.time()
         nonmem = type(self.model_plugin).prompt_sets.get("nonmem")

@@ -1,0 +1,122 @@
+"""Issue 10's figures on the embedded model, by one command: which token does `memobench explain` rank first for
+each verbatim-memorized prompt, and does removing / replacing it lower the statistic and the SSCD?
+
+    python benchmarks/explain_checks.py [--out benchmarks/reports/explain_checks]
+
+"Distinctive caption words" are defined programmatically: the words of a memorized caption that occur in no other
+training caption of the embedded model (the other memorized captions and the whole general-set grammar), function
+words excluded. The top token counts as distinctive when its text is a piece of one of those words (BPE may split a
+word). Stricter, also reported: the top token is a piece of the photo's name (the item key, e.g. "astronaut"). The detection
+AUC of the verdict is read from the calibration that `memobench detect --model tiny` stored (run that first; the
+script says so when it is missing). Writes JSON + Markdown and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+from pathlib import Path
+
+from memobench.cache import atomic_write_text
+
+
+FUNCTION_WORDS = {"a", "an", "the", "of", "in", "on", "at", "to", "up", "and", "with", "by", "for"}
+
+
+def distinctive_words() -> dict[str, set[str]]:
+    """Per memorized caption: its words that no other training caption of the embedded model contains."""
+    from memobench_plugins.tiny import data as D
+
+    words = lambda c: set(re.findall(r"[a-z0-9]+", c.lower()))  # noqa: E731
+    mem = [it.caption for it in D.VM_ITEMS + D.TM_ITEMS]
+    general = set().union(*(words(c) for c in D.train_captions()))
+    out = {}
+    for c in mem:
+        others = general.union(*(words(o) for o in mem if o != c))
+        out[c] = words(c) - others - FUNCTION_WORDS
+    return out
+
+
+def is_distinctive(token_text: str, dwords: set[str]) -> bool:
+    t = token_text.replace("</w>", "").strip().lower()
+    return bool(t) and any(t in w for w in dwords)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompt-set", default="tiny-vm")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--out", default="benchmarks/reports/explain_checks")
+    a = ap.parse_args(argv)
+    from memobench_plugins.detect.bench import load_prompts
+    from memobench_plugins.detect.explain import VERDICT_MEM, Explainer, render_png
+
+    t0 = time.time()
+    ex = Explainer(model="tiny", cache_dir=a.cache_dir, offline=True)
+    if ex.calibration is None:
+        raise SystemExit("error: no detection calibration for model 'tiny'; run `memobench detect --model tiny "
+                         "--memorized tiny-vm --nonmemorized tiny-nonmem` first")
+    _, prompts, ps = load_prompts(ex.session, a.prompt_set, "--prompt-set")
+    dw = distinctive_words()
+    from memobench_plugins.tiny import data as D
+
+    names = {it.caption: {it.key} for it in D.VM_ITEMS + D.TM_ITEMS}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for p in prompts:
+        e = ex.explain(p, prompt_set=ps)
+        top = e.top_tokens(1)[0]
+        abl = {x.kind: x for x in e.ablations}
+        rows.append({
+            "prompt": p.text, "top_token": top.text, "top_share": top.share,
+            "distinctive_words": sorted(dw.get(p.text, ())),
+            "top_is_distinctive": is_distinctive(top.text, dw.get(p.text, set())),
+            "top_is_name": is_distinctive(top.text, names.get(p.text, set())),
+            "statistic": e.statistic, "verdict": e.verdict, "sscd_mean": e.sscd_mean,
+            **{f"{k}_statistic": x.statistic for k, x in abl.items()},
+            **{f"{k}_sscd_mean": x.sscd_mean for k, x in abl.items()},
+            **{f"{k}_lowers_statistic": x.lowers_statistic for k, x in abl.items()},
+            **{f"{k}_lowers_sscd": x.lowers_sscd for k, x in abl.items()},
+            "statements": e.statements,
+        })
+        render_png(e).save(out.parent / f"explain_{p.id}.png")
+    n = len(rows)
+    frac = lambda k: sum(bool(r.get(k)) for r in rows) / n if n else None  # noqa: E731
+    cal = ex.calibration
+    doc = {"prompt_set": a.prompt_set, "n": n, "rows": rows,
+           "top_token_distinctive_fraction": frac("top_is_distinctive"), "top_token_name_fraction": frac("top_is_name"),
+           "memorized_verdict_fraction": sum(r["verdict"] == VERDICT_MEM for r in rows) / n if n else None,
+           "remove_lowers_statistic": frac("remove_lowers_statistic"), "remove_lowers_sscd": frac("remove_lowers_sscd"),
+           "replace_lowers_statistic": frac("replace_lowers_statistic"),
+           "replace_lowers_sscd": frac("replace_lowers_sscd"),
+           "detection": {"auc": cal.get("auc"), "memorized": cal["memorized"]["name"],
+                         "nonmemorized": cal["nonmemorized"]["name"], "threshold_rule": ex.threshold_rule},
+           "seeds": list(ex.detector.params.seeds), "wall_seconds": time.time() - t0}
+    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1, default=str))
+    f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    md = [f"`memobench explain` on `{a.prompt_set}` (embedded model, seeds {doc['seeds']}; {doc['wall_seconds']:.0f} s)",
+          "", f"- top-ranked token is a distinctive caption word: {f(doc['top_token_distinctive_fraction'])} of prompts "
+          f"(the photo's name: {f(doc['top_token_name_fraction'])})",
+          f"- removing it lowers the statistic / the SSCD: {f(doc['remove_lowers_statistic'])} / "
+          f"{f(doc['remove_lowers_sscd'])}; replacing it (by '{ex.replacement}'): "
+          f"{f(doc['replace_lowers_statistic'])} / {f(doc['replace_lowers_sscd'])}",
+          f"- verdict 'likely memorized': {f(doc['memorized_verdict_fraction'])} of prompts",
+          f"- verdict threshold from `memobench detect` ({doc['detection']['memorized']} vs "
+          f"{doc['detection']['nonmemorized']}): AUC {f(doc['detection']['auc'])}", "",
+          "| prompt | top token (share) | distinctive words | verdict | statistic: own → removed → replaced | "
+          "SSCD: own → removed → replaced |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['prompt']} | {r['top_token']} ({r['top_share']:.2f}){' ✓' if r['top_is_distinctive'] else ''}"
+                  f" | {', '.join(r['distinctive_words'])} | {r['verdict']} | {f(r['statistic'])} → "
+                  f"{f(r.get('remove_statistic'))} → {f(r.get('replace_statistic'))} | {f(r['sscd_mean'])} → "
+                  f"{f(r.get('remove_sscd_mean'))} → {f(r.get('replace_sscd_mean'))} |")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
