@@ -118,6 +118,9 @@ class MetricValue:
     per_sample: dict = field(default_factory=dict)  # sample_key -> float (or per prompt id)
     extra: dict = field(default_factory=dict)
     unavailable: str | None = None  # reason, when the metric could not be computed
+    # this metric id's own name, when one plugin returns several ids that differ in kind (e.g. "FID" vs
+    # "FD (SSCD features)"); None = the plugin's ``MetricInfo.display_name``
+    display_name: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- run context

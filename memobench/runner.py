@@ -672,7 +672,7 @@ def _metric_record(m: Metric, mv: MetricValue) -> dict:
     rec = {
         "value": mv.value, "n": mv.n, "dispersion": mv.dispersion, "groups": mv.groups,
         "higher_is_better": info.higher_is_better, "min": info.min, "max": info.max,
-        "display_name": info.display_name, "metric_plugin": m.identity(), "impl": mv.impl,
+        "display_name": mv.display_name or info.display_name, "metric_plugin": m.identity(), "impl": mv.impl,
         "extra": mv.extra,
     }
     if mv.unavailable:

@@ -169,6 +169,7 @@ def test_sscd_identical_sets_fd_zero_and_named_fd_sscd(tmp_path, photo_sets):
     assert set(out) == {"fd_sscd", "kd_sscd"}  # offline without Inception weights: never "fid"
     fd, kd = out["fd_sscd"], out["kd_sscd"]
     assert fd.unavailable is None and abs(fd.value) < 1e-3
+    assert (fd.display_name, kd.display_name) == ("FD (SSCD features)", "KD (SSCD features)")  # never "FID"
     impl = fd.impl
     assert impl["library"].startswith("torch-fidelity 0.")
     assert impl["feature_extractor"].startswith("sscd (memobench-sscd: sscd_disc_mixup")
@@ -304,3 +305,12 @@ def test_reference_dir_equals_in_memory_references(tmp_path, photo_sets, tiny_we
         _samples(a, b), ctx)["fid"]
     # same pixels, different order (file hash vs image digest): FID is order-free
     assert by_dir.value == pytest.approx(in_mem.value, rel=1e-5)
+
+
+def test_display_names_say_which_features():
+    from memobench_plugins.fidelity import display_names, metric_ids
+
+    assert display_names(metric_ids("sscd"), "sscd") == ("FD (SSCD features)", "KD (SSCD features)")
+    assert display_names(("fid", "kid"), "inception-v3-compat") == ("FID", "KID")
+    assert display_names(("fd_clip", "kd_clip"), "clip-vit-b-32") == ("FD (clip-vit-b-32 features)",
+                                                                      "KD (clip-vit-b-32 features)")

@@ -97,6 +97,14 @@ def metric_ids(extractor: str, inception_name: str = INCEPTION) -> tuple[str, st
     return f"fd_{_slug(extractor)}", f"kd_{_slug(extractor)}"
 
 
+def display_names(ids: tuple[str, str], extractor: str) -> tuple[str, str]:
+    """Column names that say which features produced a distance: "FID"/"KID" only for Inception."""
+    if ids == ("fid", "kid"):
+        return "FID", "KID"
+    feats = "SSCD" if ids == ("fd_sscd", "kd_sscd") else extractor
+    return f"FD ({feats} features)", f"KD ({feats} features)"
+
+
 def register_extractors() -> str:
     """Register memobench's SSCD extractor with torch-fidelity (idempotent) and return its name, ``memobench-sscd``.
 
@@ -419,9 +427,10 @@ class Fidelity(Metric):
         extra = {"n_ref": n_ref, "warning": impl["warning"]}
         fd = float(out[torch_fidelity.KEY_METRIC_FID])
         kd, kd_std = float(out[torch_fidelity.KEY_METRIC_KID_MEAN]), float(out[torch_fidelity.KEY_METRIC_KID_STD])
+        names = display_names(ids, sel.get("inner") or sel["kind"])
         return {
-            ids[0]: MetricValue(value=fd, n=n_gen, impl=dict(impl), extra=dict(extra)),
-            ids[1]: MetricValue(value=kd, n=n_gen, impl=dict(impl), extra=dict(extra),
+            ids[0]: MetricValue(value=fd, n=n_gen, impl=dict(impl), extra=dict(extra), display_name=names[0]),
+            ids[1]: MetricValue(value=kd, n=n_gen, impl=dict(impl), extra=dict(extra), display_name=names[1],
                                 dispersion={"kind": "std", "value": kd_std, "over": f"{p.kid_subsets} KID subsets"}),
         }
 
