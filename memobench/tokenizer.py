@@ -54,10 +54,13 @@ def write_sd_tokenizer_files(out_dir: str | Path, pad_token: str = EOS) -> Path:
 
 
 def load_sd_tokenizer(cache_dir: str | Path, pad_token: str = EOS):
-    """Return a ``transformers.CLIPTokenizer`` equal to SD v1.4's (built into ``cache_dir`` on first use)."""
+    """Return a ``transformers.CLIPTokenizer`` equal to SD v1.4's (built into ``cache_dir`` on first use).
+
+    A folder that already holds a saved tokenizer (``tokenizer.json``, e.g. a pipeline's ``tokenizer/``) is only
+    read, never written: writing there would change the pipeline's files and so its weights hash."""
     from transformers import CLIPTokenizer
 
     d = Path(cache_dir)
-    if not (d / "merges.txt").exists():
+    if not (d / "merges.txt").exists() and not (d / "tokenizer.json").exists():
         write_sd_tokenizer_files(d, pad_token=pad_token)
     return CLIPTokenizer.from_pretrained(str(d))

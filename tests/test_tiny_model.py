@@ -72,3 +72,14 @@ def test_shipped_weights_load_in_plain_diffusers():
     img = pipe("a red circle", num_inference_steps=5, guidance_scale=3.0,
                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
     assert img.shape == (64, 64, 3) and np.isfinite(img).all()
+
+
+def test_loading_a_saved_tokenizer_folder_never_writes_into_it(tmp_path):
+    import shutil
+
+    d = tmp_path / "tokenizer"
+    shutil.copytree(WEIGHTS / "tokenizer", d)
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    tok = load_sd_tokenizer(d)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before  # the shipped weights' hash must not change
+    assert tok("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
