@@ -6,7 +6,8 @@ each verbatim-memorized prompt, and does removing / replacing it lower the stati
 "Distinctive caption words" are defined programmatically: the words of a memorized caption that occur in no other
 training caption of the embedded model (the other memorized captions and the whole general-set grammar), function
 words excluded. The top token counts as distinctive when its text is a piece of one of those words (BPE may split a
-word). Stricter, also reported: the top token is a piece of the photo's name (the item key, e.g. "astronaut"). The detection
+word; each token is mapped to its word by position). Stricter, also reported: the top token belongs to the photo's
+name (the item key, e.g. "astronaut"). The detection
 AUC of the verdict is read from the calibration that `memobench detect --model tiny` stored (run that first; the
 script says so when it is missing). Writes JSON + Markdown and prints the Markdown.
 """
@@ -39,9 +40,13 @@ def distinctive_words() -> dict[str, set[str]]:
     return out
 
 
-def is_distinctive(token_text: str, dwords: set[str]) -> bool:
-    t = token_text.replace("</w>", "").strip().lower()
-    return bool(t) and any(t in w for w in dwords)
+def token_words(tokenizer, caption: str) -> list[str]:
+    """The caption word each prompt token belongs to, in token order (position 1 = first prompt token): every word
+    is tokenized on its own, and CLIP's BPE tokenizes a lower-case caption as the concatenation of its words."""
+    out = []
+    for w in caption.lower().split():
+        out += [re.sub(r"[^a-z0-9]", "", w)] * len(tokenizer(w, add_special_tokens=False).input_ids)
+    return out
 
 
 def main(argv=None) -> int:
@@ -50,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="benchmarks/reports/explain_checks")
     a = ap.parse_args(argv)
+    from PIL import Image
+
     from memobench_plugins.detect.bench import load_prompts
     from memobench_plugins.detect.explain import VERDICT_MEM, Explainer, render_png
 
@@ -69,12 +76,16 @@ def main(argv=None) -> int:
     for p in prompts:
         e = ex.explain(p, prompt_set=ps)
         top = e.top_tokens(1)[0]
+        words = token_words(ex.session.model.tokenizer, p.text)
+        if len(words) != len(e.tokens):
+            raise SystemExit(f"error: cannot map the tokens of {p.text!r} to its words")
+        top_word = words[top.position - 1]
         abl = {x.kind: x for x in e.ablations}
         rows.append({
-            "prompt": p.text, "top_token": top.text, "top_share": top.share,
+            "prompt": p.text, "top_token": top.text, "top_word": top_word, "top_share": top.share,
             "distinctive_words": sorted(dw.get(p.text, ())),
-            "top_is_distinctive": is_distinctive(top.text, dw.get(p.text, set())),
-            "top_is_name": is_distinctive(top.text, names.get(p.text, set())),
+            "top_is_distinctive": top_word in dw.get(p.text, set()),
+            "top_is_name": top_word in names.get(p.text, set()),
             "statistic": e.statistic, "verdict": e.verdict, "sscd_mean": e.sscd_mean,
             **{f"{k}_statistic": x.statistic for k, x in abl.items()},
             **{f"{k}_sscd_mean": x.sscd_mean for k, x in abl.items()},
@@ -82,7 +93,7 @@ def main(argv=None) -> int:
             **{f"{k}_lowers_sscd": x.lowers_sscd for k, x in abl.items()},
             "statements": e.statements,
         })
-        render_png(e).save(out.parent / f"explain_{p.id}.png")
+        Image.fromarray(render_png(e)).save(out.parent / f"explain_{p.id}.png")
     n = len(rows)
     frac = lambda k: sum(bool(r.get(k)) for r in rows) / n if n else None  # noqa: E731
     cal = ex.calibration
@@ -106,10 +117,11 @@ def main(argv=None) -> int:
           f"- verdict 'likely memorized': {f(doc['memorized_verdict_fraction'])} of prompts",
           f"- verdict threshold from `memobench detect` ({doc['detection']['memorized']} vs "
           f"{doc['detection']['nonmemorized']}): AUC {f(doc['detection']['auc'])}", "",
-          "| prompt | top token (share) | distinctive words | verdict | statistic: own → removed → replaced | "
+          "| prompt | top token [its word] (share) | distinctive words | verdict | statistic: own → removed → replaced | "
           "SSCD: own → removed → replaced |", "|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['prompt']} | {r['top_token']} ({r['top_share']:.2f}){' ✓' if r['top_is_distinctive'] else ''}"
+        md.append(f"| {r['prompt']} | {r['top_token']} [{r['top_word']}] ({r['top_share']:.2f})"
+                  f"{' ✓' if r['top_is_distinctive'] else ''}"
                   f" | {', '.join(r['distinctive_words'])} | {r['verdict']} | {f(r['statistic'])} → "
                   f"{f(r.get('remove_statistic'))} → {f(r.get('replace_statistic'))} | {f(r['sscd_mean'])} → "
                   f"{f(r.get('remove_sscd_mean'))} → {f(r.get('replace_sscd_mean'))} |")
