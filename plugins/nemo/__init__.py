@@ -83,9 +83,9 @@ from memobench.api import Context, Mitigation, Prompt, params_dict
 from memobench.hookspecs import hookimpl
 
 __all__ = [
-    "NeMo", "value_layers", "block_neurons", "activation_stats", "prompt_activations", "candidate_sets",
-    "theta_k_schedule", "initial_selection", "refine", "minmax_normalize", "ms_ssim", "msssim_min_size",
-    "max_pairwise_ms_ssim", "noise_differences",
+    "NeMo", "value_layers", "block_neurons", "activation_stats", "prompt_activations", "embedding_activations",
+    "candidate_sets", "theta_k_schedule", "initial_selection", "refine", "minmax_normalize", "ms_ssim",
+    "msssim_min_size", "max_pairwise_ms_ssim", "noise_differences",
 ]
 
 _BLOCKS = ("down", "mid", "up")
@@ -185,9 +185,18 @@ def prompt_activations(model, layers, texts: Sequence[str], batch_size: int = 32
     with torch.no_grad():
         for i in range(0, len(texts), batch_size):
             emb = model.encode_prompt(list(texts[i: i + batch_size]))
-            for l, (_, mod) in enumerate(layers):
-                acts[l].append(mod.forward(emb.to(mod.weight.dtype)).abs().float().mean(dim=1).cpu())
+            for l, a in enumerate(embedding_activations(layers, emb)):
+                acts[l].append(a)
     return [torch.cat(a) for a in acts]
+
+
+def embedding_activations(layers, embeds) -> list:
+    """a^l (B × C_l, float32) of conditioning embeddings ``embeds`` (B×77×d, encoded prompts or any other
+    conditioning, e.g. a DoRI embedding): NeMo Eq. 3, the modules' ``forward`` called directly (bypassing hooks)."""
+    import torch
+
+    with torch.no_grad():
+        return [mod.forward(embeds.to(mod.weight.dtype)).abs().float().mean(dim=1).cpu() for _, mod in layers]
 
 
 def activation_stats(model, layers, texts: Sequence[str], batch_size: int = 32) -> tuple[list, list]:
@@ -538,15 +547,22 @@ class NeMo(Mitigation):
 
     def localize(self, model, prompt_text: str, layers, means, stds, latents, t) -> dict:
         """Steps 1-6 of METHODS §7.1.4 for one prompt; returns the JSON-able record."""
+        return self.localize_embedding(model, model.encode_prompt(prompt_text), layers, means, stds, latents, t,
+                                       label=prompt_text)
+
+    def localize_embedding(self, model, emb, layers, means, stds, latents, t, label: str | None = None) -> dict:
+        """Steps 1-6 of METHODS §7.1.4 for one conditioning embedding ``emb`` (1×77×d): the encoded prompt in
+        :meth:`localize`, or any other embedding (e.g. a DoRI adversarial one). ``label`` goes into the record's
+        ``prompt`` field."""
         p = self.params
         kw = {"kernel_size": p.msssim_kernel, "betas": p.msssim_betas, "small_latent": p.small_latent,
               "upsample_to": p.upsample_to}
-        emb = model.encode_prompt(prompt_text)
+        emb = emb.to(model.device, model.dtype)
         d0 = noise_differences(model, emb, latents, t, p.detect_guidance_scale, p.autocast_fp16)
         m = max_pairwise_ms_ssim(d0, **kw)
         keep = (m > p.pairwise_threshold).nonzero().flatten().tolist()
         names = [n for n, _ in layers]
-        rec = {"prompt": prompt_text, "layers": names, "pairwise_max": [round(float(v), 6) for v in m],
+        rec = {"prompt": label, "layers": names, "pairwise_max": [round(float(v), 6) for v in m],
                "seeds_K": keep, "memorized": bool(keep)}
         if not keep:
             empty = [[] for _ in layers]
@@ -564,7 +580,7 @@ class NeMo(Mitigation):
                 memo[key] = ms_ssim(d0_k, db, **kw).cpu()
             return memo[key]
 
-        acts = [a[0] for a in prompt_activations(model, layers, [prompt_text])]
+        acts = [a[0] for a in embedding_activations(layers, emb)]
         init = initial_selection(acts, means, stds, score, threshold=p.initial_threshold,
                                  refinement_threshold=p.refinement_threshold, theta_init=p.theta_init,
                                  theta_step=p.theta_step, theta_min=p.theta_min, k_init=p.k_init, k_max=p.k_max,
@@ -615,6 +631,28 @@ class NeMo(Mitigation):
         export = ctx.artifact_path(self, "neurons-run", key_of(sorted(records)), suffix=".json")
         self.export(export)
         self._files["neurons"] = str(export)
+
+    def layers(self, model) -> list[tuple[str, Any]]:
+        """``(name, module)`` of the value layers this mitigation selects neurons in (``blocks``), forward order."""
+        return value_layers(model.unet, self.params.blocks)
+
+    def select_for_embedding(self, model, prompt_embeds, ctx: Context, label: str | None = None) -> dict:
+        """NeMo's localization (METHODS §7.1.4 steps 1-6) for an arbitrary conditioning embedding (1×77×d) in place
+        of an encoded prompt — e.g. a DoRI adversarial embedding — with the same activation statistics, detection
+        latents, timestep and thresholds as :meth:`fit`. Returns the record :meth:`localize` returns (``refined``
+        and ``initial``: one list of neuron indices per layer of :meth:`layers`; ``memorized``; scores). Nothing is
+        written to the cache or to the fitted sets; the statistics are computed (or read from the cache) once per
+        instance and model."""
+        p = self.params
+        layers = self.layers(model)
+        state = getattr(self, "_embedding_state", None)
+        if state is None or state[0] is not model:
+            means, stds = self._statistics(model, layers, ctx)
+            t = model.timesteps(p.num_inference_steps)[p.timestep_index]
+            state = (model, means, stds, self._latents(model), t)
+            self._embedding_state = state
+        _, means, stds, latents, t = state
+        return self.localize_embedding(model, prompt_embeds, layers, means, stds, latents, t, label=label)
 
     # ------------------------------------------------------------------------------------------- neuron sets
     def _load_neurons_file(self, path: str) -> dict[str, dict]:

@@ -119,9 +119,10 @@ class _Stop(Exception):
 
 
 def column_sq_sums(model, layers, texts: Sequence[str], timesteps: int, num_inference_steps: int,
-                   guidance_scale: float, seed: int, batch_size: int = 8) -> list[list]:
+                   guidance_scale: float, seed: int, batch_size: int = 8, embeds=None) -> list[list]:
     """Σ over rows of x_rj² with every input row x_r of ``ff.net.2`` L2-normalised (both CFG halves, all spatial
-    tokens, all ``texts``), per denoising step t < ``timesteps`` and layer: ``out[t][l]`` (float32, length 4C)."""
+    tokens, all ``texts``), per denoising step t < ``timesteps`` and layer: ``out[t][l]`` (float32, length 4C).
+    ``embeds`` (N×77×d), when given, replaces the encoded ``texts`` (conditioning embeddings that are not texts)."""
     import torch
 
     sums = [[torch.zeros(int(m.in_features), dtype=torch.float32, device=model.device) for _, m in layers]
@@ -145,11 +146,14 @@ def column_sq_sums(model, layers, texts: Sequence[str], timesteps: int, num_infe
     try:
         for l, (_, mod) in enumerate(layers):
             handles.append(mod.register_forward_pre_hook(make_hook(l)))
-        for i in range(0, len(texts), batch_size):
-            chunk = list(texts[i: i + batch_size])
+        n = len(texts) if embeds is None else int(embeds.shape[0])
+        for i in range(0, n, batch_size):
             state["t"] = 0
-            pe = model.encode_prompt(chunk)
-            lat = model.initial_latents([seed] * len(chunk))
+            if embeds is None:
+                pe = model.encode_prompt(list(texts[i: i + batch_size]))
+            else:
+                pe = embeds[i: i + batch_size].to(model.device, model.dtype)
+            lat = model.initial_latents([seed] * int(pe.shape[0]))
             try:
                 with torch.no_grad():
                     model.denoise(pe, model.empty_embedding(), lat, num_inference_steps, guidance_scale,
@@ -303,6 +307,40 @@ class Wanda(Mitigation):
                   for n, m in layers}
         self._pruned_sha = _sha256_tensors(pruned)
         self._original_sha = _sha256_tensors({n: m.weight.detach() for n, m in layers})
+
+    def layers(self, model) -> list[tuple[str, Any]]:
+        """``(name, ff.net.2 Linear)`` of the layers this mitigation prunes (``params.layers``), forward order."""
+        return ffn_layers(model.unet, self.params.layers)
+
+    def embedding_masks(self, model, prompt_embeds, layers: Sequence[tuple[str, Any]] | None = None,
+                        skill_ratio: float | dict | None = None) -> dict:
+        """Wanda masks (METHODS §7.3 steps 2-5) with one conditioning embedding (1×77×d, e.g. a DoRI adversarial
+        embedding) as the target, against ``base_prompt``: what :meth:`fit` computes for a group of one prompt, with
+        the embedding in place of the encoded prompt text. ``layers``: the ``(name, Linear)`` pairs to score (default:
+        this mitigation's ``ff.net.2`` layers); the statistic hooks any Linear's input, so ConceptPrune's other
+        ``hook_module`` choices (e.g. the ``attn2.to_v`` value projections) work too. ``skill_ratio``: a float or
+        ``{layer name: float}`` in place of ``params.skill_ratio``. Returns ``{layer name: bool mask shaped like the
+        weight}``; the fitted masks and :meth:`apply` are untouched. The base statistics are memoised per layer list.
+        """
+        p = self.params
+        layers = list(layers) if layers is not None else self.layers(model)
+        run = dict(timesteps=p.timesteps, num_inference_steps=p.num_inference_steps,
+                   guidance_scale=p.guidance_scale, seed=p.seed)
+        memo = self.__dict__.setdefault("_embedding_base", {})
+        key = tuple(n for n, _ in layers)
+        if key not in memo or memo[key][0] is not model:
+            memo[key] = (model, column_sq_sums(model, layers, [p.base_prompt], batch_size=1, **run))
+        base = memo[key][1]
+        emb = prompt_embeds.reshape(1, *prompt_embeds.shape[-2:])
+        tgt = column_sq_sums(model, layers, [], batch_size=1, embeds=emb, **run)
+        out = {}
+        for l, (n, mod) in enumerate(layers):
+            rho = skill_ratio.get(n, p.skill_ratio) if isinstance(skill_ratio, dict) else (
+                p.skill_ratio if skill_ratio is None else float(skill_ratio))
+            nt = [tgt[t][l].sqrt() for t in range(p.timesteps)]
+            nb = [base[t][l].sqrt() for t in range(p.timesteps)]
+            out[n] = wanda_mask(mod.weight, nt, nb, rho, p.timesteps, p.select_ratio)
+        return out
 
     def masks_for(self, prompt: Prompt | None) -> dict:
         if self._groups is None:
