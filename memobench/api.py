@@ -278,6 +278,9 @@ class Mitigation(Plugin):
     # True when what ``fit`` computes for a prompt depends on that prompt only (cached per prompt): a sharded run
     # then fits each target in the shard that owns it, and every shard reads the others' artifacts from the cache
     fit_per_prompt: ClassVar[bool] = False
+    # True when ``apply`` edits the model the same way whatever the prompt and ``condition`` is the identity: the
+    # runner may then denoise several prompts' images in one batch (utility sets, one image per prompt)
+    prompt_independent: ClassVar[bool] = False
 
     def fit(self, model: "DiffusionModel", prompts: list[Prompt], ctx: Context) -> None:
         return None

@@ -586,6 +586,14 @@ class Runner:
         for j in jobs:
             by_prompt.setdefault(j.prompt.id, []).append(j)
         with ctx.task(f"generate {role}", sum(j.key in owned for j in jobs)) as advance:
+            if not any(j.role in ("target", "mitigated", "baseline") for j in jobs) and (
+                    mitigation is None or getattr(mitigation, "prompt_independent", False)):
+                # utility prompts under a model that is the same for every prompt: batch across prompts. (Target
+                # prompts' images share their cache keys between runs and are always batched per prompt.)
+                cm = mitigation.apply(model, None, ctx) if mitigation is not None else contextlib.nullcontext()
+                with cm:
+                    self._generate_across_prompts(model, jobs, owned, advance)
+                return
             for pj in by_prompt.values():
                 p = pj[0].prompt
                 mine = [j for j in pj if j.key in owned]
@@ -597,6 +605,34 @@ class Runner:
                 with cm:
                     cond = Conditioning(model.encode_prompt(p.text), model.empty_embedding(), text=p.text)
                     self._generate_prompt(model, p, pj, pending, cond, mitigation, ctx, advance)
+
+    def _generate_across_prompts(self, model, jobs: list[Job], owned: set[str], advance) -> None:
+        """Images of several prompts per batch (a prompt-independent model). As in :meth:`_generate_prompt`, batches
+        are cut at fixed boundaries of the full job list (never of the pending jobs only), so a resumed or sharded
+        run computes every image in the same batch as an uninterrupted one; a batch with a cached or another
+        shard's image is recomputed whole, and only this shard's missing images are written."""
+        g, bs = self.generation, self.cfg.batch_size
+        empty = model.empty_embedding()
+        for i in range(0, len(jobs), bs):
+            chunk = jobs[i: i + bs]
+            todo = [j for j in chunk if j.key in owned and not self.images.has(j.key)]
+            advance(sum(j.key in owned for j in chunk) - len(todo))
+            if not todo:
+                continue
+            texts = list(dict.fromkeys(j.prompt.text for j in chunk))
+            enc = {t: model.encode_prompt(t) for t in texts}
+            pe = torch.cat([enc[j.prompt.text] for j in chunk])
+            lat = torch.cat([model.initial_latents([j.seed], g["height"], g["width"]) for j in chunk])
+            with torch.no_grad():
+                out = model.denoise(pe, empty.expand(len(chunk), -1, -1), lat, g["num_inference_steps"],
+                                    g["guidance_scale"])
+            imgs = model.decode(out)
+            keys = {j.key for j in todo}
+            for j, img in zip(chunk, imgs):
+                if j.key in keys:
+                    self.images.put(j.key, img, {"prompt_id": j.prompt.id, "prompt_sha256": j.prompt.sha256,
+                                                 "seed": j.seed, "role": j.role, "condition_trace": {}})
+            advance(len(todo))
 
     def _generate_prompt(self, model, prompt: Prompt, all_jobs: list[Job], pending: list[Job], cond: Conditioning,
                          mitigation: Mitigation | None, ctx: Context, advance) -> None:

@@ -125,6 +125,7 @@ def test_weight_space_table_known_answers():
     assert r["nemo_vs_wanda_Y_adv"] == pytest.approx((1 / 7 + 1 / 2 + 1) / 3)
     assert r["nemo_vs_wanda_Y_adv_max"] == pytest.approx((1 / 3 + 1 / 2 + 1) / 3)
     assert r["nemo_vs_wanda_Y_adv_empty_fraction"] == pytest.approx(1 / 3)
+    assert r["nemo_vs_wanda_Y_adv_mean_sizes"] == pytest.approx([(6 + 6 + 0) / 3, (2 + 3 + 0) / 3])
     assert rows[1]["wanda_Y_adv"] == pytest.approx(1 / 3)  # pairs (1, 0, 0)
     # the empty-set convention and the neuron space: Wanda's rows {0,3}, {1}, {} against NeMo's neurons
     r0 = A.agreement_rows([layer], ["f1"], sel, space="neurons", empty=0.0)[0]

@@ -69,6 +69,7 @@ class AdversarialFineTuning(Mitigation):
     name = "advft"
     version = "1"
     kind = "weights"
+    prompt_independent = True  # the same model for every prompt
 
     @dataclass
     class Params:

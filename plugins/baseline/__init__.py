@@ -19,6 +19,7 @@ class NoMitigation(Mitigation):
     name = "none"
     version = "1"
     kind = "none"
+    prompt_independent = True  # the same model for every prompt
 
     @dataclass
     class Params:

@@ -34,7 +34,7 @@ DoRI(y⁽⁰⁾) the DoRI attack (METHODS §7.4, the registered ``dori`` attack)
    Weight agreement WA_l(Y) = 2 / (n(n−1)) · Σ_{i<j} |W_l(y_i) ∩ W_l(y_j)| / |W_l(y_i) ∪ W_l(y_j)|
    (:func:`mean_pairwise_iou`), with W_l(y) the set NeMo (neurons of value layer l, METHODS §7.1.4 with y in place
    of e_p — ``NeMo.select_for_embedding``) or Wanda (weights of block l's ``ff.net.2``, METHODS §7.3 steps 2–5 with
-   y as the one target — ``Wanda.embedding_masks``) selects, for Y_adv and for Y_mem.
+   y as the one target — ``Wanda.embedding_masks``) selects, for Y_adv (and Y_mem with ``weight_mem``).
    NeMo vs Wanda: both methods are compared in one space, the weights of value layer l: NeMo's neuron i is row i
    of W_V^l (deactivating it ≡ zeroing that row, METHODS §7.1.5) and Wanda is scored on W_V^l itself (ConceptPrune's
    ``hook_module = attn_val`` option); IoU_l(y) = |rows(N_l(y)) ∩ M_l(y)| / |rows(N_l(y)) ∪ M_l(y)|, averaged over
@@ -64,10 +64,10 @@ Choices the paper does not publish (each a field of :class:`LocalityParams`, rec
 * ``empty_iou`` 1.0: the IoU of two empty selections (nothing selected by either = agreement). The paper's near-1
   NeMo bars in some layers are this artefact (METHODS §7.4); the JSON reports the fraction of empty selections per
   layer so that it can be read off.
-* ``nemo_wanda_space`` "weights" (above) or "neurons" (Wanda's selected rows vs NeMo's neurons). In "weights" the
-  JSON also gives ``nemo_vs_wanda_*_max`` = min(|A|, |B|) / max(|A|, |B|), the largest IoU two sets of those sizes can
-  have: a NeMo neuron is a whole row of W_V, Wanda picks ⌊ρ·in⌋ weights per row, so a low IoU can be a matter of
-  sizes alone.
+* ``nemo_wanda_space`` "weights" (above) or "neurons" (Wanda's selected rows vs NeMo's neurons). The JSON also
+  gives ``nemo_vs_wanda_*_max`` = min(|A|, |B|) / max(|A|, |B|), the largest IoU two sets of those sizes can have: in
+  "weights" a NeMo neuron is a whole row of W_V while Wanda picks at most ⌊ρ·in⌋ weights per row, so a low IoU can
+  be a matter of sizes alone.
 * ``weight_mem`` False: the weight-space selections run for Y_adv only (the issue's bars: NeMo vs NeMo and Wanda vs
   Wanda across adversarial embeddings, NeMo vs Wanda); ``True`` adds the paper's Y_mem bars at the cost of one more
   NeMo localization per memorized prompt. The activation space always compares Y_mem with Y_adv.
@@ -684,6 +684,7 @@ def agreement_rows(layers: list[dict], ffn_names: Sequence[str], selections: dic
                 float(np.mean([not x.any() and not y.any() for x, y in zip(a, b)])) if a else None)
             row[f"nemo_vs_wanda_{g}_max"] = (float(np.mean([_size_bound(x, y, empty) for x, y in zip(a, b)]))
                                              if a else None)
+            row[f"nemo_vs_wanda_{g}_mean_sizes"] = [_mean_size(a), _mean_size(b)]  # |A| (NeMo), |B| (Wanda)
             row[f"wanda_value_{g}_mean_size"] = _mean_size(wv)
         out.append(row)
     for n in [n for n in ffn_names if n not in {e.get("ffn_name") for e in layers}]:

@@ -175,7 +175,13 @@ def weight_space(section: dict, path: Path, target: str) -> Path:
                 ax.hlines(bound, b.get_x(), b.get_x() + b.get_width(), colors="black", lw=1.6,
                           label="size bound min(|A|,|B|)/max(|A|,|B|)" if not bound_drawn else None)
                 bound_drawn = True
-    ax.set_xticks(x, [f"L{r['layer']}\n{short_layer(r['value_name'])}" for r in rows], fontsize=8)
+    def tick(r):
+        sizes = r.get("nemo_vs_wanda_Y_adv_mean_sizes")
+        extra = (f"\nmean {section['nemo_wanda_space']} of W_V: NeMo {sizes[0]:.4g}, Wanda {sizes[1]:.3g}"
+                 if sizes and None not in sizes else "")
+        return f"L{r['layer']}\n{short_layer(r['value_name'])}{extra}"
+
+    ax.set_xticks(x, [tick(r) for r in rows], fontsize=8)
     ax.set_ylim(0, 1.18)
     ax.set_ylabel("IoU (mean over pairs / embeddings)")
     n = section["Y_adv"]["n"]

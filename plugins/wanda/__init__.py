@@ -342,6 +342,10 @@ class Wanda(Mitigation):
             out[n] = wanda_mask(mod.weight, nt, nb, rho, p.timesteps, p.select_ratio)
         return out
 
+    @property
+    def prompt_independent(self) -> bool:  # one mask for every prompt unless group_size > 0
+        return self.params.group_size == 0
+
     def masks_for(self, prompt: Prompt | None) -> dict:
         if self._groups is None:
             raise RuntimeError(f"mitigation '{self.name}': fit() must run before apply()")
