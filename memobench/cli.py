@@ -312,7 +312,8 @@ def _print_summary(out) -> None:
     for name, m in r["metrics"].items():
         disp = m.get("dispersion") or {}
         impl = m.get("impl") or {}
-        impl_s = ", ".join(str(impl[k]) for k in ("name", "checkpoint", "feature_extractor", "preset") if impl.get(k))
+        impl_s = ", ".join(dict.fromkeys(str(impl[k]) for k in ("name", "checkpoint", "feature_extractor", "preset")
+                                         if impl.get(k)))  # each part once (checkpoint = feature extractor for SSCD)
         val = _fmt(m["value"]) if not m.get("unavailable") else f"unavailable: {m['unavailable']}"
         vals = [val] if paired is None else [_fmt((paired.get(name) or {}).get("value")) if name in paired else "",
                                              val]
