@@ -101,5 +101,6 @@ def register_prompt_file(reg, path: str | Path) -> str:
     from .registry import Entry
 
     reg.entries["prompt_set"][FilePromptSet.name] = Entry(FilePromptSet, "prompt_set", FilePromptSet.name,
-                                                          "command line", None, FilePromptSet.version, str(p))
+                                                          "command line", None, FilePromptSet.version,
+                                                          exact_origin=str(p))
     return FilePromptSet.name

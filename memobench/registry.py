@@ -16,6 +16,7 @@ one warning line and is listed by ``memobench plugins``. Environment switches:
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import inspect
 import os
@@ -67,7 +68,13 @@ class Entry:
     plugin: str  # entry-point name (or file) that registered it
     dist: str | None
     version: str
-    origin: str  # file:line of the class
+    origin_fallback: str = ""  # where register() was called (for classes without source)
+    exact_origin: str | None = None  # e.g. the prompt file of a command-line prompt set
+
+    @functools.cached_property
+    def origin(self) -> str:
+        """file:line of the class (computed on first use: reading source costs ~10 ms per class at start-up)."""
+        return self.exact_origin or _origin(self.cls, self.origin_fallback or None)
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "version": self.version, "plugin": self.plugin,
@@ -144,15 +151,15 @@ def _call_plugin_hooks(reg: Registry, plugin: object, plugin_name: str, dist: st
 
             def register(cls, aliases=(), _kind=kind):
                 caller = sys._getframe(1)  # where register() was called: the origin of a class made by type()
-                origin = _origin(cls, f"{caller.f_code.co_filename}:{caller.f_lineno}")
+                fallback = f"{caller.f_code.co_filename}:{caller.f_lineno}"
                 for nm in (getattr(cls, "name", None), *aliases):
                     nm = _validate_name(nm, cls)
                     if nm in reg.entries[_kind]:
                         other = reg.entries[_kind][nm]
-                        raise PluginError(f"duplicate {_kind.replace('_', ' ')} name '{nm}': {origin} "
+                        raise PluginError(f"duplicate {_kind.replace('_', ' ')} name '{nm}': {_origin(cls, fallback)} "
                                           f"(plugin {plugin_name}) and {other.origin} (plugin {other.plugin})")
                     reg.entries[_kind][nm] = Entry(cls, _kind, nm, plugin_name, dist,
-                                                   str(getattr(cls, "version", "0")), origin)
+                                                   str(getattr(cls, "version", "0")), fallback)
                     added.append((_kind, nm))
                     if _tracing():
                         print(f"[memobench hook]   {plugin_name} registered {_kind.replace('_', ' ')} '{nm}' "
