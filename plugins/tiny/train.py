@@ -1,7 +1,8 @@
 """Train the embedded `tiny` Stable Diffusion from scratch: a VAE, then UNet + text encoder.
 
-The recipe (``RECIPE``) is the one that produced the shipped weights. Every phase checkpoints to safetensors
-(model, EMA, optimizer state) and resumes from its last checkpoint; the data drawn at step ``s`` depends only on
+The recipe (``RECIPE``) is the one that produced the shipped weights, except that the VAE's random init is now
+seeded too (it was not for the shipped run: MODEL_CARD.md, "Reproduction from scratch"). Every phase checkpoints to
+safetensors (model, EMA, optimizer state) and resumes from its last checkpoint; the data drawn at step ``s`` depends only on
 ``(seed, s)``, so an interrupted run continues on the same data stream.
 """
 
@@ -223,6 +224,7 @@ def _dy(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------- phases
 def train_vae(work: Path, r: dict, progress: bool, log) -> None:
+    torch.manual_seed(r["seed"])  # the VAE's random init (the shipped run's was not seeded: see MODEL_CARD.md)
     comps = build_components(r)
     vae = comps["vae"]
     opt = torch.optim.Adam(vae.parameters(), lr=r["vae_lr"])
