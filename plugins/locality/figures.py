@@ -177,19 +177,21 @@ def weight_space(section: dict, path: Path, target: str) -> Path:
                 bound_drawn = True
     def tick(r):
         sizes = r.get("nemo_vs_wanda_Y_adv_mean_sizes")
-        extra = (f"\nmean {section['nemo_wanda_space']} of W_V: NeMo {sizes[0]:.4g}, Wanda {sizes[1]:.3g}"
-                 if sizes and None not in sizes else "")
+        extra = (f"\nmean |NeMo| {sizes[0]:.4g}\nmean |Wanda| {sizes[1]:.3g}" if sizes and None not in sizes else "")
         return f"L{r['layer']}\n{short_layer(r['value_name'])}{extra}"
 
     ax.set_xticks(x, [tick(r) for r in rows], fontsize=8)
     ax.set_ylim(0, 1.18)
     ax.set_ylabel("IoU (mean over pairs / embeddings)")
+    if any(r.get("nemo_vs_wanda_Y_adv_mean_sizes") for r in rows):
+        ax.set_xlabel(f"|·| = {section['nemo_wanda_space']} of W_V selected per embedding (NeMo vs Wanda bars)",
+                      fontsize=8)
     n = section["Y_adv"]["n"]
     ax.set_title(f"Weight space — target '{target}': agreement of selections over {n} DoRI embeddings "
                  f"({section['Y_adv']['adv_set_used']})\nNeMo: value-layer neurons; Wanda: ff.net.2 weights of the "
                  f"same block; NeMo vs Wanda: W_V ({section['nemo_wanda_space']}).\n"
                  f"∅: most selections empty (IoU of two empty sets = {section['empty_iou']:g})", fontsize=9)
-    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    ax.legend(fontsize=7, ncol=2, loc="upper right")  # IoU ≤ 1 < ylim 1.18: the band above 1 stays free
     fig.tight_layout()
     return _save(fig, path)
 
