@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from .cache import CacheError, cache_clear, cache_info, default_cache_dir
-from .config import BadInput, RunConfig, config_from_dict, load_config_file, parse_kv, parse_seeds
+from .config import BadInput, RunConfig, config_from_dict, load_config_file, parse_kv, parse_seeds, resolve_offline
 from .registry import KIND_PLURAL, KINDS, PluginError, UnknownPluginError, call_hookimpl, get_registry
 
 app = typer.Typer(
@@ -123,10 +123,7 @@ def run(
     With an attack, the result also scores the mitigation alone on the same targets and seeds (paired scoring)."""
     from rich.console import Console
 
-    if offline or os.environ.get("MEMOBENCH_OFFLINE"):
-        offline = True
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            os.environ[v] = "1"
+    offline = resolve_offline(offline)
     data = load_config_file(config) if config else {}
     cfg = config_from_dict(data)
     flags = {"mitigation": mitigation, "attack": attack, "model": model, "limit": limit,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -83,6 +84,15 @@ def parse_seeds(spec: str | list | int | None) -> list[int] | None:
             raise BadInput(f"--seeds: range {it!r} is too large (more than 100,000 seeds)")
         out.update(range(a, b + 1))
     return sorted(out)
+
+
+def resolve_offline(flag: bool) -> bool:
+    """``--offline`` or ``MEMOBENCH_OFFLINE``: also set the Hugging Face libraries' offline switches; returns it."""
+    if flag or os.environ.get("MEMOBENCH_OFFLINE"):
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+            os.environ[v] = "1"
+        return True
+    return False
 
 
 def parse_kv(pairs: list[str] | None, what: str) -> dict:

@@ -205,9 +205,7 @@ class Runner:
         })
 
     def _attack_key(self, model_ident: dict, prompt: Prompt, ref_sha: str | None) -> str:
-        return key_of({"schema": CACHE_SCHEMA, "model": model_ident,
-                       "mitigation": None if self.mitigation.kind == "none" else self.mitigation.identity(),
-                       "attack": self.attack.identity(), "prompt_sha256": prompt.sha256, "reference": ref_sha})
+        return attack_key(model_ident, self.mitigation, self.attack, prompt, ref_sha)
 
     # ------------------------------------------------------------------------------------------- run
     def run(self, dry_run: bool = False, aggregate: bool = False) -> RunOutcome | ShardOutcome | dict:
@@ -312,7 +310,7 @@ class Runner:
                                              owned)
                     for role in utility:
                         self._generate_plain(model, [j for j in jobs if j.role == role], self.mitigation, ctx, role,
-                                             owned)
+                                             owned, across_prompts=True)
                     timing["other_generation_s"] = time.time() - t
             if shard.sharded:
                 now = {k for k in owned if self.images.has(k)}
@@ -518,14 +516,7 @@ class Runner:
             ref = refs[0]
         ref_sha = image_sha256(ref) if ref is not None else None
         key = self._attack_key(model_ident, prompt, ref_sha)
-        if self.attack_cache.has(key):
-            tensors, meta = self.attack_cache.get(key)
-        else:
-            out: AttackOutput = self.attack.run(model, prompt, ref, ctx)
-            tensors = {"prompt_embeds": out.conditioning.prompt_embeds,
-                       "negative_prompt_embeds": out.conditioning.negative_prompt_embeds, **out.tensors}
-            meta = {"trace": out.trace, "prompt_id": prompt.id, "attack": self.attack.identity()}
-            self.attack_cache.put(key, tensors, meta)
+        tensors, _, _ = cached_attack(self.attack_cache, key, self.attack, model, prompt, ref, ctx)
         cond = Conditioning(tensors["prompt_embeds"].to(model.device, model.dtype),
                             tensors["negative_prompt_embeds"].to(model.device, model.dtype), text=None)
         return cond
@@ -581,19 +572,17 @@ class Runner:
                         self._generate_prompt(model, p, pj, pending, cond, self.mitigation, ctx, advance)
 
     def _generate_plain(self, model, jobs: list[Job], mitigation: Mitigation | None, ctx: Context, role: str,
-                        owned: set[str]) -> None:
-        by_prompt: dict[str, list[Job]] = {}
-        for j in jobs:
-            by_prompt.setdefault(j.prompt.id, []).append(j)
+                        owned: set[str], across_prompts: bool = False) -> None:
+        """``across_prompts``: several prompts per batch when the model is the same for every prompt (utility sets
+        only: target prompts' images share their cache keys between runs and are always batched per prompt)."""
         with ctx.task(f"generate {role}", sum(j.key in owned for j in jobs)) as advance:
-            if not any(j.role in ("target", "mitigated", "baseline") for j in jobs) and (
-                    mitigation is None or getattr(mitigation, "prompt_independent", False)):
-                # utility prompts under a model that is the same for every prompt: batch across prompts. (Target
-                # prompts' images share their cache keys between runs and are always batched per prompt.)
-                cm = mitigation.apply(model, None, ctx) if mitigation is not None else contextlib.nullcontext()
-                with cm:
+            if across_prompts and (mitigation is None or mitigation.prompt_independent):
+                with mitigation.apply(model, None, ctx) if mitigation is not None else contextlib.nullcontext():
                     self._generate_across_prompts(model, jobs, owned, advance)
                 return
+            by_prompt: dict[str, list[Job]] = {}
+            for j in jobs:
+                by_prompt.setdefault(j.prompt.id, []).append(j)
             for pj in by_prompt.values():
                 p = pj[0].prompt
                 mine = [j for j in pj if j.key in owned]
@@ -612,26 +601,20 @@ class Runner:
         run computes every image in the same batch as an uninterrupted one; a batch with a cached or another
         shard's image is recomputed whole, and only this shard's missing images are written."""
         g, bs = self.generation, self.cfg.batch_size
-        empty = model.empty_embedding()
         for i in range(0, len(jobs), bs):
             chunk = jobs[i: i + bs]
-            todo = [j for j in chunk if j.key in owned and not self.images.has(j.key)]
+            todo = {j.key for j in chunk if j.key in owned and not self.images.has(j.key)}
             advance(sum(j.key in owned for j in chunk) - len(todo))
             if not todo:
                 continue
-            texts = list(dict.fromkeys(j.prompt.text for j in chunk))
-            enc = {t: model.encode_prompt(t) for t in texts}
-            pe = torch.cat([enc[j.prompt.text] for j in chunk])
-            lat = torch.cat([model.initial_latents([j.seed], g["height"], g["width"]) for j in chunk])
+            enc = {t: model.encode_prompt(t) for t in dict.fromkeys(j.prompt.text for j in chunk)}
+            lat = model.initial_latents([j.seed for j in chunk], g["height"], g["width"])
             with torch.no_grad():
-                out = model.denoise(pe, empty.expand(len(chunk), -1, -1), lat, g["num_inference_steps"],
-                                    g["guidance_scale"])
-            imgs = model.decode(out)
-            keys = {j.key for j in todo}
-            for j, img in zip(chunk, imgs):
-                if j.key in keys:
-                    self.images.put(j.key, img, {"prompt_id": j.prompt.id, "prompt_sha256": j.prompt.sha256,
-                                                 "seed": j.seed, "role": j.role, "condition_trace": {}})
+                out = model.denoise(torch.cat([enc[j.prompt.text] for j in chunk]), model.empty_embedding(), lat,
+                                    g["num_inference_steps"], g["guidance_scale"])
+            for j, img in zip(chunk, model.decode(out)):
+                if j.key in todo:
+                    self.images.put(j.key, img, _image_meta(j, {}))
             advance(len(todo))
 
     def _generate_prompt(self, model, prompt: Prompt, all_jobs: list[Job], pending: list[Job], cond: Conditioning,
@@ -662,9 +645,7 @@ class Runner:
                 if j.key in todo:
                     # the conditioning trace (e.g. Wen's iterations) travels with every image it produced, so a
                     # result reads the same whether its images were generated now or found in the cache
-                    self.images.put(j.key, img, {"prompt_id": prompt.id, "prompt_sha256": prompt.sha256,
-                                                 "seed": j.seed, "role": j.role,
-                                                 "condition_trace": _jsonable_trace(cond.trace)})
+                    self.images.put(j.key, img, _image_meta(j, _jsonable_trace(cond.trace)))
             advance(n_todo)
 
     def _condition_traces(self, jobs: list[Job]) -> dict:
@@ -727,8 +708,40 @@ def _sample_row(s: Sample, per_sample: dict[str, dict]) -> dict:
     return row
 
 
+def _image_meta(job: Job, condition_trace: dict) -> dict:
+    """The sidecar of a generated image."""
+    return {"prompt_id": job.prompt.id, "prompt_sha256": job.prompt.sha256, "seed": job.seed, "role": job.role,
+            "condition_trace": condition_trace}
+
+
 def _jsonable_trace(trace: dict) -> dict:
     return json.loads(json.dumps(trace or {}, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
+
+
+def attack_key(model_ident: dict, mitigation: Mitigation | None, attack: Attack, prompt: Prompt,
+               ref_sha: str | None) -> str:
+    """Cache key of one attack output: the model, the mitigation it attacked (None = no mitigation), the attack
+    (with its params), the target prompt and its reference image. The Runner and analyses such as
+    ``memobench analyze locality`` share these entries."""
+    return key_of({"schema": CACHE_SCHEMA, "model": model_ident,
+                   "mitigation": None if mitigation is None or mitigation.kind == "none" else mitigation.identity(),
+                   "attack": attack.identity(), "prompt_sha256": prompt.sha256, "reference": ref_sha})
+
+
+def cached_attack(cache: TensorCache, key: str, attack: Attack, model, prompt: Prompt, reference, ctx: Context
+                  ) -> tuple[dict, dict, bool]:
+    """``(tensors, meta, was_cached)`` of ``attack.run`` for ``key``: read from ``cache``, or run (under whatever
+    mitigation the caller applied) and stored. ``tensors`` holds ``prompt_embeds``, ``negative_prompt_embeds`` and
+    the attack's own tensors; ``meta`` the trace."""
+    if cache.has(key):
+        tensors, meta = cache.get(key)
+        return tensors, meta, True
+    out: AttackOutput = attack.run(model, prompt, reference, ctx)
+    tensors = {"prompt_embeds": out.conditioning.prompt_embeds,
+               "negative_prompt_embeds": out.conditioning.negative_prompt_embeds, **out.tensors}
+    meta = {"trace": out.trace, "prompt_id": prompt.id, "attack": attack.identity()}
+    cache.put(key, tensors, meta)
+    return tensors, meta, False
 
 
 def image_sha256(image: np.ndarray) -> str:

@@ -5,26 +5,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from memobench.config import BadInput, parse_kv, parse_seeds
+from memobench.config import BadInput, parse_kv, parse_seeds, resolve_offline
 
 CSV_FIELDS = ("prompt_id", "prompt", "mem_type", "statistic", "verdict", "threshold", "top_tokens", "top_token",
               "top_share", "statistic_removed", "statistic_replaced", "sscd", "sscd_removed", "sscd_replaced",
               "removal_lowers_statistic", "removal_lowers_sscd", "replacement_lowers_statistic",
               "replacement_lowers_sscd", "png")
-
-
-def _offline(flag: bool) -> bool:
-    if flag or os.environ.get("MEMOBENCH_OFFLINE"):
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            os.environ[v] = "1"
-        return True
-    return False
 
 
 def _seeds(spec: str | None) -> list[int] | None:
@@ -120,7 +111,7 @@ def register(app: typer.Typer) -> None:
         from memobench.runner import check_output_dir
 
         check_output_dir(output_dir)
-        session = open_session(model, parse_kv(model_param, "--model-param"), cache_dir, device, _offline(offline),
+        session = open_session(model, parse_kv(model_param, "--model-param"), cache_dir, device, resolve_offline(offline),
                                reg)
         dets = [make_detector(n, per[n], session.generation) for n in names]
         with _progress(progress and not as_json) as pr:
@@ -186,7 +177,7 @@ def register(app: typer.Typer) -> None:
             read_prompt_file(file)  # bad file → one error line before the model loads
         ex = Explainer(model=model, model_params=parse_kv(model_param, "--model-param"), seeds=_seeds(seeds),
                        detector_params=parse_kv(detector_param, "--detector-param"), cache_dir=cache_dir,
-                       device=device, offline=_offline(offline), threshold_rule=threshold_rule,
+                       device=device, offline=resolve_offline(offline), threshold_rule=threshold_rule,
                        replacement=replacement)
         folder = out_root / _slug(model) / "explain"
         if prompt is not None:

@@ -360,34 +360,22 @@ def _mitigated(setup: Setup):
 
 
 def _dori_outputs(setup: Setup) -> list[dict]:
-    """DoRI from N Gaussian inits (the registered ``dori`` attack), cached like the runner's attack outputs."""
-    from memobench.cache import CACHE_SCHEMA, TensorCache, key_of
-    from memobench.runner import image_sha256
+    """DoRI from N Gaussian inits (the registered ``dori`` attack), in the runner's attack cache."""
+    from memobench.cache import TensorCache
+    from memobench.runner import attack_key, cached_attack, image_sha256
 
     p, model, ctx = setup.params, setup.model, setup.ctx
     dcls = setup.registry.get("attack", "dori")
     cache = TensorCache(ctx.cache_dir, "attacks")
     model_ident = model.identity()
-    mit = setup.mitigation
-    mit_ident = None if mit is None or mit.kind == "none" else mit.identity()
     ref_sha = image_sha256(setup.reference)
     out = []
     with ctx.task(f"DoRI from {p.n_inits} Gaussian inits", p.n_inits) as advance:
         for i in range(p.n_inits):
             attack = dcls(dcls.make_params({**p.dori, "init": "gaussian", "seed": p.seed + i}))
-            key = key_of({"schema": CACHE_SCHEMA, "model": model_ident, "mitigation": mit_ident,
-                          "attack": attack.identity(), "prompt_sha256": setup.target.sha256, "reference": ref_sha})
-            if cache.has(key):
-                tensors, meta = cache.get(key)
-                cached = True
-            else:
-                with _mitigated(setup):
-                    res = attack.run(model, setup.target, setup.reference, ctx)
-                tensors = {"prompt_embeds": res.conditioning.prompt_embeds,
-                           "negative_prompt_embeds": res.conditioning.negative_prompt_embeds, **res.tensors}
-                meta = {"trace": res.trace, "prompt_id": setup.target.id, "attack": attack.identity()}
-                cache.put(key, tensors, meta)
-                cached = False
+            key = attack_key(model_ident, setup.mitigation, attack, setup.target, ref_sha)
+            with _mitigated(setup):
+                tensors, meta, cached = cached_attack(cache, key, attack, model, setup.target, setup.reference, ctx)
             out.append({"index": i, "dori_seed": p.seed + i, "y_init": tensors["y_init"].float().cpu(),
                         "y_adv": tensors["prompt_embeds"].float().cpu(), "trace": meta.get("trace", {}),
                         "attack": attack.identity(), "cache_key": key, "cached": cached})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from memobench.config import BadInput, parse_kv, parse_seeds
+from memobench.config import BadInput, parse_kv, parse_seeds, resolve_offline
 
 SCHEMA = "memobench.locality/1"
 
@@ -23,14 +23,6 @@ def analyze_group(app: typer.Typer) -> typer.Typer:
                       no_args_is_help=True)
     app.add_typer(grp, name="analyze")
     return grp
-
-
-def _offline(flag: bool) -> bool:
-    if flag or os.environ.get("MEMOBENCH_OFFLINE"):
-        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-            os.environ[v] = "1"
-        return True
-    return False
 
 
 def _slug(s: str) -> str:
@@ -125,7 +117,7 @@ def register(app: typer.Typer) -> None:
         from .analysis import LocalityParams
 
         t_start = time.time()
-        offline = _offline(offline)
+        offline = resolve_offline(offline)
         gen_seeds = parse_seeds(seeds) if seeds is not None else None
         if seeds is not None and not gen_seeds:
             raise BadInput("--seeds: no seeds given; use e.g. 0-9")
