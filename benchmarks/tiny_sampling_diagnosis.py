@@ -13,7 +13,6 @@ Also the SSCD of the VAE reconstruction (the ceiling). Prints one line per measu
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
 import torch
