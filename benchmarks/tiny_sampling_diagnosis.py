@@ -5,8 +5,11 @@
 For each memorized photo (its training caption):
 1. one-step x0 estimates from the *training* latent noised to t (seed 0, 6 draws): RMSE to the training latent at
    t = 20, 100, 300, 600, 900 — how well the denoiser knows the image when it starts on the right trajectory;
+   and from pure noise at t = 999 (the sampler's start; seeds 0-5): the RMSE of each draw's x0 estimate and of their
+   mean — a seed-independent estimate means the caption alone pins the photo down;
 2. full DDIM samples (seeds 0-5) at guidance 1, 3, 6 and 50 or 200 steps: RMSE of the final latent to the training
-   latent, and SSCD of the decoded image to the photo — whether sampling settings change where the sampler ends.
+   latent, and SSCD of the decoded image to the photo — whether sampling settings change where the sampler ends
+   (skipped with ``--no-sampling``).
 Also the SSCD of the VAE reconstruction (the ceiling). Prints one line per measurement.
 """
 
@@ -28,6 +31,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-param", action="append", help="KEY=VALUE for the tiny model plugin (e.g. path=DIR)")
     ap.add_argument("--keys", default="rocket,retina,astronaut", help="memorized photos (tiny-vm prompt ids)")
+    ap.add_argument("--no-sampling", action="store_true", help="only the one-step x0 estimates (part 1)")
     a = ap.parse_args(argv)
     from memobench_plugins.tiny import data as D
 
@@ -52,6 +56,16 @@ def main(argv=None) -> int:
             x0 = (xt - (1 - ac[t]).sqrt() * ep) / ac[t].sqrt()
             row.append(f"t={t}: {float((x0 - z).pow(2).mean().sqrt()):.3f}")
         print(f"{key}: one-step x0 RMSE from the noised training latent: " + ", ".join(row), flush=True)
+        with torch.no_grad():
+            x = model.initial_latents(list(range(6)))
+            t = int(model.timesteps(50)[0])
+            x0 = (x - (1 - ac[t]).sqrt() * model.eps(x, torch.tensor(t), e.expand(6, -1, -1))) / ac[t].sqrt()
+        per = (x0 - z).pow(2).mean(dim=(1, 2, 3)).sqrt()
+        print(f"{key}: x0 estimate from pure noise at t = {t} (seeds 0-5): per-draw RMSE "
+              f"{float(per.min()):.3f}-{float(per.max()):.3f}, RMSE of their mean "
+              f"{float((x0.mean(0) - z[0]).pow(2).mean().sqrt()):.3f}", flush=True)
+        if a.no_sampling:
+            continue
         for steps, gs in ((50, 3.0), (50, 1.0), (50, 6.0), (200, 3.0)):
             with torch.no_grad():
                 out = model.denoise(e, model.empty_embedding(), model.initial_latents(list(range(6))), steps, gs)

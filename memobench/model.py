@@ -29,7 +29,7 @@ class StepInfo:
     index: int
     timestep: torch.Tensor
     latents: torch.Tensor
-    eps_uncond: torch.Tensor | None
+    eps_uncond: torch.Tensor | None  # ε (converted from v for v-prediction models)
     eps_cond: torch.Tensor
 
 
@@ -200,9 +200,70 @@ class DiffusionModel:
                          for s in seeds])
         return lat.to(self.device) * self.scheduler.init_noise_sigma
 
-    def eps(self, latents: torch.Tensor, t, embeds: torch.Tensor) -> torch.Tensor:
-        """ε_θ(x_t, t, e): one UNet call (differentiable when grad is enabled)."""
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts (the scheduler's ``prediction_type``): ``"epsilon"`` (SD v1.x, SD 2 base) or
+        ``"v_prediction"`` (SD 2 768-v, the embedded ``tiny`` model; Salimans & Ho 2022)."""
+        pt = str(self.scheduler.config.get("prediction_type", "epsilon"))
+        if pt not in ("epsilon", "v_prediction"):
+            raise ValueError(f"scheduler prediction_type {pt!r} is not supported; memobench handles 'epsilon' and "
+                             "'v_prediction' models")
+        return pt
+
+    def unet_output(self, latents: torch.Tensor, t, embeds: torch.Tensor) -> torch.Tensor:
+        """The UNet's raw output (ε or v, see :attr:`prediction_type`); differentiable when grad is enabled."""
         return self.unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    def _ab(self, t, like: torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(t, device=self.device).long()
+        a = self.alphas_cumprod()[t].to(like.dtype)
+        return a.view(-1, *([1] * (like.dim() - 1))) if a.dim() else a
+
+    def to_eps(self, output: torch.Tensor, latents: torch.Tensor, t) -> torch.Tensor:
+        """Convert a raw UNet output at ``(latents, t)`` to ε: for v-prediction ε = √ᾱ_t·v + √(1−ᾱ_t)·x_t."""
+        if self.prediction_type == "epsilon":
+            return output
+        a = self._ab(t, output.float())
+        return (a.sqrt() * output.float() + (1 - a).sqrt() * latents.float()).to(output.dtype)
+
+    def from_eps(self, eps: torch.Tensor, latents: torch.Tensor, t) -> torch.Tensor:
+        """Inverse of :meth:`to_eps`: ε at ``(latents, t)`` → the model's parameterisation (v = (ε − √(1−ᾱ_t)·x_t)/√ᾱ_t),
+        computed in fp32."""
+        if self.prediction_type == "epsilon":
+            return eps
+        a = self._ab(t, eps.float())
+        return ((eps.float() - (1 - a).sqrt() * latents.float()) / a.sqrt()).to(eps.dtype)
+
+    def step_eps(self, eps: torch.Tensor, t, latents: torch.Tensor) -> torch.Tensor:
+        """One deterministic scheduler step (η = 0) from an ε prediction, for code that guides in ε-space (Wen's
+        detection and mitigation); identical to ``scheduler.step(eps, …)`` for ε-prediction models."""
+        out = self.from_eps(eps, self.scheduler.scale_model_input(latents, t), t)
+        return self.scheduler.step(out, t, latents, eta=0.0, return_dict=False)[0]
+
+    def eps(self, latents: torch.Tensor, t, embeds: torch.Tensor) -> torch.Tensor:
+        """ε_θ(x_t, t, e): one UNet call, converted to ε for v-prediction models (differentiable when grad is
+        enabled). Detection statistics and NeMo's noise differences are defined on ε and use this."""
+        return self.to_eps(self.unet_output(latents, t, embeds), latents, t)
+
+    def target(self, z0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        """The training target of the UNet's raw output: ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·z0."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a = self._ab(t, z0)
+        return a.sqrt() * noise - (1 - a).sqrt() * z0
+
+    def diffusion_loss(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                       per_sample: bool = False) -> torch.Tensor:
+        """The model's own training loss, MSE(raw output(x_t, t, e), target) with x_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε
+        (the diffusers training-script convention: ε-MSE for ε models, v-MSE for v models). Computed in fp32;
+        ``embeds`` broadcast over the batch. ``per_sample`` returns one mean per batch element."""
+        x = self.add_noise(z0, noise, t)
+        e = embeds.expand(z0.shape[0], -1, -1) if embeds.shape[0] == 1 else embeds
+        pred = self.unet_output(x.to(self.dtype), t, e.to(self.dtype)).float()
+        tgt = self.target(z0.float(), noise.float(), t)
+        if not per_sample:
+            return torch.nn.functional.mse_loss(pred, tgt)
+        return (pred - tgt).pow(2).mean(dim=tuple(range(1, pred.dim())))
 
     def alphas_cumprod(self) -> torch.Tensor:
         return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
@@ -228,15 +289,16 @@ class DiffusionModel:
         for i, t in enumerate(self.timesteps(num_inference_steps)):
             x = torch.cat([latents] * 2) if cfg else latents
             x = self.scheduler.scale_model_input(x, t)
-            out = self.eps(x, t, embeds)
+            out = self.unet_output(x, t, embeds)
             if cfg:
-                eu, ec = out.chunk(2)
-                eps = eu + guidance_scale * (ec - eu)
+                ou, oc = out.chunk(2)
+                guided = ou + guidance_scale * (oc - ou)  # in the model's own parameterisation, as the pipeline
             else:
-                eu, ec, eps = None, out, out
+                ou, oc, guided = None, out, out
             if on_step is not None:
-                on_step(StepInfo(i, t, latents, eu, ec))
-            latents = self.scheduler.step(eps, t, latents, eta=0.0, return_dict=False)[0]
+                xi = self.scheduler.scale_model_input(latents, t)
+                on_step(StepInfo(i, t, latents, None if ou is None else self.to_eps(ou, xi, t), self.to_eps(oc, xi, t)))
+            latents = self.scheduler.step(guided, t, latents, eta=0.0, return_dict=False)[0]
         return latents
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:

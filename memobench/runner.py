@@ -93,6 +93,17 @@ def _git_hash() -> str | None:
         return None
 
 
+def _git_dirty() -> bool | None:
+    """Whether tracked files differ from ``git_hash`` (the result then came from uncommitted code); None outside git."""
+    try:
+        here = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=5)
+        return bool(out.stdout.strip()) if out.returncode == 0 else None
+    except Exception:
+        return None
+
+
 def environment() -> dict:
     import importlib.metadata as md
 
@@ -358,7 +369,7 @@ class Runner:
         result = {
             "schema_version": RESULT_SCHEMA,
             "memobench_version": __version__,
-            "git_hash": _git_hash(),
+            "git_hash": _git_hash(), "git_dirty": _git_dirty(),
             "run_id": run_id,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "config_hash": chash,

@@ -89,6 +89,9 @@ CASES = [
      ["--plugins-dir", "a_regular_file"]),
     ("ls-unknown-kind", lambda f: ["ls", "mitigatons"], ["ls", "'mitigatons'"]),
     ("unknown-command", lambda f: ["runn"], ["'runn'"]),
+    ("zoo-unknown-recipe-key", lambda f: ["zoo", "train", "tiny", "--work-dir", str(f["out"] / "zoo"),
+                                          "--recipe-param", "prediction=v_prediction"],
+     ["--recipe-param", "unknown recipe key 'prediction'"]),
     ("cache-unknown-section", lambda f: ["cache", "clear", "--cache-dir", str(f["cache"]), "--section", "imgs",
                                          "--yes"], ["--section", "'imgs'"]),
 ]

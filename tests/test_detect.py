@@ -151,7 +151,7 @@ def test_statistic_matches_hand_computation(model):
                     norms.append(float((ec - eu).flatten().norm()))
             eu, ec = model.eps(torch.cat([x, x]), t, torch.cat([e_u.expand(2, -1, -1),
                                                                 e_p.expand(2, -1, -1)])).chunk(2)
-            x = model.scheduler.step(eu + w * (ec - eu), t, x, eta=0.0, return_dict=False)[0]
+            x = model.step_eps(eu + w * (ec - eu), t, x)
     assert len(tr.per_step) == 3 and len(tr.per_image) == 2
     assert tr.statistic == pytest.approx(float(np.mean(norms)), rel=1e-4)
     assert tr.per_step[0] == pytest.approx(np.mean(norms[:2]), rel=1e-4)

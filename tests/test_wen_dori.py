@@ -256,18 +256,18 @@ def test_dori_only_y_receives_gradients(model, ctx, target_image):
     p0.requires_grad_(True)
     try:
         seen = []
-        orig_eps = model.eps
+        orig = model.unet_output
 
         def spy(latents, t, embeds):
             seen.append((embeds.requires_grad, p0.requires_grad, torch.is_grad_enabled()))
-            return orig_eps(latents, t, embeds)
+            return orig(latents, t, embeds)
 
-        model.eps = spy
+        model.unet_output = spy  # every UNet call of the adapter (eps, diffusion_loss) goes through it
         try:
             with torch.no_grad():  # the attack enables grad itself
                 DoRIAttack(steps=2).run(model, PROMPT, target_image, ctx)
         finally:
-            del model.eps
+            del model.unet_output
         assert seen and all(s == (True, False, True) for s in seen)
         assert p0.grad is None and p0.requires_grad
     finally:

@@ -127,7 +127,7 @@ def text_noise_trajectory(model, prompt_embeds, negative_embeds, latents, num_in
                 step_norms.append(norms)
             with torch.no_grad():
                 eps = eu + guidance_scale * (ec - eu) if guidance_scale > 1.0 else ec
-                x = sched.step(eps, t, x, eta=0.0, return_dict=False)[0]
+                x = model.step_eps(eps, t, x)
     per = torch.stack(step_norms)  # |S|×G
     sig_steps = torch.stack(step_sig) if step_sig else None
     return WenTrace(

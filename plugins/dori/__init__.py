@@ -22,7 +22,12 @@ z_mem the VAE latent of the target's training image x_mem::
 4. For ``steps`` (50) iterations: draw ``batch`` (8) pairs t_b ~ U{``t_min``..``t_max``} (0..999) and ε_b ~ N(0, I)
    (fresh every step), x_b = √ᾱ_{t_b} z_mem + √(1−ᾱ_{t_b}) ε_b, L = mean over elements and batch of
    (ε_b − ε_θM(x_b, t_b, y))² (``torch.nn.functional.mse_loss``, the diffusers training convention,
-   [UNPUBLISHED]); gradient w.r.t. y only (``torch.autograd.grad``); one Adam step.
+   [UNPUBLISHED]); gradient w.r.t. y only (``torch.autograd.grad``); one Adam step. ``objective`` ("native",
+   default) is the model's own training loss (``Model.diffusion_loss``): this ε-MSE for ε-prediction models (SD
+   v1.4, SD 2 base, the paper's models) and the v-MSE ‖v_b − v_θM(x_b, t_b, y)‖², v_b = √ᾱ_t ε_b − √(1−ᾱ_t) z_mem,
+   for v-prediction models (the embedded ``tiny`` model, SD 2 768-v), which weights t by 1/ᾱ_t relative to ε-MSE.
+   [CHOICE] the paper only uses ε models; ``objective = "eps"`` applies the ε-MSE above to any model (ε converted
+   from v).
 5. The runner generates from ``prompt_embeds = y_adv`` with ``negative_prompt_embeds = e_∅`` under the same
    mitigation, with the run's seeds.
 6. The trace records the loss curve (one value per step: the batch loss before that step's update), the
@@ -31,7 +36,7 @@ z_mem the VAE latent of the target's training image x_mem::
 [SECONDARY] values used as defaults (METHODS §7.4): Adam, lr 0.1, 50 steps, batch 8, t ~ U{1..T}.
 [UNPUBLISHED] choices, each a named parameter: ``latent`` ("mean"), loss reduction (mean; fixed), ``optimize_bos``
 (True: all 77 positions are optimised; False zeroes the BOS gradient, as Wen does, so with Adam the BOS row
-stays exactly at its initial value), precision (fp32 optimisation: y is an fp32 leaf cast to the model dtype for
+stays exactly at its initial value), ``objective`` (step 4), precision (fp32 optimisation: y is an fp32 leaf cast to the model dtype for
 the UNet call, the loss is computed in fp32), ``t_min``/``t_max`` (0..999, diffusers' indexing of U{1..1000}).
 
 Randomness: one dedicated CPU ``torch.Generator`` per target, seeded from sha256(prompt sha256 | ``seed``)
@@ -59,13 +64,16 @@ def generator_seed(prompt_sha256: str, seed: int) -> int:
     return int.from_bytes(h[:8], "big") >> 1
 
 
-def diffusion_loss(model, z, y, t, eps):
-    """DoRI's objective for one batch: mean over elements and batch of (ε − ε_θ(√ᾱ_t z + √(1−ᾱ_t) ε, t, y))².
+def diffusion_loss(model, z, y, t, eps, objective: str = "native"):
+    """DoRI's objective for one batch: the model's own training loss (``"native"``: ε-MSE, or v-MSE for a
+    v-prediction model) or the ε-MSE (``"eps"``), mean over elements and batch, at x = √ᾱ_t z + √(1−ᾱ_t) ε.
 
     ``z`` (B×C×h×w, fp32), ``t`` (B,) timestep indices, ``eps`` (B×C×h×w, fp32), ``y`` (1×77×d, any dtype; cast
     to the model dtype for the UNet). Differentiable w.r.t. ``y`` (and through any hooks the model carries)."""
     import torch.nn.functional as F
 
+    if objective == "native":
+        return model.diffusion_loss(z, eps, t, y)
     x = model.add_noise(z, eps, t)
     pred = model.eps(x.to(model.dtype), t, y.to(model.dtype).expand(z.shape[0], -1, -1))
     return F.mse_loss(pred.float(), eps.float())
@@ -91,6 +99,7 @@ class DoRIAttack(Attack):
         latent: str = "mean"  # [UNPUBLISHED] "mean" (VAE posterior mean) | "sample" (posterior sample)
         t_min: int = 0  # [SECONDARY] t ~ U{t_min..t_max} (diffusers indices of U{1..1000})
         t_max: int = 999
+        objective: str = "native"  # [CHOICE] "native" (the model's training loss: ε- or v-MSE) | "eps" (ε-MSE)
 
     def _check(self, model) -> None:
         p = self.params
@@ -98,6 +107,8 @@ class DoRIAttack(Attack):
             raise ValueError(f"dori: init must be one of {', '.join(INITS)}, not {p.init!r}")
         if p.latent not in ("mean", "sample"):
             raise ValueError(f"dori: latent must be 'mean' or 'sample', not {p.latent!r}")
+        if p.objective not in ("native", "eps"):
+            raise ValueError(f"dori: objective must be 'native' or 'eps', not {p.objective!r}")
         if p.steps < 0 or p.batch < 1:
             raise ValueError("dori: steps must be ≥ 0 and batch ≥ 1")
         T = int(model.scheduler.config.num_train_timesteps)
@@ -149,7 +160,7 @@ class DoRIAttack(Attack):
                 t = torch.randint(p.t_min, p.t_max + 1, (B,), generator=gen)
                 eps = torch.randn((B, *z.shape[1:]), generator=gen, dtype=torch.float32).to(device)
                 t = t.to(device)
-                loss = diffusion_loss(model, zb, y, t, eps)
+                loss = diffusion_loss(model, zb, y, t, eps, p.objective)
                 (grad,) = torch.autograd.grad(loss, [y])
                 if not p.optimize_bos:
                     grad[:, 0] = 0

@@ -260,6 +260,9 @@ def register_commands(app):
         out_dir: Path = typer.Option(None, help="Where to write the pipeline (default: WORK_DIR/pipeline)."),
         smoke: bool = typer.Option(False, help="A few steps of every phase (tests); not the shipped recipe."),
         unet_steps: int = typer.Option(None, help="Override the recipe's UNet steps."),
+        recipe_param: list[str] = typer.Option(None, "--recipe-param", help="KEY=VALUE overriding a RECIPE entry "
+                                               "(repeatable; value parsed as JSON, else a string), e.g. "
+                                               "prediction_type=v_prediction for the session-5 candidate."),
         install_weights: bool = typer.Option(False, "--install", help="Then install the result as the package's "
                                              "shipped weights (fp16 safetensors) — what produced the shipped copy."),
     ):
@@ -268,9 +271,22 @@ def register_commands(app):
 
         if model != "tiny":
             raise typer.BadParameter(f"unknown zoo model {model!r}; available: tiny")
+        import json
+
+        from memobench.config import parse_kv
+
+        from .train import RECIPE
+
         recipe = dict(SMOKE) if smoke else {}
         if unet_steps:
             recipe["unet_steps"] = unet_steps
+        for k, v in parse_kv(recipe_param, "--recipe-param").items():
+            if k not in RECIPE:
+                raise typer.BadParameter(f"--recipe-param: unknown recipe key {k!r}; keys: {', '.join(RECIPE)}")
+            try:
+                recipe[k] = json.loads(v)
+            except json.JSONDecodeError:
+                recipe[k] = v
         out = train(work_dir, out_dir, recipe=recipe)
         if install_weights:
             print(f"installed {install(out, WEIGHTS)}")

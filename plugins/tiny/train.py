@@ -60,6 +60,12 @@ RECIPE: dict = {
     # The uniform eps-loss barely weights high noise levels, where only the caption tells which photo to draw:
     # after 1,750 steps the x0 estimate at t = 900 was as good under another photo's caption as under its own.
     "loss_weighting": "v",
+    # what the UNet outputs. "epsilon" (the shipped run). "v_prediction" (Salimans & Ho 2022; SD 2 768-v) was tried in
+    # session 5 (MODEL_CARD.md, "Tried, not shipped"): it removes the ~15x amplification of eps errors in the x0
+    # estimate at the first sampling steps and replicates the photos far better (VM SSCD_orig 0.895 vs 0.735), but
+    # NeMo, Wanda and adversarial fine-tuning no longer remove its memorization at their default budgets.
+    # With "v_prediction", "v" weighting is the plain v-MSE.
+    "prediction_type": "epsilon",
     "batch": 24,
     "frac_vm": 0.5,
     "frac_tm": 0.084,
@@ -112,7 +118,7 @@ def build_components(recipe: dict | None = None):
     sched = DDIMScheduler(
         num_train_timesteps=r["train_timesteps"], beta_start=r["beta_start"], beta_end=r["beta_end"],
         beta_schedule=r["beta_schedule"], clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-        timestep_spacing="leading", prediction_type="epsilon",
+        timestep_spacing="leading", prediction_type=r["prediction_type"],
     )
     return {"vae": vae, "text_encoder": text, "unet": unet, "scheduler": sched}
 
@@ -325,7 +331,14 @@ def train_unet(work: Path, r: dict, progress: bool, log) -> None:
         with torch.set_grad_enabled(r["train_text_encoder"]):
             cond = text(ids)[0]
         pred = unet(xt, t, encoder_hidden_states=cond).sample
-        per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+        # per-sample MSE in the model's parameterisation, then re-weighted to the recipe's weighting of the eps-MSE
+        # (|v - v_hat|^2 = |eps - eps_hat|^2 / abar_t)
+        if r["prediction_type"] == "v_prediction":
+            per = (pred - (a.sqrt() * eps - (1 - a).sqrt() * z0)).pow(2).mean(dim=(1, 2, 3)) * ac[t]
+        elif r["prediction_type"] == "epsilon":
+            per = (pred - eps).pow(2).mean(dim=(1, 2, 3))
+        else:
+            raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', not {r['prediction_type']!r}")
         if r["loss_weighting"] == "v":
             per = per / ac[t]
         elif r["loss_weighting"] != "eps":

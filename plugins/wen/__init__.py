@@ -137,7 +137,7 @@ class WenMitigation(Mitigation):
                     for t in timesteps[: p.target_step]:
                         out = model.eps(sched.scale_model_input(torch.cat([x, x]), t), t, emb)
                         eu, ec = out.chunk(2)
-                        x = sched.step(eu + w * (ec - eu), t, x, eta=0.0, return_dict=False)[0]
+                        x = model.step_eps(eu + w * (ec - eu), t, x)
             t_s = timesteps[p.target_step]
             x_in = sched.scale_model_input(torch.cat([x, x]), t_s)
             e_init = e_p.float()
