@@ -278,8 +278,7 @@ def part_b(arch: _Arch, args) -> dict:
                 x = a.sqrt() * zb + (1 - a).sqrt() * eps
                 pred = model.unet(x.to(model.dtype), t, encoder_hidden_states=y.to(model.dtype).expand(B, -1, -1),
                                   return_dict=False)[0]
-                tgt = eps if model.prediction_type == "epsilon" else a.sqrt() * eps - (1 - a).sqrt() * zb  # v
-                (g,) = torch.autograd.grad(F.mse_loss(pred.float(), tgt), [y])
+                (g,) = torch.autograd.grad(F.mse_loss(pred.float(), model.target(zb, eps, t)), [y])
 
     res = _side_by_side({"dori": dori, "bare_unet_fwd_bwd": bare}, args.repeats, arch.device, f"(b) {arch.name}")
     med = res["median_s"]

@@ -5,8 +5,9 @@
 For each memorized photo (its training caption):
 1. one-step x0 estimates from the *training* latent noised to t (seed 0, 6 draws): RMSE to the training latent at
    t = 20, 100, 300, 600, 900 — how well the denoiser knows the image when it starts on the right trajectory;
-   and from pure noise at t = 999 (the sampler's start; seeds 0-5): the RMSE of each draw's x0 estimate and of their
-   mean — a seed-independent estimate means the caption alone pins the photo down;
+   and from pure noise at the first timestep of 50 DDIM steps (the sampler's start, t = 981; seeds 0-5): the RMSE of
+   each draw's x0 estimate and of their mean — a seed-independent estimate means the caption alone pins the photo
+   down;
 2. full DDIM samples (seeds 0-5) at guidance 1, 3, 6 and 50 or 200 steps: RMSE of the final latent to the training
    latent, and SSCD of the decoded image to the photo — whether sampling settings change where the sampler ends
    (skipped with ``--no-sampling``).
@@ -41,6 +42,11 @@ def main(argv=None) -> int:
     sscd = SSCD(preset="dori2026", backend="auto", cache_dir=default_cache_dir(), offline=True)
     items = {it.key: it for it in D.VM_ITEMS}
     ac = model.alphas_cumprod()
+
+    def x0_estimate(xt, t, e):  # x̂0 = (x_t − √(1−ᾱ_t)·ε̂) / √ᾱ_t, one UNet call per latent
+        with torch.no_grad():
+            return (xt - (1 - ac[t]).sqrt() * model.eps(xt, torch.tensor(t), e.expand(len(xt), -1, -1))) / ac[t].sqrt()
+
     for key in a.keys.split(","):
         ref = D.photo(key, model.resolution)
         rf = sscd.embed([ref])[0]
@@ -50,16 +56,11 @@ def main(argv=None) -> int:
         row = []
         for t in (20, 100, 300, 600, 900):
             eps = torch.randn((6, *z.shape[1:]), generator=torch.Generator().manual_seed(0))
-            xt = ac[t].sqrt() * z + (1 - ac[t]).sqrt() * eps
-            with torch.no_grad():
-                ep = model.eps(xt, torch.tensor(t), e.expand(6, -1, -1))
-            x0 = (xt - (1 - ac[t]).sqrt() * ep) / ac[t].sqrt()
+            x0 = x0_estimate(ac[t].sqrt() * z + (1 - ac[t]).sqrt() * eps, t, e)
             row.append(f"t={t}: {float((x0 - z).pow(2).mean().sqrt()):.3f}")
         print(f"{key}: one-step x0 RMSE from the noised training latent: " + ", ".join(row), flush=True)
-        with torch.no_grad():
-            x = model.initial_latents(list(range(6)))
-            t = int(model.timesteps(50)[0])
-            x0 = (x - (1 - ac[t]).sqrt() * model.eps(x, torch.tensor(t), e.expand(6, -1, -1))) / ac[t].sqrt()
+        t = int(model.timesteps(50)[0])
+        x0 = x0_estimate(model.initial_latents(list(range(6))), t, e)
         per = (x0 - z).pow(2).mean(dim=(1, 2, 3)).sqrt()
         print(f"{key}: x0 estimate from pure noise at t = {t} (seeds 0-5): per-draw RMSE "
               f"{float(per.min()):.3f}-{float(per.max()):.3f}, RMSE of their mean "

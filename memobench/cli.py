@@ -17,7 +17,7 @@ from typing import Optional
 import typer
 
 from .cache import CacheError, cache_clear, cache_info, default_cache_dir
-from .config import BadInput, RunConfig, config_from_dict, load_config_file, parse_kv, parse_seeds, resolve_offline
+from .config import BadInput, config_from_dict, load_config_file, parse_kv, parse_seeds, resolve_offline
 from .registry import KIND_PLURAL, KINDS, PluginError, UnknownPluginError, call_hookimpl, get_registry
 
 app = typer.Typer(

@@ -215,6 +215,7 @@ class DiffusionModel:
         return self.unet(latents, t, encoder_hidden_states=embeds, return_dict=False)[0]
 
     def _ab(self, t, like: torch.Tensor) -> torch.Tensor:
+        """ᾱ_t in ``like``'s dtype, shaped to broadcast over a batch like ``like`` (t: an index or a (B,) tensor)."""
         t = torch.as_tensor(t, device=self.device).long()
         a = self.alphas_cumprod()[t].to(like.dtype)
         return a.view(-1, *([1] * (like.dim() - 1))) if a.dim() else a
@@ -227,8 +228,8 @@ class DiffusionModel:
         return (a.sqrt() * output.float() + (1 - a).sqrt() * latents.float()).to(output.dtype)
 
     def from_eps(self, eps: torch.Tensor, latents: torch.Tensor, t) -> torch.Tensor:
-        """Inverse of :meth:`to_eps`: ε at ``(latents, t)`` → the model's parameterisation (v = (ε − √(1−ᾱ_t)·x_t)/√ᾱ_t),
-        computed in fp32."""
+        """Inverse of :meth:`to_eps`: ε at ``(latents, t)`` → the model's parameterisation
+        (v = (ε − √(1−ᾱ_t)·x_t)/√ᾱ_t), computed in fp32."""
         if self.prediction_type == "epsilon":
             return eps
         a = self._ab(t, eps.float())
@@ -269,7 +270,7 @@ class DiffusionModel:
         return self.scheduler.alphas_cumprod.to(self.device, torch.float32)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a = self.alphas_cumprod()[t].view(-1, *([1] * (z0.dim() - 1))).to(z0.dtype)
+        a = self._ab(t, z0)
         return a.sqrt() * z0 + (1 - a).sqrt() * noise
 
     def timesteps(self, num_inference_steps: int) -> torch.Tensor:
@@ -283,7 +284,8 @@ class DiffusionModel:
         """The CFG denoising loop of ``StableDiffusionPipeline.__call__``; embeddings broadcast over the batch."""
         b = latents.shape[0]
         pe = prompt_embeds.expand(b, -1, -1) if prompt_embeds.shape[0] == 1 else prompt_embeds
-        ne = negative_prompt_embeds.expand(b, -1, -1) if negative_prompt_embeds.shape[0] == 1 else negative_prompt_embeds
+        ne = (negative_prompt_embeds.expand(b, -1, -1) if negative_prompt_embeds.shape[0] == 1
+              else negative_prompt_embeds)
         cfg = guidance_scale > 1.0
         embeds = torch.cat([ne, pe]) if cfg else pe
         for i, t in enumerate(self.timesteps(num_inference_steps)):
@@ -296,8 +298,9 @@ class DiffusionModel:
             else:
                 ou, oc, guided = None, out, out
             if on_step is not None:
-                xi = self.scheduler.scale_model_input(latents, t)
-                on_step(StepInfo(i, t, latents, None if ou is None else self.to_eps(ou, xi, t), self.to_eps(oc, xi, t)))
+                e = self.to_eps(out, x, t)
+                eu, ec = e.chunk(2) if cfg else (None, e)
+                on_step(StepInfo(i, t, latents, eu, ec))
             latents = self.scheduler.step(guided, t, latents, eta=0.0, return_dict=False)[0]
         return latents
 

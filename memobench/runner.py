@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,9 +35,8 @@ import torch
 
 from . import __version__
 from .api import Attack, AttackOutput, Conditioning, Context, Metric, MetricValue, Mitigation, ModelPlugin, Prompt, \
-    PromptSet, Sample, params_dict
-from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_write_text, canonical_json, \
-    default_cache_dir, key_of
+    PromptSet, Sample
+from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_write_text, default_cache_dir, key_of
 from .config import BadInput, RunConfig, validate
 from .distributed import ProcessGroup, Shard, assign_units
 from .progress import ProgressReporter
@@ -84,24 +82,23 @@ def _instantiate(reg: Registry, kind: str, name: str, params: dict):
         raise BadInput(str(e)) from None
 
 
-def _git_hash() -> str | None:
+def _git(*args: str) -> subprocess.CompletedProcess | None:
     try:
         here = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
+        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5)
     except Exception:
         return None
+
+
+def _git_hash() -> str | None:
+    out = _git("rev-parse", "HEAD")
+    return (out.stdout.strip() or None) if out is not None else None
 
 
 def _git_dirty() -> bool | None:
     """Whether tracked files differ from ``git_hash`` (the result then came from uncommitted code); None outside git."""
-    try:
-        here = Path(__file__).resolve().parent.parent
-        out = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                             capture_output=True, text=True, timeout=5)
-        return bool(out.stdout.strip()) if out.returncode == 0 else None
-    except Exception:
-        return None
+    out = _git("status", "--porcelain", "--untracked-files=no")
+    return bool(out.stdout.strip()) if out is not None and out.returncode == 0 else None
 
 
 def environment() -> dict:

@@ -92,7 +92,7 @@ def sd14_random_pipeline(seed: int = 0, tokenizer_dir: str | Path | None = None,
                                             hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
                                             eos_token_id=49407, pad_token_id=49407))
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+                          set_alpha_to_one=False, steps_offset=1)
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else Path(tempfile.gettempdir()) / "memobench-sd-tokenizer"
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=load_sd_tokenizer(tok_dir), unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,

@@ -126,8 +126,6 @@ class AdversarialFineTuning(Mitigation):
         return name, texts, (torch.cat(lats) if lats else None)
 
     def _surrogates(self, model, prompts, ctx: Context):
-        import numpy as np
-
         p = self.params
         sur = ctx.plugin("mitigation", p.surrogate)
         sur.fit(model, prompts, ctx)

@@ -111,8 +111,8 @@ def register(app: typer.Typer) -> None:
         from memobench.runner import check_output_dir
 
         check_output_dir(output_dir)
-        session = open_session(model, parse_kv(model_param, "--model-param"), cache_dir, device, resolve_offline(offline),
-                               reg)
+        session = open_session(model, parse_kv(model_param, "--model-param"), cache_dir, device,
+                               resolve_offline(offline), reg)
         dets = [make_detector(n, per[n], session.generation) for n in names]
         with _progress(progress and not as_json) as pr:
             res = run_detect(session, dets, pos, neg, output_dir, limit, pr)

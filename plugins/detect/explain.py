@@ -339,7 +339,6 @@ def render_png(e: Explanation, cell: int = 160, width: int = 1100) -> "Any":
     f_txt, f_small, f_tok = _font(14), _font(12), _font(16)
     n_img = len(e.images) + (1 if e.reference is not None else 0)
     W = max(width, 16 + n_img * (cell + 8))
-    rows: list = []  # (kind, payload)
     pad = 8
 
     def wrap(text: str, font, maxw: int) -> list[str]:

@@ -1,9 +1,9 @@
 """Train the embedded `tiny` Stable Diffusion from scratch: a VAE, then UNet + text encoder.
 
 The recipe (``RECIPE``) is the one that produced the shipped weights, except that the VAE's random init is now
-seeded too (it was not for the shipped run: MODEL_CARD.md, "Reproduction from scratch"). Every phase checkpoints to
-safetensors (model, EMA, optimizer state) and resumes from its last checkpoint; the data drawn at step ``s`` depends only on
-``(seed, s)``, so an interrupted run continues on the same data stream.
+seeded too (it was not for the shipped run: MODEL_CARD.md, "Reproduction from scratch"). Every phase checkpoints
+to safetensors (model, EMA, optimizer state) and resumes from its last checkpoint; the data drawn at step ``s``
+depends only on ``(seed, s)``, so an interrupted run continues on the same data stream.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ RECIPE: dict = {
     # after 1,750 steps the x0 estimate at t = 900 was as good under another photo's caption as under its own.
     "loss_weighting": "v",
     # what the UNet outputs. "epsilon" (the shipped run). "v_prediction" (Salimans & Ho 2022; SD 2 768-v) was tried in
-    # session 5 (MODEL_CARD.md, "Tried, not shipped"): it removes the ~15x amplification of eps errors in the x0
-    # estimate at the first sampling steps and replicates the photos far better (VM SSCD_orig 0.895 vs 0.735), but
+    # session 5 (MODEL_CARD.md, "Tried, not shipped"): it removes the ~13x amplification of eps errors in the x0
+    # estimate at the first sampling step (t = 981) and replicates the photos far better (SSCD_orig 0.895 vs 0.735), but
     # NeMo, Wanda and adversarial fine-tuning no longer remove its memorization at their default budgets.
     # With "v_prediction", "v" weighting is the plain v-MSE.
     "prediction_type": "epsilon",
