@@ -92,6 +92,9 @@ CASES = [
     ("zoo-unknown-recipe-key", lambda f: ["zoo", "train", "tiny", "--work-dir", str(f["out"] / "zoo"),
                                           "--recipe-param", "prediction=v_prediction"],
      ["--recipe-param", "unknown recipe key 'prediction'"]),
+    ("zoo-bad-recipe-value", lambda f: ["zoo", "train", "tiny", "--work-dir", str(f["out"] / "zoo"),
+                                        "--recipe-param", "prediction_type=sample"],
+     ["recipe prediction_type must be one of epsilon, v_prediction", "'sample'"]),
     ("cache-unknown-section", lambda f: ["cache", "clear", "--cache-dir", str(f["cache"]), "--section", "imgs",
                                          "--yes"], ["--section", "'imgs'"]),
 ]

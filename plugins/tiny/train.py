@@ -382,6 +382,9 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
           progress: bool = True, log=print) -> Path:
     """Run (or resume) every phase in ``work_dir``; export the pipeline to ``out_dir`` (default work_dir/pipeline)."""
     r = {**RECIPE, **(recipe or {})}
+    for k, allowed in (("prediction_type", ("epsilon", "v_prediction")), ("loss_weighting", ("eps", "v"))):
+        if r[k] not in allowed:  # checked before any work: the UNet phase would only fail after the VAE phase
+            raise ValueError(f"recipe {k} must be one of {', '.join(allowed)}, not {r[k]!r}")
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
