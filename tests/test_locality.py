@@ -298,7 +298,8 @@ def test_cli_smoke_two_inits_two_dori_steps(tiny_pipe, tmp_path, cli_inproc):
     rc, _, err = cli_inproc([*args, "--workers", "1", "--projection", "pca"])
     assert rc == 0, err
     r2 = json.loads((folder / "locality.json").read_text())
-    assert all(x["cached"] for x in r2["input_space"]["per_init"]) and r2["input_space"]["projection"]["method"] == "pca"
+    assert all(x["cached"] for x in r2["input_space"]["per_init"])
+    assert r2["input_space"]["projection"]["method"] == "pca"
     assert [x["y_adv_sha256"] for x in r2["input_space"]["per_init"]] == [x["y_adv_sha256"] for x in inp["per_init"]]
     assert [x["sscd_per_seed"] for x in r2["input_space"]["per_init"]] == [x["sscd_per_seed"] for x in inp["per_init"]]
     w2 = r2["weight_space"]

@@ -27,8 +27,12 @@ def test_cross_prompt_batches_match_single_prompt_images_and_resume_exactly(tmp_
     from memobench.model import DiffusionModel
 
     sizes, orig = [], DiffusionModel.denoise
-    monkeypatch.setattr(DiffusionModel, "denoise",
-                        lambda self, pe, ne, lat, *a, **k: sizes.append(lat.shape[0]) or orig(self, pe, ne, lat, *a, **k))
+
+    def recording_denoise(self, pe, ne, lat, *a, **k):
+        sizes.append(lat.shape[0])
+        return orig(self, pe, ne, lat, *a, **k)
+
+    monkeypatch.setattr(DiffusionModel, "denoise", recording_denoise)
     cache = tmp_path / "cache"
     out, keys = _run(tmp_path, cache)
     assert len(keys) == 5

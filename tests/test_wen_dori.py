@@ -368,7 +368,8 @@ def test_cli_smoke_dori_under_wen(tiny_pipe, tmp_path, cli_inproc):
     mitigated = [r for r in rows if r["role"] == "mitigated"]
     assert sorted(r["seed"] for r in mitigated) == [0, 1]
     assert {r["prompt_id"] for r in mitigated} == {r["prompt_id"] for r in rows if r["role"] == "target"}
-    assert set(result["metrics_without_attack"]) == set(result["metrics"]) and result["metrics_without_attack"]["mr"]["n"] == 1
+    assert set(result["metrics_without_attack"]) == set(result["metrics"])
+    assert result["metrics_without_attack"]["mr"]["n"] == 1
     assert (path.parent / result["grid_without_attack_file"]).is_file()
     assert "no attack" in stdout and "+ dori" in stdout
     (mtrace,) = result["mitigation_traces"].values()  # Wen's trace, stored with the images it produced

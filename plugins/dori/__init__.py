@@ -36,8 +36,8 @@ z_mem the VAE latent of the target's training image x_mem::
 [SECONDARY] values used as defaults (METHODS §7.4): Adam, lr 0.1, 50 steps, batch 8, t ~ U{1..T}.
 [UNPUBLISHED] choices, each a named parameter: ``latent`` ("mean"), loss reduction (mean; fixed), ``optimize_bos``
 (True: all 77 positions are optimised; False zeroes the BOS gradient, as Wen does, so with Adam the BOS row
-stays exactly at its initial value), ``objective`` (step 4), precision (fp32 optimisation: y is an fp32 leaf cast to the model dtype for
-the UNet call, the loss is computed in fp32), ``t_min``/``t_max`` (0..999, diffusers' indexing of U{1..1000}).
+stays exactly at its initial value), ``objective`` (step 4), precision (fp32 optimisation: y is an fp32 leaf cast to
+the model dtype for the UNet call, the loss is computed in fp32), ``t_min``/``t_max`` (0..999, diffusers' indexing of U{1..1000}).
 
 Randomness: one dedicated CPU ``torch.Generator`` per target, seeded from sha256(prompt sha256 | ``seed``)
 (CONVENTIONS §8), recorded in the trace as ``generator_seed``. It draws, in this order, the posterior sample

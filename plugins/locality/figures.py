@@ -78,7 +78,8 @@ def input_space(section: dict, distances: dict, path: Path, target: str) -> Path
     mp = c["memorized_prompt"]
     ax.scatter([mp[0]], [mp[1]], marker="*", s=260, color=ADV, edgecolors="black", label="memorized prompt e_p",
                zorder=4)
-    fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02).set_label(f"SSCD to the training image ({section['success_level']} over seeds)")
+    fig.colorbar(sc, ax=ax, fraction=0.046, pad=0.02).set_label(
+        f"SSCD to the training image ({section['success_level']} over seeds)")
     m = proj["method"]
     lab = "t-SNE" if m == "tsne" else "PC"
     ax.set_xlabel(f"{lab} 1")
