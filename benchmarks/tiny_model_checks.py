@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memobench.cache import ImageCache, atomic_write_text
+from memobench.cache import ImageCache, atomic_write_text, default_cache_dir
 from memobench.config import RunConfig
 from memobench.runner import Runner
 
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
 
     rows = [json.loads(x) for x in Path(vm.samples_path).read_text().splitlines()]
     util = sorted((x for x in rows if x["role"] == "utility"), key=lambda x: (x["prompt_id"], x["seed"]))
-    cache = ImageCache(Path(a.cache_dir) if a.cache_dir else Runner(RunConfig(**common)).cache_dir)
+    cache = ImageCache(Path(a.cache_dir) if a.cache_dir else default_cache_dir())
     caps = [x["prompt"] for x in util]
     own, shuf, own_all, shuf_all = [], [], [], []
     full = lambda sc: float(all(v == 1.0 for k, v in sc.items() if k != "overall" and v is not None))  # noqa: E731

@@ -5,8 +5,8 @@
 For every VM target generation in a run's samples file (e.g. the ``none__none`` run written by
 ``benchmarks/tiny_model_checks.py``), SSCD (offline, preset ``dori2026``) to all 8 VM training photos and the 2 TM
 frames (variant 0); per prompt: the share of seeds whose nearest image is the prompt's own photo, the share that is
-*another* memorized image, and the mean SSCD to the own photo. Separates two failure modes with different causes: the caption picks the wrong photo
-(conditioning) vs the right photo rendered too coarsely (fidelity).
+*another* memorized image, and the mean SSCD to the own photo. Separates two failure modes with different causes:
+the caption picks the wrong photo (conditioning) vs the right photo rendered too coarsely (fidelity).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memobench.cache import atomic_write_text
+from memobench.cache import ImageCache, atomic_write_text, default_cache_dir
 from memobench.sscd import SSCD
 
 
@@ -30,11 +30,7 @@ def main(argv=None) -> int:
 
     from memobench_plugins.tiny import data as D
 
-    from memobench.cache import ImageCache
-    from memobench.config import RunConfig
-    from memobench.runner import Runner
-
-    cache = ImageCache(Path(a.cache_dir) if a.cache_dir else Runner(RunConfig(model="tiny")).cache_dir)
+    cache = ImageCache(Path(a.cache_dir) if a.cache_dir else default_cache_dir())
     rows = [json.loads(x) for x in Path(a.samples).read_text().splitlines()]
     rows = [r for r in rows if r.get("role") == "target" and r.get("mem_type") == "VM"]
     if not rows:
@@ -42,28 +38,23 @@ def main(argv=None) -> int:
     items = D.VM_ITEMS + D.TM_ITEMS  # TM frames as references too: a generation may land on one of them
     keys = [it.key for it in items]
     by_caption = {it.caption: it.key for it in D.VM_ITEMS}
+    foreign = sorted({r["prompt"] for r in rows} - set(by_caption))
+    if foreign:
+        raise SystemExit(f"error: {a.samples}: {foreign[0]!r} is not a tiny-vm prompt; pass a run of the tiny model")
     photos = [D.memorized_image(it, 0) for it in items]
     gens = [cache.get(r["sample_key"]) for r in rows]
     sim = SSCD("dori2026").similarity(gens, photos)  # (n_gen, 10)
-    per = {}
+    per: dict[str, list[tuple[str, float]]] = {}  # prompt key -> (nearest image key, SSCD to own photo) per seed
     for r, s in zip(rows, sim):
         k = by_caption[r["prompt"]]
-        d = per.setdefault(k, {"own": 0, "other": 0, "n": 0, "sscd_own": [], "others_drawn": {}})
-        nearest = keys[int(np.argmax(s))]
-        d["n"] += 1
-        d["sscd_own"].append(float(s[keys.index(k)]))
-        if nearest == k:
-            d["own"] += 1
-        else:
-            d["other"] += 1
-            d["others_drawn"][nearest] = d["others_drawn"].get(nearest, 0) + 1
+        per.setdefault(k, []).append((keys[int(np.argmax(s))], float(s[keys.index(k)])))
     doc = {"samples": a.samples, "per_prompt": {}}
-    for k in by_caption.values():
-        if k not in per:
-            continue
-        d = per[k]
-        doc["per_prompt"][k] = {"n": d["n"], "nearest_own": d["own"] / d["n"], "nearest_other": d["other"] / d["n"],
-                                "others_drawn": d["others_drawn"], "mean_sscd_own": float(np.mean(d["sscd_own"]))}
+    for k in (k for k in by_caption.values() if k in per):
+        others = [n for n, _ in per[k] if n != k]
+        doc["per_prompt"][k] = {"n": len(per[k]), "nearest_own": (len(per[k]) - len(others)) / len(per[k]),
+                                "nearest_other": len(others) / len(per[k]),
+                                "others_drawn": {o: others.count(o) for o in sorted(set(others))},
+                                "mean_sscd_own": float(np.mean([v for _, v in per[k]]))}
     tot = sum(v["n"] for v in doc["per_prompt"].values())
     doc["nearest_other_overall"] = sum(v["nearest_other"] * v["n"] for v in doc["per_prompt"].values()) / tot
     title = f"VM generations: nearest memorized image (8 VM photos, 2 TM frames; offline SSCD, dori2026) — {a.samples}"
@@ -71,7 +62,7 @@ def main(argv=None) -> int:
           "| prompt | n | nearest = own photo | nearest = another memorized image (which) | mean SSCD to own |",
           "|---|---|---|---|---|"]
     for k, v in doc["per_prompt"].items():
-        which = ", ".join(f"{o} ×{c}" for o, c in sorted(v["others_drawn"].items()))
+        which = ", ".join(f"{o} ×{c}" for o, c in v["others_drawn"].items())
         md.append(f"| {k} | {v['n']} | {v['nearest_own']:.2f} | {v['nearest_other']:.2f} ({which or '—'}) | "
                   f"{v['mean_sscd_own']:.3f} |")
     md.append("\nOverall share of VM generations nearest to another memorized image: "
