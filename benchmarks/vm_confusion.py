@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     from memobench_plugins.tiny import data as D
 
     cache = ImageCache(Path(a.cache_dir) if a.cache_dir else default_cache_dir())
+    if not Path(a.samples).is_file():
+        raise SystemExit(f"error: samples file {a.samples} not found; pass a run's .samples.jsonl (results/<model>/...)")
     rows = [json.loads(x) for x in Path(a.samples).read_text().splitlines()]
     rows = [r for r in rows if r.get("role") == "target" and r.get("mem_type") == "VM"]
     if not rows:
