@@ -786,7 +786,8 @@ def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_see
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     d.text((4, 4), (f"{title}: " if title else "") + "training original | generated, one per seed"
-           + (" (number: SSCD to the original)" if scores else ""), fill=(0, 0, 0))
+           + (" (number: SSCD to the original; the max over them where a prompt has several)" if scores else ""),
+           fill=(0, 0, 0))
     y = 24
     for r in rows:
         p = r[0].prompt
@@ -796,6 +797,8 @@ def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_see
         if r[0].references:
             ref = to_model_resolution(r[0].references[0], res)
             canvas.paste(Image.fromarray(ref).resize((cell, cell), Image.NEAREST), (x, y))
+            if scores and len(r[0].references) > 1:  # e.g. non-memorized prompts, scored against every memorized image
+                d.text((x + 2, y + cell + 1), f"1 of {len(r[0].references)} references", fill=(0, 0, 0))
         else:
             d.rectangle([x, y, x + cell - 1, y + cell - 1], outline=(200, 0, 0))
             d.text((x + 4, y + cell // 2), "missing", fill=(200, 0, 0))

@@ -97,5 +97,35 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
         work = tmp_path / run
         T.train(work, work / "pipeline", recipe=recipe, progress=False, log=lambda *a: None)
         sums.append([hashlib.sha256((work / f).read_bytes()).hexdigest()
-                     for f in ("vae_vae.safetensors", "unet_unet.safetensors", "unet_ema_unet.safetensors")])
+                     for f in ("vae_vae.safetensors", "dec_vae.safetensors", "unet_unet.safetensors",
+                               "unet_ema_unet.safetensors")])
     assert sums[0] == sums[1]
+
+
+def test_decoder_refinement_trains_only_the_decoder_and_is_exported(tmp_path):
+    """The decoder phase leaves the encoder (hence the UNet's training latents) bit-identical, changes the decoder,
+    and the exported pipeline carries the refined decoder (run with a photo pool, which the UNet phase must draw)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from memobench_plugins.tiny import train as T
+
+    work = tmp_path / "w"
+    recipe = {**T.SMOKE, "dec_steps": 3, "photo_pool": 8, "frac_photo": 0.25}
+    T.train(work, work / "pipeline", recipe=recipe, progress=False, log=lambda *a: None)
+    before, after = load_file(str(work / "vae_vae.safetensors")), load_file(str(work / "dec_vae.safetensors"))
+    assert before.keys() == after.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(("decoder.", "post_quant_conv.")) for k in changed)
+    exported = load_file(str(work / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(exported[k], after[k]) for k in after)
+
+
+def test_photo_pool_is_deterministic_and_its_captions_avoid_evaluated_words():
+    a, ca = D.photo_pool(6, seed=0, res=32)
+    b, cb = D.photo_pool(6, seed=0, res=32)
+    assert a.shape == (6, 32, 32, 3) and np.array_equal(a, b) and ca == cb
+    assert not np.array_equal(a, D.photo_pool(6, seed=1, res=32)[0])
+    evaluated = {w for c in [it.caption for it in D.VM_ITEMS + D.TM_ITEMS] + list(D.NONMEM_PROMPTS) for w in c.split()}
+    assert all(3 <= len(c.split()) <= 7 for c in ca)
+    assert not {w for c in ca for w in c.split()} & evaluated

@@ -255,3 +255,46 @@ def general_pool(n: int, seed: int, res: int = RES) -> tuple[np.ndarray, list[st
         out[i] = render(c, rng, res)
         chosen.append(c)
     return out, chosen
+
+
+# ------------------------------------------------------------------------------------ non-duplicated photo pool
+PHOTO_POOL_SOURCES = ("sklearn china.jpg", "sklearn flower.jpg")
+
+
+def _pool_words() -> list[str]:
+    """Common whole words of CLIP's BPE vocabulary (the first 20,000 merges), minus every word of the memorized,
+    non-memorized and general-set captions, so that those captions stay unseen or unique."""
+    import gzip
+
+    from open_clip.tokenizer import default_bpe
+
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1:20001]
+    words = {a + b[:-4] for a, b in (m.split() for m in merges if m.count(" ") == 1) if b.endswith("</w>")}
+    banned = {w for c in [it.caption for it in VM_ITEMS + TM_ITEMS] + list(NONMEM_PROMPTS) + general_captions()
+              for w in c.split()}
+    return sorted(w for w in words if w.isalpha() and w.isascii() and 4 <= len(w) <= 10 and w not in banned)
+
+
+def photo_pool(n: int, seed: int, res: int = RES) -> tuple[np.ndarray, list[str]]:
+    """``n`` distinct photographs, each seen about once in training: random crops (side 20-100 % of the short side,
+    random position and mirror) of the two photographs scikit-learn ships, each with a caption of 3-7 random common
+    words. The analogue of LAION's non-duplicated majority: photo-style captions the model never saw should draw
+    *some* photograph, not one of the few duplicated ones."""
+    from sklearn.datasets import load_sample_images
+
+    srcs = load_sample_images().images
+    words = _pool_words()
+    rng = np.random.default_rng([seed, 7])
+    out = np.empty((n, res, res, 3), np.uint8)
+    caps = []
+    for i in range(n):
+        a = srcs[int(rng.integers(len(srcs)))]
+        h, w = a.shape[:2]
+        s = int(min(h, w) * rng.uniform(0.2, 1.0))
+        y, x = int(rng.integers(h - s + 1)), int(rng.integers(w - s + 1))
+        crop = a[y:y + s, x:x + s]
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out[i] = np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((res, res), Image.LANCZOS))
+        caps.append(" ".join(words[int(j)] for j in rng.integers(len(words), size=int(rng.integers(3, 8)))))
+    return out, caps
