@@ -779,7 +779,8 @@ def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_see
     res = rows[0][0].image.shape[0]
     cell = res * scale
     label_h = 14
-    score_h = 12 if scores else 0
+    multi = any(len(r[0].references) > 1 for r in rows)  # e.g. non-memorized prompts vs every memorized image
+    score_h = 12 if scores or multi else 0
     ncols = 1 + min(max_seeds, max(len(r) for r in rows))
     W = ncols * (cell + 4) + 4
     H = len(rows) * (cell + label_h + score_h + 6) + 24
@@ -797,7 +798,7 @@ def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_see
         if r[0].references:
             ref = to_model_resolution(r[0].references[0], res)
             canvas.paste(Image.fromarray(ref).resize((cell, cell), Image.NEAREST), (x, y))
-            if scores and len(r[0].references) > 1:  # e.g. non-memorized prompts, scored against every memorized image
+            if len(r[0].references) > 1:
                 d.text((x + 2, y + cell + 1), f"1 of {len(r[0].references)} references", fill=(0, 0, 0))
         else:
             d.rectangle([x, y, x + cell - 1, y + cell - 1], outline=(200, 0, 0))
