@@ -302,6 +302,19 @@ def train_vae(work: Path, r: dict, progress: bool, log) -> None:
     bar.close()
 
 
+def _encode_means(vae, a: np.ndarray) -> torch.Tensor:
+    """Posterior means of uint8 images, 64 at a time."""
+    return torch.cat([vae.encode(_to_tensor(a[i:i + 64])).latent_dist.mean for i in range(0, len(a), 64)])
+
+
+def _latent_scale(work: Path) -> float:
+    """The scaling factor ``encode_latents`` stored with the latents."""
+    from safetensors import safe_open
+
+    with safe_open(str(work / "latents.safetensors"), "pt") as f:
+        return float(f.metadata()["scaling_factor"])
+
+
 @torch.no_grad()
 def encode_latents(work: Path, r: dict) -> None:
     out = work / "latents.safetensors"
@@ -313,10 +326,7 @@ def encode_latents(work: Path, r: dict) -> None:
     bank, caps, kinds = _memorized_bank(r["res"])
     pool = np.load(work / "general_pool.npy")
 
-    def enc(a):
-        return torch.cat([vae.encode(_to_tensor(a[i:i + 64])).latent_dist.mean for i in range(0, len(a), 64)])
-
-    zm, zg = enc(bank), enc(pool)
+    zm, zg = _encode_means(vae, bank), _encode_means(vae, pool)
     scale = float(1.0 / torch.cat([zm, zg]).flatten().std())
     _atomic(lambda p: save_file({"mem": zm.contiguous(), "gen": zg.contiguous()}, p,
                                 metadata={"scaling_factor": repr(scale)}), out)
@@ -330,15 +340,12 @@ def encode_photo_latents(work: Path, r: dict) -> None:
     vae = build_components(r)["vae"]
     vae.load_state_dict(load_file(str(work / "vae_vae.safetensors")))
     vae.eval()
-    a = np.load(work / "photo_pool.npy")
-    z = torch.cat([vae.encode(_to_tensor(a[i:i + 64])).latent_dist.mean for i in range(0, len(a), 64)])
+    z = _encode_means(vae, np.load(work / "photo_pool.npy"))
     _atomic(lambda p: save_file({"photo": z.contiguous()}, p), out)
 
 
 def refine_decoder(work: Path, r: dict, progress: bool, log) -> None:
     """Decoder refinement on noised latents (``dec_*`` in ``RECIPE``); writes ``dec_vae.safetensors``."""
-    from safetensors import safe_open
-
     if r["dec_steps"] <= 0:
         return
     vae = build_components(r)["vae"]
@@ -349,8 +356,7 @@ def refine_decoder(work: Path, r: dict, progress: bool, log) -> None:
     if start >= r["dec_steps"]:
         return
     lat = load_file(str(work / "latents.safetensors"))
-    with safe_open(str(work / "latents.safetensors"), "pt") as f:
-        scale = float(f.metadata()["scaling_factor"])
+    scale = _latent_scale(work)
     bank, _, kinds = _memorized_bank(r["res"])
     pool = np.load(work / "general_pool.npy")
     vae.encoder.requires_grad_(False); vae.quant_conv.requires_grad_(False)
@@ -379,8 +385,6 @@ def refine_decoder(work: Path, r: dict, progress: bool, log) -> None:
 
 
 def train_unet(work: Path, r: dict, progress: bool, log) -> None:
-    from safetensors import safe_open
-
     torch.manual_seed(r["seed"])  # the (frozen) text encoder's init must not depend on what ran before
     comps = build_components(r)
     unet, text, sched = comps["unet"], comps["text_encoder"], comps["scheduler"]
@@ -393,8 +397,7 @@ def train_unet(work: Path, r: dict, progress: bool, log) -> None:
     if start >= r["unet_steps"]:
         return
     lat = load_file(str(work / "latents.safetensors"))
-    with safe_open(str(work / "latents.safetensors"), "pt") as f:
-        scale = float(f.metadata()["scaling_factor"])
+    scale = _latent_scale(work)
     zm, zg = lat["mem"] * scale, lat["gen"] * scale
     _, mcaps, kinds = _memorized_bank(r["res"])
     gcaps = json.loads((work / "general_pool.json").read_text())
@@ -458,15 +461,13 @@ def train_unet(work: Path, r: dict, progress: bool, log) -> None:
 def export(work: Path, r: dict, out_dir: Path) -> Path:
     """Assemble the EMA weights into a ``StableDiffusionPipeline`` folder (``save_pretrained``)."""
     from diffusers import StableDiffusionPipeline
-    from safetensors import safe_open
 
     comps = build_components(r)
     comps["vae"].load_state_dict(load_file(str(work / ("dec_vae.safetensors" if r["dec_steps"] > 0
                                                          else "vae_vae.safetensors"))))
     comps["unet"].load_state_dict(load_file(str(work / "unet_ema_unet.safetensors")))
     comps["text_encoder"].load_state_dict(load_file(str(work / "unet_ema_text_encoder.safetensors")))
-    with safe_open(str(work / "latents.safetensors"), "pt") as f:
-        comps["vae"].register_to_config(scaling_factor=float(f.metadata()["scaling_factor"]))
+    comps["vae"].register_to_config(scaling_factor=_latent_scale(work))
     from memobench.tokenizer import load_sd_tokenizer
 
     pipe = StableDiffusionPipeline(**comps, tokenizer=load_sd_tokenizer(work / "tokenizer"), safety_checker=None,
@@ -492,11 +493,7 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
     t0 = time.time()
     if not (work / "general_pool.npy").exists():
         pool, caps = D.general_pool(r["general_pool"], seed=r["seed"], res=r["res"])
-        def _save_npy(p):
-            with open(p, "wb") as f:
-                np.save(f, pool)
-
-        _atomic(_save_npy, work / "general_pool.npy")
+        _atomic(lambda p: Path(p).write_bytes(_npy_bytes(pool)), work / "general_pool.npy")
         _atomic(lambda p: Path(p).write_text(json.dumps(caps)), work / "general_pool.json")
     if r["photo_pool"] > 0 and not (work / "photo_pool.npy").exists():
         pimgs, pcaps = D.photo_pool(r["photo_pool"], seed=r["seed"], res=r["res"])
