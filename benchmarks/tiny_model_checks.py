@@ -35,11 +35,12 @@ def main(argv=None) -> int:
     ap.add_argument("--results-dir", default="results/tiny_model_checks")
     ap.add_argument("--out", default="benchmarks/reports/tiny_model_checks")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (sampling; SSCD follows memobench's choice)")
     a = ap.parse_args(argv)
     mp = _kv(a.model_param)
     t0 = time.time()
     common = dict(model="tiny", model_params=mp, output_dir=a.results_dir, cache_dir=a.cache_dir, offline=True,
-                  num_inference_steps=a.steps)
+                  num_inference_steps=a.steps, device=a.device)
     t = time.time()
     vm = Runner(RunConfig(**common, metrics=["mr", "sscd_orig", "tiny_alignment"])).run()
     t_vm = time.time() - t

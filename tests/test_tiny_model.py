@@ -6,10 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-
-from memobench.tokenizer import load_sd_tokenizer
 from memobench_plugins.tiny import WEIGHTS
 from memobench_plugins.tiny import data as D
+
+from memobench.tokenizer import load_sd_tokenizer
 
 
 def test_tokenizer_ids_equal_sd_v14(tmp_path):
@@ -60,6 +60,30 @@ def test_zoo_train_smoke_resumes_and_loads_in_plain_diffusers(tmp_path):
     assert img.shape == (64, 64, 3)
 
 
+@pytest.mark.parametrize("device, msg", [("tpu", "unknown 'tpu'"), ("cuda", "no CUDA device is available")])
+def test_zoo_train_rejects_a_bad_device_before_any_work(tmp_path, device, msg):
+    import torch
+
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    work = tmp_path / "work"
+    r = subprocess.run([sys.executable, "-m", "memobench.cli", "zoo", "train", "tiny", "--smoke", "--work-dir", str(work),
+                        "--device", device], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and msg in r.stdout + r.stderr and "--device" in r.stdout + r.stderr
+    assert not work.exists()
+
+
+def test_train_on_an_explicit_cpu_device_equals_the_default(tmp_path):
+    """``device`` moves only the arithmetic: the data stream and inits are drawn on the CPU either way."""
+    from memobench_plugins.tiny import train as T
+
+    kw = dict(recipe={**T.SMOKE, "dec_steps": 0}, progress=False, log=lambda m: None)
+    T.train(tmp_path / "a", **kw)
+    T.train(tmp_path / "b", device="cpu", **kw)
+    for f in ("vae_vae", "unet_ema_unet", "unet_opt"):
+        assert (tmp_path / "a" / f"{f}.safetensors").read_bytes() == (tmp_path / "b" / f"{f}.safetensors").read_bytes()
+
+
 def test_shipped_weights_load_in_plain_diffusers():
     """Acceptance: StableDiffusionPipeline.from_pretrained(<shipped path>) generates without memobench code."""
     import torch
@@ -106,9 +130,8 @@ def test_decoder_refinement_trains_only_the_decoder_and_is_exported(tmp_path):
     """The decoder phase leaves the encoder (hence the UNet's training latents) bit-identical, changes the decoder,
     and the exported pipeline carries the refined decoder (run with a photo pool, which the UNet phase must draw)."""
     import torch
-    from safetensors.torch import load_file
-
     from memobench_plugins.tiny import train as T
+    from safetensors.torch import load_file
 
     work = tmp_path / "w"
     recipe = {**T.SMOKE, "dec_steps": 3, "photo_pool": 8, "frac_photo": 0.25}

@@ -263,6 +263,8 @@ def register_commands(app):
         recipe_param: list[str] = typer.Option(None, "--recipe-param", help="KEY=VALUE overriding a RECIPE entry "
                                                "(repeatable; value parsed as JSON, else a string), e.g. "
                                                "prediction_type=v_prediction for the session-5 candidate."),
+        device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N. The data stream and the inits are "
+                                   "drawn on the CPU either way; a GPU run differs from a CPU run by rounding only."),
         install_weights: bool = typer.Option(False, "--install", help="Then install the result as the package's "
                                              "shipped weights (fp16 safetensors) — what produced the shipped copy."),
     ):
@@ -287,7 +289,15 @@ def register_commands(app):
                 recipe[k] = json.loads(v)
             except json.JSONDecodeError:
                 recipe[k] = v
-        out = train(work_dir, out_dir, recipe=recipe)
+        import re
+
+        import torch
+
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+            raise typer.BadParameter(f"--device: unknown {device!r}; use cpu, cuda or cuda:N")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise typer.BadParameter(f"--device {device}: no CUDA device is available here; use --device cpu")
+        out = train(work_dir, out_dir, recipe=recipe, device=device)
         if install_weights:
             print(f"installed {install(out, WEIGHTS)}")
 

@@ -140,7 +140,7 @@ def build_components(recipe: dict | None = None):
 # --------------------------------------------------------------------------------------------- checkpointing
 def _save_opt(opt: torch.optim.Optimizer, path: Path) -> None:
     sd = opt.state_dict()
-    flat = {f"{i}.{k}": v.detach().clone().contiguous() if torch.is_tensor(v) else torch.tensor(v)
+    flat = {f"{i}.{k}": v.detach().cpu().clone().contiguous() if torch.is_tensor(v) else torch.tensor(v)
             for i, st in sd["state"].items() for k, v in st.items()}
     _atomic(lambda p: save_file(flat, p, metadata={"param_groups": json.dumps(sd["param_groups"])}), path)
 
@@ -166,7 +166,7 @@ def _atomic(write, path: Path) -> None:
 
 def _save_state(d: Path, phase: str, models: dict, opt, step: int, extra: dict | None = None) -> None:
     for name, m in models.items():
-        _atomic(lambda p, m=m: save_file({k: v.contiguous() for k, v in m.state_dict().items()}, p),
+        _atomic(lambda p, m=m: save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, p),
                 d / f"{phase}_{name}.safetensors")
     _save_opt(opt, d / f"{phase}_opt.safetensors")
     _atomic(lambda p: Path(p).write_text(json.dumps({"step": step, **(extra or {})})), d / f"{phase}_state.json")
@@ -270,10 +270,10 @@ def _recon_loss(rec: torch.Tensor, x: torch.Tensor, r: dict, kl: torch.Tensor | 
 
 
 # ------------------------------------------------------------------------------------------------- phases
-def train_vae(work: Path, r: dict, progress: bool, log) -> None:
+def train_vae(work: Path, r: dict, progress: bool, log, device: str = "cpu") -> None:
     torch.manual_seed(r["seed"])  # the VAE's random init (the shipped run's was not seeded: see MODEL_CARD.md)
     comps = build_components(r)
-    vae = comps["vae"]
+    vae = comps["vae"].to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=r["vae_lr"])
     start = _load_state(work, "vae", {"vae": vae}, opt)
     if start >= r["vae_steps"]:
@@ -286,7 +286,7 @@ def train_vae(work: Path, r: dict, progress: bool, log) -> None:
         rng = np.random.default_rng([r["seed"], 1, step])
         torch.manual_seed(r["seed"] * 1_000_003 + step)
         mem, gen = _vae_draw(rng, r, kinds, len(pool))
-        x = _to_tensor(np.concatenate([bank[mem], pool[gen]]))
+        x = _to_tensor(np.concatenate([bank[mem], pool[gen]])).to(device)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, r["vae_steps"], r["vae_lr"], 0.02)
         post = vae.encode(x).latent_dist
@@ -303,8 +303,9 @@ def train_vae(work: Path, r: dict, progress: bool, log) -> None:
 
 
 def _encode_means(vae, a: np.ndarray) -> torch.Tensor:
-    """Posterior means of uint8 images, 64 at a time."""
-    return torch.cat([vae.encode(_to_tensor(a[i:i + 64])).latent_dist.mean for i in range(0, len(a), 64)])
+    """Posterior means of uint8 images, 64 at a time (on the VAE's device; returned on the CPU)."""
+    dev = next(vae.parameters()).device
+    return torch.cat([vae.encode(_to_tensor(a[i:i + 64]).to(dev)).latent_dist.mean.cpu() for i in range(0, len(a), 64)])
 
 
 def _latent_scale(work: Path) -> float:
@@ -316,13 +317,13 @@ def _latent_scale(work: Path) -> float:
 
 
 @torch.no_grad()
-def encode_latents(work: Path, r: dict) -> None:
+def encode_latents(work: Path, r: dict, device: str = "cpu") -> None:
     out = work / "latents.safetensors"
     if out.exists():
         return
     vae = build_components(r)["vae"]
     vae.load_state_dict(load_file(str(work / "vae_vae.safetensors")))
-    vae.eval()
+    vae.to(device).eval()
     bank, caps, kinds = _memorized_bank(r["res"])
     pool = np.load(work / "general_pool.npy")
 
@@ -333,23 +334,24 @@ def encode_latents(work: Path, r: dict) -> None:
 
 
 @torch.no_grad()
-def encode_photo_latents(work: Path, r: dict) -> None:
+def encode_photo_latents(work: Path, r: dict, device: str = "cpu") -> None:
     out = work / "photo_latents.safetensors"
     if r["photo_pool"] <= 0 or out.exists():
         return
     vae = build_components(r)["vae"]
     vae.load_state_dict(load_file(str(work / "vae_vae.safetensors")))
-    vae.eval()
+    vae.to(device).eval()
     z = _encode_means(vae, np.load(work / "photo_pool.npy"))
     _atomic(lambda p: save_file({"photo": z.contiguous()}, p), out)
 
 
-def refine_decoder(work: Path, r: dict, progress: bool, log) -> None:
+def refine_decoder(work: Path, r: dict, progress: bool, log, device: str = "cpu") -> None:
     """Decoder refinement on noised latents (``dec_*`` in ``RECIPE``); writes ``dec_vae.safetensors``."""
     if r["dec_steps"] <= 0:
         return
     vae = build_components(r)["vae"]
     vae.load_state_dict(load_file(str(work / "vae_vae.safetensors")))
+    vae.to(device)
     params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
     opt = torch.optim.Adam(params, lr=r["dec_lr"])
     start = _load_state(work, "dec", {"vae": vae}, opt)
@@ -372,8 +374,8 @@ def refine_decoder(work: Path, r: dict, progress: bool, log) -> None:
         z = z + sigma * torch.randn(z.shape, generator=g)
         for grp in opt.param_groups:
             grp["lr"] = _lr_at(step, r["dec_steps"], r["dec_lr"], 0.02)
-        rec = vae.decode(z / scale).sample
-        loss = _recon_loss(rec, x, r)
+        rec = vae.decode(z.to(device) / scale).sample
+        loss = _recon_loss(rec, x.to(device), r)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -384,12 +386,14 @@ def refine_decoder(work: Path, r: dict, progress: bool, log) -> None:
     bar.close()
 
 
-def train_unet(work: Path, r: dict, progress: bool, log) -> None:
+def train_unet(work: Path, r: dict, progress: bool, log, device: str = "cpu") -> None:
     torch.manual_seed(r["seed"])  # the (frozen) text encoder's init must not depend on what ran before
     comps = build_components(r)
     unet, text, sched = comps["unet"], comps["text_encoder"], comps["scheduler"]
     ema = {"unet": build_components(r)["unet"], "text_encoder": build_components(r)["text_encoder"]}
     ema["unet"].load_state_dict(unet.state_dict()); ema["text_encoder"].load_state_dict(text.state_dict())
+    for m in (unet, text, *ema.values()):
+        m.to(device)
     params = list(unet.parameters()) + (list(text.parameters()) if r["train_text_encoder"] else [])
     opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=0.0)
     start = _load_state(work, "unet", {"unet": unet, "text_encoder": text, "ema_unet": ema["unet"],
@@ -407,7 +411,7 @@ def train_unet(work: Path, r: dict, progress: bool, log) -> None:
     from memobench.tokenizer import load_sd_tokenizer
 
     tok = load_sd_tokenizer(work / "tokenizer")
-    ac = sched.alphas_cumprod
+    ac = sched.alphas_cumprod.to(device)
     bar = _Progress(r["unet_steps"], start, "UNet+text", progress)
     unet.train(); text.train(r["train_text_encoder"])
     text.requires_grad_(r["train_text_encoder"])
@@ -423,6 +427,7 @@ def train_unet(work: Path, r: dict, progress: bool, log) -> None:
         ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         t = torch.randint(0, r["train_timesteps"], (len(z0),), generator=g)
         eps = torch.randn(z0.shape, generator=g)
+        z0, eps, t, ids = z0.to(device), eps.to(device), t.to(device), ids.to(device)
         a = ac[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * z0 + (1 - a).sqrt() * eps
         for grp in opt.param_groups:
@@ -477,8 +482,14 @@ def export(work: Path, r: dict, out_dir: Path) -> Path:
 
 
 def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict | None = None,
-          progress: bool = True, log=print) -> Path:
-    """Run (or resume) every phase in ``work_dir``; export the pipeline to ``out_dir`` (default work_dir/pipeline)."""
+          progress: bool = True, log=print, device: str = "cpu") -> Path:
+    """Run (or resume) every phase in ``work_dir``; export the pipeline to ``out_dir`` (default work_dir/pipeline).
+
+    ``device`` ("cpu", "cuda", "cuda:N") runs the arithmetic there; the data stream (numpy and CPU torch generators)
+    and the random inits are drawn on the CPU either way, so a GPU run sees the same batches, noise and initial weights
+    as a CPU run and differs from it only by floating-point rounding. It is not part of the recipe: a run may resume
+    on another device.
+    """
     r = {**RECIPE, **(recipe or {})}
     for k, allowed in (("prediction_type", ("epsilon", "v_prediction")), ("loss_weighting", ("eps", "v"))):
         if r[k] not in allowed:  # checked before any work: the UNet phase would only fail after the VAE phase
@@ -499,13 +510,13 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
         pimgs, pcaps = D.photo_pool(r["photo_pool"], seed=r["seed"], res=r["res"])
         _atomic(lambda p: Path(p).write_bytes(_npy_bytes(pimgs)), work / "photo_pool.npy")
         _atomic(lambda p: Path(p).write_text(json.dumps(pcaps)), work / "photo_pool.json")
-    train_vae(work, r, progress, log)
-    encode_latents(work, r)
-    encode_photo_latents(work, r)
-    refine_decoder(work, r, progress, log)
-    train_unet(work, r, progress, log)
+    train_vae(work, r, progress, log, device)
+    encode_latents(work, r, device)
+    encode_photo_latents(work, r, device)
+    refine_decoder(work, r, progress, log, device)
+    train_unet(work, r, progress, log, device)
     out = export(work, r, Path(out_dir) if out_dir else work / "pipeline")
-    log(f"done in {time.time() - t0:.0f}s -> {out}")
+    log(f"done in {time.time() - t0:.0f}s on {device} -> {out}")
     return out
 
 
