@@ -269,6 +269,18 @@ def _recon_loss(rec: torch.Tensor, x: torch.Tensor, r: dict, kl: torch.Tensor | 
     return loss
 
 
+def _vae_step(work: Path, phase: str, label: str, vae, opt, loss, step: int, total: int, r: dict, bar, log) -> None:
+    """One optimizer step of the VAE or decoder phase, then its checkpoint every ``checkpoint_every`` steps and at the
+    end (the UNet phase clips gradients and updates the EMA in between, so it keeps its own)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    bar.update(f"loss {loss.item():.4f}")
+    if (step + 1) % r["checkpoint_every"] == 0 or step + 1 == total:
+        _save_state(work, phase, {"vae": vae}, opt, step + 1)
+        log(f"{label} step {step + 1} loss {loss.item():.4f}")
+
+
 # ------------------------------------------------------------------------------------------------- phases
 def train_vae(work: Path, r: dict, progress: bool, log, device: str = "cpu") -> None:
     torch.manual_seed(r["seed"])  # the VAE's random init (the shipped run's was not seeded: see MODEL_CARD.md)
@@ -292,13 +304,7 @@ def train_vae(work: Path, r: dict, progress: bool, log, device: str = "cpu") -> 
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample() if r["vae_sample_posterior"] else post.mode()).sample
         loss = _recon_loss(rec, x, r, r["vae_kl_weight"] * post.kl().mean())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(f"loss {loss.item():.4f}")
-        if (step + 1) % r["checkpoint_every"] == 0 or step + 1 == r["vae_steps"]:
-            _save_state(work, "vae", {"vae": vae}, opt, step + 1)
-            log(f"vae step {step + 1} loss {loss.item():.4f}")
+        _vae_step(work, "vae", "vae", vae, opt, loss, step, r["vae_steps"], r, bar, log)
     bar.close()
 
 
@@ -376,13 +382,7 @@ def refine_decoder(work: Path, r: dict, progress: bool, log, device: str = "cpu"
             grp["lr"] = _lr_at(step, r["dec_steps"], r["dec_lr"], 0.02)
         rec = vae.decode(z.to(device) / scale).sample
         loss = _recon_loss(rec, x.to(device), r)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.update(f"loss {loss.item():.4f}")
-        if (step + 1) % r["checkpoint_every"] == 0 or step + 1 == r["dec_steps"]:
-            _save_state(work, "dec", {"vae": vae}, opt, step + 1)
-            log(f"decoder step {step + 1} loss {loss.item():.4f}")
+        _vae_step(work, "dec", "decoder", vae, opt, loss, step, r["dec_steps"], r, bar, log)
     bar.close()
 
 
