@@ -1,6 +1,7 @@
 """The DoRI paper's table (METHODS §8.1) on a model, by one command: every row of issue 6's acceptance list.
 
-    python benchmarks/dori_table.py [--model tiny] [--cache-dir DIR] [--out benchmarks/reports/dori_table]
+    python benchmarks/dori_table.py [--model tiny] [--model-param path=DIR] [--cache-dir DIR]
+                                    [--out benchmarks/reports/dori_table]
 
 Rows (each attack run is paired: it also scores the mitigation alone on the same targets and seeds):
   memorized prompts, no mitigation · none + DoRI (prompt init) · none + DoRI (Gaussian init) ·
@@ -53,6 +54,7 @@ def _val(rec: dict | None):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model-param", action="append", help="KEY=VALUE for the model plugin (e.g. path=DIR)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--results-dir", default="results/dori_table", help="where the runs' result files go")
     ap.add_argument("--out", default="benchmarks/reports/dori_table", help="output prefix (.json, .md)")
@@ -60,6 +62,8 @@ def main(argv=None) -> int:
     ap.add_argument("--offline", action="store_true", default=True)
     a = ap.parse_args(argv)
     from memobench.config import parse_seeds
+
+    mp = dict(x.split("=", 1) for x in a.model_param or [])
 
     t0 = time.time()
     runs: dict[tuple, dict] = {}
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
         if key in runs:
             continue
         metrics = ["mr", "sscd_orig"] + (["tiny_alignment", "fidelity"] if a.model == "tiny" and not prompts else [])
-        cfg = RunConfig(model=a.model, mitigation=mit, attack=atk, attack_params=dict(ap_), prompts=prompts,
+        cfg = RunConfig(model=a.model, model_params=mp, mitigation=mit, attack=atk, attack_params=dict(ap_),
+                        prompts=prompts,
                         metrics=metrics, seeds=parse_seeds(a.seeds) if a.seeds else None,
                         output_dir=a.results_dir, cache_dir=a.cache_dir, offline=a.offline)
         print(f"[dori_table] {mit} × {atk} {ap_ or ''} on {prompts or 'target set'}", file=sys.stderr, flush=True)
@@ -109,7 +114,7 @@ def main(argv=None) -> int:
         x["utility_rel_to_none"] = {k: (v / base[k] if base.get(k) and v is not None else None)
                                     for k, v in x["utility"].items()}
     wall = time.time() - t0
-    doc = {"model": a.model, "rows": rows, "wall_seconds": wall, "run_seconds": timings,
+    doc = {"model": a.model, "model_params": mp, "rows": rows, "wall_seconds": wall, "run_seconds": timings,
            "seeds": runs[next(iter(runs))]["result"]["seeds"]["target"] if runs else [],
            "sscd": next((x["result"]["metrics"]["sscd_orig"].get("impl") for x in runs.values()
                          if "sscd_orig" in x["result"]["metrics"]), None)}

@@ -38,6 +38,23 @@ def test_data_is_deterministic_and_grammar_roundtrips():
         assert img.shape == (64, 64, 3) and img.std() > 10  # a real photograph, not blank
 
 
+def test_recipe_without_up_block_cross_attention_routes_text_only_through_nemo_layers():
+    """``unet_up_cross_attention=False``: every cross-attention value projection is one of NeMo's down/mid layers,
+    the shipped default keeps SD's up-block cross-attention."""
+    from memobench_plugins.nemo import value_layers
+    from memobench_plugins.tiny import train as T
+
+    def attn2(unet):
+        return [n for n, _ in unet.named_modules() if n.endswith("attn2.to_v")]
+
+    plain = T.build_components({"unet_up_cross_attention": False})["unet"]
+    assert attn2(plain) == [n for n, _ in value_layers(plain)] and len(attn2(plain)) == 3
+    assert [type(b).__name__ for b in plain.up_blocks] == ["UpBlock2D"] * 3
+    sd = T.build_components()["unet"]
+    assert len(attn2(sd)) == 7 and any(n.startswith("up_blocks") for n in attn2(sd))
+    assert [n for n, _ in value_layers(sd)] == attn2(plain)
+
+
 def test_zoo_train_smoke_resumes_and_loads_in_plain_diffusers(tmp_path):
     work = tmp_path / "work"
     cmd = [sys.executable, "-m", "memobench.cli", "zoo", "train", "tiny", "--smoke", "--work-dir", str(work)]

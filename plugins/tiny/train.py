@@ -63,6 +63,11 @@ RECIPE: dict = {
     "unet_block_out_channels": [64, 128, 128],
     "unet_layers_per_block": 1,
     "unet_heads": 4,
+    # cross-attention in the up blocks too (SD's layout; the shipped run). False = plain UpBlock2D up blocks, so that
+    # the text reaches the UNet only through the down and mid blocks' attn2 (NeMo's value layers, METHODS §1.3).
+    # Session 9: on the v-prediction candidate, zeroing every down/mid attn2.to_v channel left VM MR at 0.44 and
+    # zeroing the up blocks' left 0.69: the photos were encoded in both paths (benchmarks/reports/candidates/up_xattn/)
+    "unet_up_cross_attention": True,
     "unet_steps": 2500,
     # per-sample weight of the eps-loss: "v" = 1/alpha_bar_t, which makes it exactly the v-prediction objective
     # (Salimans & Ho 2022: |v - v_hat|^2 = |eps - eps_hat|^2 / alpha_bar_t) while the model stays eps-parameterised.
@@ -125,7 +130,7 @@ def build_components(recipe: dict | None = None):
     unet = UNet2DConditionModel(
         sample_size=lat, in_channels=r["latent_channels"], out_channels=r["latent_channels"],
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D" if r["unet_up_cross_attention"] else "UpBlock2D",) * 2,
         block_out_channels=tuple(r["unet_block_out_channels"]), layers_per_block=r["unet_layers_per_block"],
         cross_attention_dim=r["text_hidden"], attention_head_dim=r["unet_heads"], norm_num_groups=32,
     )
