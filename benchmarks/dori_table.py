@@ -102,6 +102,8 @@ def main(argv=None) -> int:
         rep = (r.get("mitigation") or {}).get("report") or {}
         if rep.get("median_neurons_per_memorized_prompt") is not None:  # NeMo (paper: 4 on SD v1.4)
             row["median_neurons_per_memorized_prompt"] = rep["median_neurons_per_memorized_prompt"]
+        if rep.get("criterion"):  # NeMo: prompts whose selection met M(B) <= τ vs ended at the fallback set
+            row["nemo_criterion"] = rep["criterion"]
         if bound:
             m, op, b = bound
             v = row[m]
@@ -134,6 +136,10 @@ def main(argv=None) -> int:
         u = ", ".join(f"{k} {f(v)} ({f(rel.get(k))})" for k, v in x["utility"].items())
         if x.get("median_neurons_per_memorized_prompt") is not None:
             u += f"; median neurons/prompt {x['median_neurons_per_memorized_prompt']}"
+        if x.get("nemo_criterion"):
+            c = x["nemo_criterion"]
+            u += (f"; M(B) ≤ {c['threshold']} reached for {c['n_met']} of {c['n_met'] + c['n_fallback']} flagged "
+                  "prompts (the others: NeMo's fallback set)")
         met = {True: "yes", False: "**no**", None: ""}[x.get("meets_bound")]
         md.append(f"| {x['row']} | {f(x['mr'])} | {f(x['sscd_orig'])}" + (f" ± {disp:.2f}" if disp is not None else "")
                   + f" | {u} | {f(x['paper_sd14_mr']) if x['paper_sd14_mr'] is not None else ''} | "

@@ -142,6 +142,9 @@ def test_nemo_fit_report_and_artifacts(nemo, model, ctx):
     assert list(rep["neurons_per_layer"]) == [n for n, _ in SD14_VALUE]
     assert all(v >= 2 for v in rep["union_per_layer"].values())
     assert rep["median_neurons_per_prompt"] >= 14
+    # initial_threshold 2.0: the first candidate set already meets M(B) <= 2 for both prompts
+    assert rep["criterion"] == {"threshold": 2.0, "n_met": 2, "n_fallback": 0}
+    assert all(v["criterion_met"] is True and v["initial_score"] <= 2.0 for v in rep["per_prompt"].values())
     assert Path(rep["stats"]["file"]).is_file() and rep["stats"]["n_prompts"] == len(NONMEM)
     doc = json.loads(Path(rep["neurons_file"]).read_text())
     assert [x["width"] for x in doc["layers"]] == [w // SCALE for _, w in SD14_VALUE]
@@ -157,6 +160,18 @@ def test_nemo_fit_report_and_artifacts(nemo, model, ctx):
     third = N.NeMo(**NEMO_FAST, neurons_file=rep["neurons_file"])
     third.fit(model, PROMPTS, ctx)
     assert third.neuron_sets == nemo.neuron_sets
+
+
+def test_nemo_report_counts_prompts_that_fall_back_when_the_schedule_runs_out(model, ctx):
+    # M(B) >= 0 > initial_threshold for every candidate: θ runs 1.5 -> 1.25 -> 1.0 and the selection keeps the last
+    # set with τ_ref = its score (METHODS §7.1.4 step 3d); the report must say so instead of implying success
+    m = N.NeMo(**{**NEMO_FAST, "initial_threshold": -1.0, "theta_init": 1.5})
+    m.fit(model, PROMPTS, ctx)
+    rep = m.report()
+    assert rep["criterion"] == {"threshold": -1.0, "n_met": 0, "n_fallback": 2}
+    for r in m._records.values():
+        assert r["theta"] == 1.25 and r["tau_ref"] == r["initial_score"] > -1.0
+    assert all(v["criterion_met"] is False for v in rep["per_prompt"].values())
 
 
 def test_nemo_hooks_address_exactly_the_value_layers(nemo, model, ctx):

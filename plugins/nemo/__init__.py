@@ -731,6 +731,9 @@ class NeMo(Mitigation):
         counts = [sum(len(s) for s in r["refined"]) for r in recs]
         mem = [c for c, r in zip(counts, recs) if r.get("memorized", True)]
         union = self.union_set()
+        thr = self.params.initial_threshold
+        crit = {k: (None if r.get("initial_score") is None or not r.get("memorized", True)
+                    else bool(r["initial_score"] <= thr)) for k, r in self._records.items()}
         per_layer_total = {n: sum(len(r["refined"][l]) for r in recs) for l, (n, _) in enumerate(self._layers)}
         return {
             "n_prompts": len(recs),
@@ -746,8 +749,14 @@ class NeMo(Mitigation):
             "hook": "forward hook on attn2.to_v returning out * mask (both CFG halves, every step)",
             "stats": {**getattr(self, "_stats_source", {}), "file": self._files.get("stats")},
             "neurons_file": self._files.get("neurons"),
+            # whether the initial selection met its criterion M(B) <= initial_threshold (METHODS §7.1.4 step 3b) or
+            # ran out of (θ, k) candidates and fell back to the last set with τ_ref = its score (step 3d); None for
+            # prompts without a seed set and for records from a neurons file that lacks the scores
+            "criterion": {"threshold": thr, "n_met": sum(v is True for v in crit.values()),
+                          "n_fallback": sum(v is False for v in crit.values())},
             "per_prompt": {r.get("prompt_id", k[:12]): {"n": c, "refined_score": r.get("refined_score"),
-                                                         "seeds_K": r.get("seeds_K")}
+                                                         "initial_score": r.get("initial_score"),
+                                                         "criterion_met": crit[k], "seeds_K": r.get("seeds_K")}
                            for (k, r), c in zip(self._records.items(), counts)},
         }
 
