@@ -82,6 +82,10 @@ def test_advft_needs_regular_pairs(model, tmp_path):
         AdversarialFineTuning(**PARAMS).fit(model, [PROMPT], ctx)
     with pytest.raises(ValueError, match="inits is empty"):
         AdversarialFineTuning(**{**PARAMS, "inits": ""}).fit(model, [PROMPT], ctx)
+    # an inference-kind surrogate would be skipped by apply() and leave the surrogates unmitigated: refused
+    ctx.settings["model_prompt_sets"] = {"regular": "tiny-general"}
+    with pytest.raises(ValueError, match="surrogate='wen'"):
+        AdversarialFineTuning(**{**PARAMS, "surrogate": "wen"}).fit(model, [PROMPT], ctx)
     with pytest.raises(RuntimeError, match="fit"):
         with AdversarialFineTuning().apply(model, PROMPT, ctx):
             pass

@@ -128,6 +128,11 @@ class AdversarialFineTuning(Mitigation):
     def _surrogates(self, model, prompts, ctx: Context):
         p = self.params
         sur = ctx.plugin("mitigation", p.surrogate)
+        if getattr(sur, "kind", None) not in ("weights", "none"):
+            # the surrogate is generated inside sur.apply(); an inference-kind mitigation (wen, rta, rna) acts on the
+            # conditioning instead and would silently leave the surrogate unmitigated
+            raise ValueError(f"advft: surrogate={p.surrogate!r} is a {getattr(sur, 'kind', '?')!r}-kind mitigation; "
+                             "use a weight-editing one (surrogate=nemo or surrogate=wanda)")
         sur.fit(model, prompts, ctx)
         g = (ctx.settings or {}).get("generation", {})
         steps, scale = int(g.get("num_inference_steps", 50)), float(g.get("guidance_scale", 7.5))
