@@ -9,12 +9,13 @@ criterion, and NeMo always ends at its fallback (the last candidate set, θ = 1.
 τ_ref = its score). This script blocks whole layer groups of NeMo's value layers (`down_blocks.0`, `down_blocks.1`, all
 down blocks, the mid block, down + mid = all of NeMo's neurons) and reports, per VM prompt of the embedded model:
 
-* ``pairwise_max`` and ``K``: NeMo's detection score and seed set (seed 1, 10 latents, as NeMo);
+* ``pairwise_max`` and ``K``: NeMo's detection score and seed set (NeMo's defaults: seed 1, 10 latents);
 * per group: ``M`` = M(B) on the seed set K (all 10 seeds when K is empty) and ``sscd`` = mean SSCD to the training
   photo of the images generated with the group blocked (the model's default sampler, seeds 0..N-1), ``mr`` = share of
   them above 0.7.
 
-It uses the NeMo plugin's own functions (value_layers, block_neurons, noise_differences, ms_ssim with its defaults).
+It uses the NeMo plugin's own functions and its default parameters (latents, timestep, τ, MS-SSIM settings), as
+``benchmarks/nemo_score_distribution.py`` does.
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
 from memobench.api import Context
-from memobench.cache import default_cache_dir
+from memobench.cache import atomic_write_text, default_cache_dir
 from memobench.config import parse_kv
 from memobench.registry import get_registry
 from memobench.sscd import SSCD
@@ -43,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/reports/nemo_score_floor", help="writes OUT.json and OUT.md")
     a = ap.parse_args(argv)
     from memobench_plugins.nemo import (
+        NeMo,
         block_neurons,
         max_pairwise_ms_ssim,
         ms_ssim,
@@ -56,46 +56,52 @@ def main(argv=None) -> int:
     cls = get_registry().get("model", "tiny")
     model = cls(cls.make_params(mp)).load(Context(cache_dir=default_cache_dir(), offline=True, device="cpu"))
     sscd = SSCD(preset="dori2026", backend="auto", cache_dir=default_cache_dir(), offline=True)
-    layers = value_layers(model.unet, "down,mid")
+    nemo = NeMo()
+    p = nemo.params
+    layers = value_layers(model.unet, p.blocks)
     widths = [int(m.out_features) for _, m in layers]
-    lat = (torch.randn((10, *model.latent_shape()), generator=torch.Generator().manual_seed(1))
-           * model.scheduler.init_noise_sigma).to(model.device, model.dtype)
-    t = model.timesteps(50)[1]
+    lat = nemo._latents(model)
+    t = model.timesteps(p.num_inference_steps)[p.timestep_index]
+    kw = {"kernel_size": p.msssim_kernel, "betas": p.msssim_betas, "small_latent": p.small_latent,
+          "upsample_to": p.upsample_to}
+    gen = {"num_inference_steps": cls.generation["num_inference_steps"],
+           "guidance_scale": cls.generation["guidance_scale"]}
     neg, seeds = model.empty_embedding(), list(range(a.seeds))
     rows = {}
     for it in D.VM_ITEMS:
         e = model.encode_prompt(it.caption)
-        d0 = noise_differences(model, e, lat, t)
-        pm = max_pairwise_ms_ssim(d0)
-        K = (pm > 0.428).nonzero().flatten().tolist()
+        d0 = noise_differences(model, e, lat, t, p.detect_guidance_scale)
+        pm = max_pairwise_ms_ssim(d0, **kw)
+        K = (pm > p.pairwise_threshold).nonzero().flatten().tolist()
         idx = K or list(range(len(lat)))
         ref = D.photo(it.key, model.resolution)
         row = {"pairwise_max": round(float(pm.max()), 3), "K": K, "groups": {}}
-        base = sscd.similarity(model.generate(e, neg, seeds, 50, 3.0), [ref])[:, 0]
+        base = sscd.similarity(model.generate(e, neg, seeds, **gen), [ref])[:, 0]
         row["unblocked"] = {"sscd": round(float(base.mean()), 3), "mr": float((base > 0.7).mean())}
         for g, prefixes in GROUPS.items():
             sets = [list(range(w)) if any(n.startswith(p) for p in prefixes) else [] for (n, _), w in zip(layers, widths)]
-            with block_neurons(layers, sets, 0.0):
-                db = noise_differences(model, e, lat[idx], t)
-                s = sscd.similarity(model.generate(e, neg, seeds, 50, 3.0), [ref])[:, 0]
-            row["groups"][g] = {"n_blocked": sum(map(len, sets)), "M": round(float(ms_ssim(d0[idx], db).max()), 3),
+            with block_neurons(layers, sets, p.scaling_factor):
+                db = noise_differences(model, e, lat[idx], t, p.detect_guidance_scale)
+                s = sscd.similarity(model.generate(e, neg, seeds, **gen), [ref])[:, 0]
+            row["groups"][g] = {"n_blocked": sum(map(len, sets)),
+                                "M": round(float(ms_ssim(d0[idx], db, **kw).max()), 3),
                                 "sscd": round(float(s.mean()), 3), "mr": float((s > 0.7).mean())}
         rows[it.key] = row
         print(it.key, json.dumps(row), flush=True)
-    doc = {"model_params": mp, "seeds": seeds, "tau": 0.428, "layers": dict(zip([n for n, _ in layers], widths)),
+    doc = {"model_params": mp, "seeds": seeds, "tau": p.initial_threshold, "layers": dict(zip([n for n, _ in layers], widths)),
            "prompts": rows, "wall_s": round(time.time() - t0, 1)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=1))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1))
     lines = [(f"NeMo score floor on `tiny` {mp or '(shipped weights)'}: M(B) with whole layer groups blocked "
-             f"(τ = 0.428), and mean SSCD / MR of the images generated with them blocked (seeds {seeds}); "
+             f"(τ = {doc['tau']}), and mean SSCD / MR of the images generated with them blocked (seeds {seeds}); "
              f"{doc['wall_s']:.0f} s. `python benchmarks/nemo_score_floor.py`"), "",
              "| prompt | pairwise max (K) | unblocked SSCD | " + " | ".join(f"{g}: M / SSCD" for g in GROUPS) + " |",
              "|---" * (3 + len(GROUPS)) + "|"]
     for k, r in rows.items():
         lines.append(f"| {k} | {r['pairwise_max']:.3f} ({len(r['K'])}) | {r['unblocked']['sscd']:.3f} | "
                      + " | ".join(f"{r['groups'][g]['M']:.3f} / {r['groups'][g]['sscd']:.3f}" for g in GROUPS) + " |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     return 0
 
