@@ -1,6 +1,7 @@
 """How low can NeMo's blocked-vs-unblocked score go on a model? (METHODS §7.1.3–7.1.4)
 
-    python benchmarks/nemo_score_floor.py [--model-param path=DIR] [--seeds 2] [--out benchmarks/reports/nemo_score_floor]
+    python benchmarks/nemo_score_floor.py [--model-param path=DIR] [--nemo-param small_latent=fewer_scales] [--seeds 2]
+                                          [--out benchmarks/reports/nemo_score_floor]
 
 NeMo stops its initial selection as soon as M(B) ≤ τ (0.428): M(B) is the max over the seed set K of the MS-SSIM
 between each seed's second-step noise difference δ = ε̂(x_T, t_1, e_y) − x_T unblocked and with the neurons B
@@ -38,6 +39,8 @@ GROUPS = {"down_blocks.0": ["down_blocks.0"], "down_blocks.1": ["down_blocks.1"]
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-param", action="append", help="KEY=VALUE for the tiny model plugin (e.g. path=DIR)")
+    ap.add_argument("--nemo-param", action="append",
+                    help="KEY=VALUE overriding a NeMo default (e.g. small_latent=fewer_scales); recorded in the JSON")
     ap.add_argument("--seeds", type=int, default=2, help="generation seeds 0..N-1 per prompt and group")
     ap.add_argument("--out", default="benchmarks/reports/nemo_score_floor", help="writes OUT.json and OUT.md")
     a = ap.parse_args(argv)
@@ -56,7 +59,8 @@ def main(argv=None) -> int:
     cls = get_registry().get("model", "tiny")
     model = cls(cls.make_params(mp)).load(Context(cache_dir=default_cache_dir(), offline=True, device="cpu"))
     sscd = SSCD(preset="dori2026", backend="auto", cache_dir=default_cache_dir(), offline=True)
-    nemo = NeMo()
+    np_ = parse_kv(a.nemo_param, "--nemo-param")
+    nemo = NeMo(NeMo.make_params(np_))
     p = nemo.params
     layers = value_layers(model.unet, p.blocks)
     widths = [int(m.out_features) for _, m in layers]
@@ -88,12 +92,12 @@ def main(argv=None) -> int:
                                 "sscd": round(float(s.mean()), 3), "mr": float((s > 0.7).mean())}
         rows[it.key] = row
         print(it.key, json.dumps(row), flush=True)
-    doc = {"model_params": mp, "seeds": seeds, "tau": p.initial_threshold, "layers": dict(zip([n for n, _ in layers], widths)),
+    doc = {"model_params": mp, "nemo_params": np_, "seeds": seeds, "tau": p.initial_threshold, "layers": dict(zip([n for n, _ in layers], widths)),
            "prompts": rows, "wall_s": round(time.time() - t0, 1)}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1))
-    lines = [(f"NeMo score floor on `tiny` {mp or '(shipped weights)'}: M(B) with whole layer groups blocked "
+    lines = [(f"NeMo score floor on `tiny` {mp or '(shipped weights)'}{f', NeMo {np_}' if np_ else ''}: M(B) with whole layer groups blocked "
              f"(τ = {doc['tau']}), and mean SSCD / MR of the images generated with them blocked (seeds {seeds}); "
              f"{doc['wall_s']:.0f} s. `python benchmarks/nemo_score_floor.py`"), "",
              "| prompt | pairwise max (K) | unblocked SSCD | " + " | ".join(f"{g}: M / SSCD" for g in GROUPS) + " |",
