@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from memobench.api import Context
 from memobench.cache import atomic_write_text, default_cache_dir
-from memobench.config import parse_kv
+from memobench.config import BadInput, parse_kv
 from memobench.registry import get_registry
 from memobench.sscd import SSCD
 
@@ -55,12 +56,16 @@ def main(argv=None) -> int:
     from memobench_plugins.tiny import data as D
 
     t0 = time.time()
-    mp = parse_kv(a.model_param, "--model-param")
-    cls = get_registry().get("model", "tiny")
-    model = cls(cls.make_params(mp)).load(Context(cache_dir=default_cache_dir(), offline=True, device="cpu"))
+    try:  # bad --model-param / --nemo-param values: one line naming the input, exit 2
+        mp = parse_kv(a.model_param, "--model-param")
+        np_ = parse_kv(a.nemo_param, "--nemo-param")
+        nemo = NeMo(NeMo.make_params(np_))
+        cls = get_registry().get("model", "tiny")
+        model = cls(cls.make_params(mp)).load(Context(cache_dir=default_cache_dir(), offline=True, device="cpu"))
+    except (BadInput, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     sscd = SSCD(preset="dori2026", backend="auto", cache_dir=default_cache_dir(), offline=True)
-    np_ = parse_kv(a.nemo_param, "--nemo-param")
-    nemo = NeMo(NeMo.make_params(np_))
     p = nemo.params
     layers = value_layers(model.unet, p.blocks)
     widths = [int(m.out_features) for _, m in layers]
