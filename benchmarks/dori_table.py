@@ -104,6 +104,10 @@ def main(argv=None) -> int:
             row["median_neurons_per_memorized_prompt"] = rep["median_neurons_per_memorized_prompt"]
         if rep.get("criterion"):  # NeMo: prompts whose selection met M(B) <= τ vs ended at the fallback set
             row["nemo_criterion"] = rep["criterion"]
+        if rep.get("surrogates"):  # advft: the surrogate images' SSCD to the training images (replica = above 0.7)
+            row["advft_surrogates"] = {"sscd": rep.get("surrogate_sscd_to_original"),
+                                       "replicas": rep.get("surrogate_replicas", []),
+                                       "draws": {k: v["draws"] for k, v in rep["surrogates"].items()}}
         if bound:
             m, op, b = bound
             v = row[m]
@@ -140,6 +144,11 @@ def main(argv=None) -> int:
             c = x["nemo_criterion"]
             u += (f"; M(B) ≤ {c['threshold']} reached for {c['n_met']} of {c['n_met'] + c['n_fallback']} flagged "
                   "prompts (the others: NeMo's fallback set)")
+        if x.get("advft_surrogates"):
+            sg = x["advft_surrogates"]
+            u += (f"; surrogates: {len(sg['sscd']) - len(sg['replicas'])} of {len(sg['sscd'])} below SSCD 0.7 "
+                  f"after {sum(sg['draws'].values())} draws" + (f" (replicas: {', '.join(sg['replicas'])})"
+                                                               if sg["replicas"] else ""))
         met = {True: "yes", False: "**no**", None: ""}[x.get("meets_bound")]
         md.append(f"| {x['row']} | {f(x['mr'])} | {f(x['sscd_orig'])}" + (f" ± {disp:.2f}" if disp is not None else "")
                   + f" | {u} | {f(x['paper_sd14_mr']) if x['paper_sd14_mr'] is not None else ''} | "

@@ -56,6 +56,7 @@ def test_advft_fits_caches_and_swaps(model, tmp_path):
     assert rep["targets"] == ["p0"] and rep["regular_prompts"] == "tiny-general" and rep["n_regular_pairs"] == 6
     assert [e["n_adv"] for e in rep["epochs"]] == [2, 2]  # inits prompt + gaussian, one target
     assert rep["unet_sha256_original"] != rep["unet_sha256_finetuned"]
+    assert rep["surrogates"]["p0"]["draws"] >= 1 and set(rep["surrogate_sscd_to_original"]) == {"p0"}
     with m.apply(model, PROMPT, ctx):
         inside = _params(model)
     changed = sum(not torch.equal(before[n], inside[n]) for n in before)
@@ -89,3 +90,37 @@ def test_advft_needs_regular_pairs(model, tmp_path):
     with pytest.raises(RuntimeError, match="fit"):
         with AdversarialFineTuning().apply(model, PROMPT, ctx):
             pass
+
+
+def test_choose_surrogate_redraws_until_one_is_not_a_replica():
+    from memobench_plugins.advft import choose_surrogate
+
+    sims = {1000: 0.95, 1001: 0.81, 1002: 0.42, 1003: 0.10}
+    drawn = []
+
+    def draw(seed):
+        drawn.append(seed)
+        return f"img{seed}"
+
+    img, rec = choose_surrogate(draw, lambda im: sims[int(im[3:])], 1000, 10, 0.7)
+    assert img == "img1002" and drawn == [1000, 1001, 1002]  # stops at the first draw ≤ 0.7
+    assert rec == {"seed": 1002, "sscd": 0.42, "replica": False, "draws": 3, "scores": [0.95, 0.81, 0.42]}
+    # none qualifies within the budget: the lowest-SSCD draw, flagged as a replica
+    img, rec = choose_surrogate(draw, lambda im: sims[int(im[3:])], 1000, 2, 0.7)
+    assert img == "img1001" and rec["replica"] and rec["draws"] == 2 and rec["seed"] == 1001
+    # one try = the single draw of advft version 1, whatever its score
+    img, rec = choose_surrogate(draw, lambda im: sims[int(im[3:])], 1000, 1, 0.7)
+    assert img == "img1000" and rec["replica"] and rec["draws"] == 1
+
+
+def test_advft_surrogates_report_every_draw_and_flag_replicas(model, tmp_path):
+    ctx = _ctx(tmp_path, model)
+    # a cosine is never below -1: every draw counts as a replica, so all 3 seeds are drawn and the lowest kept
+    m = AdversarialFineTuning(**{**PARAMS, "surrogate_tries": 3, "surrogate_max_sscd": -2.0})
+    z, info = m._surrogates(model, [PROMPT], ctx)
+    rec = info["surrogates"]["p0"]
+    assert rec["draws"] == 3 and rec["replica"] and info["surrogate_replicas"] == ["p0"]
+    assert rec["seed"] == 1000 + int(np.argmin(rec["scores"])) and rec["sscd"] == min(rec["scores"])
+    assert z["p0"].shape[0] == 1 and info["surrogate_sscd_impl"]["name"] == "sscd"
+    with pytest.raises(ValueError, match="surrogate_tries"):
+        AdversarialFineTuning(**{**PARAMS, "surrogate_tries": 0}).fit(model, [PROMPT], ctx)
