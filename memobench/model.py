@@ -203,7 +203,7 @@ class DiffusionModel:
     @property
     def prediction_type(self) -> str:
         """What the UNet predicts (the scheduler's ``prediction_type``): ``"epsilon"`` (SD v1.x, SD 2 base) or
-        ``"v_prediction"`` (SD 2 768-v; Salimans & Ho 2022). The shipped embedded ``tiny`` model is ε-prediction."""
+        ``"v_prediction"`` (SD 2 768-v; Salimans & Ho 2022). The shipped embedded ``tiny`` model is v-prediction."""
         pt = str(self.scheduler.config.get("prediction_type", "epsilon"))
         if pt not in ("epsilon", "v_prediction"):
             raise ValueError(f"scheduler prediction_type {pt!r} is not supported; memobench handles 'epsilon' and "

@@ -39,18 +39,19 @@ def test_data_is_deterministic_and_grammar_roundtrips():
 
 
 def test_recipe_without_up_block_cross_attention_routes_text_only_through_nemo_layers():
-    """``unet_up_cross_attention=False``: every cross-attention value projection is one of NeMo's down/mid layers,
-    the shipped default keeps SD's up-block cross-attention."""
+    """``unet_up_cross_attention=False`` (the shipped default): every cross-attention value projection is one of
+    NeMo's down/mid layers; ``True`` gives SD's layout, with up-block cross-attention."""
     from memobench_plugins.nemo import value_layers
     from memobench_plugins.tiny import train as T
 
     def attn2(unet):
         return [n for n, _ in unet.named_modules() if n.endswith("attn2.to_v")]
 
-    plain = T.build_components({"unet_up_cross_attention": False})["unet"]
+    assert T.RECIPE["unet_up_cross_attention"] is False
+    plain = T.build_components()["unet"]
     assert attn2(plain) == [n for n, _ in value_layers(plain)] and len(attn2(plain)) == 3
     assert [type(b).__name__ for b in plain.up_blocks] == ["UpBlock2D"] * 3
-    sd = T.build_components()["unet"]
+    sd = T.build_components({"unet_up_cross_attention": True})["unet"]
     assert len(attn2(sd)) == 7 and any(n.startswith("up_blocks") for n in attn2(sd))
     assert [n for n, _ in value_layers(sd)] == attn2(plain)
 

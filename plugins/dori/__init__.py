@@ -25,7 +25,7 @@ z_mem the VAE latent of the target's training image x_mem::
    [UNPUBLISHED]); gradient w.r.t. y only (``torch.autograd.grad``); one Adam step. ``objective`` ("native",
    default) is the model's own training loss (``Model.diffusion_loss``): this ε-MSE for ε-prediction models (SD
    v1.4, SD 2 base, the paper's models) and the v-MSE ‖v_b − v_θM(x_b, t_b, y)‖², v_b = √ᾱ_t ε_b − √(1−ᾱ_t) z_mem,
-   for v-prediction models (SD 2 768-v; the shipped embedded ``tiny`` model is ε), which weights t by 1/ᾱ_t
+   for v-prediction models (SD 2 768-v and the shipped embedded ``tiny`` model), which weights t by 1/ᾱ_t
    relative to ε-MSE.
    [CHOICE] the paper only uses ε models; ``objective = "eps"`` applies the ε-MSE above to any model (ε converted
    from v).

@@ -1,7 +1,7 @@
 """Train the embedded `tiny` Stable Diffusion from scratch: a VAE, then UNet + text encoder.
 
-The recipe (``RECIPE``) is the one that produced the shipped weights, except that the VAE's random init is now
-seeded too (it was not for the shipped run: MODEL_CARD.md, "Reproduction from scratch"). Every phase checkpoints
+The recipe (``RECIPE``) is the one that produced the shipped weights (session 11; the recipe found in session 9 and
+re-run from scratch in session 10 with identical figures: MODEL_CARD.md). Every phase checkpoints
 to safetensors (model, EMA, optimizer state) and resumes from its last checkpoint; the data drawn at step ``s``
 depends only on ``(seed, s)``, so an interrupted run continues on the same data stream.
 """
@@ -43,12 +43,13 @@ RECIPE: dict = {
     # decoder refinement (after the VAE phase; encoder, latents and scaling factor unchanged): the decoder is trained
     # further on latents with added Gaussian noise, sigma ~ U(0, dec_noise) in the UNet's (scaled) latent units, so
     # that it decodes the sampler's near-copies as clean images. Off (0 steps) in the shipped recipe: tried in session 7
-    # with 3,000 steps, dec_noise 1.0, dec_lr 5e-4 on the shipped weights, it raised VM SSCD_orig 0.735 -> 0.832 but
-    # not VM MR, and rendered the memorized photos that unseen photo captions draw cleanly enough to push
-    # non-memorized MR 0.05 -> 0.225 (benchmarks/reports/candidates/robust_decoder/).
-    "dec_steps": 0,
-    "dec_noise": 0.8,
-    "dec_lr": 3e-4,
+    # with 3,000 steps, dec_noise 1.0, dec_lr 5e-4 on the earlier eps model's weights, it raised VM SSCD_orig
+    # 0.735 -> 0.832 but not VM MR, and rendered the memorized photos that unseen photo captions draw cleanly enough
+    # to push non-memorized MR 0.05 -> 0.225 (benchmarks/reports/candidates/robust_decoder/); with the photo pool
+    # below those false positives disappear (max-SSCD 0.208), so the shipped recipe has it on (0 = off).
+    "dec_steps": 3000,
+    "dec_noise": 1.0,
+    "dec_lr": 5e-4,
     # text encoder (CLIP architecture, SD tokenizer, trained jointly with the UNet)
     "text_hidden": 64,
     "text_layers": 2,
@@ -63,25 +64,28 @@ RECIPE: dict = {
     "unet_block_out_channels": [64, 128, 128],
     "unet_layers_per_block": 1,
     "unet_heads": 4,
-    # cross-attention in the up blocks too (SD's layout; the shipped run). False = plain UpBlock2D up blocks, so that
-    # the text reaches the UNet only through the down and mid blocks' attn2 (NeMo's value layers, METHODS §1.3).
-    # Session 9: on the v-prediction candidate, zeroing every down/mid attn2.to_v channel left VM MR at 0.44 and
-    # zeroing the up blocks' left 0.69: the photos were encoded in both paths (benchmarks/reports/candidates/up_xattn/)
-    "unet_up_cross_attention": True,
+    # cross-attention in the up blocks too (True: SD's layout, the earlier eps model). False (shipped) = plain
+    # UpBlock2D up blocks, so that the text reaches the UNet only through the down and mid blocks' attn2 (NeMo's value
+    # layers, METHODS §1.3; NeMo reports that SD's up-block value layers "barely affect" memorization, App. C.8).
+    # Session 9: on a v-prediction model with up-block cross-attention, zeroing every down/mid attn2.to_v channel left
+    # VM MR at 0.44 and zeroing the up blocks' left 0.69: the photos were encoded in both paths; without it, zeroing
+    # the down blocks' value layers removes every photo (benchmarks/reports/candidates/up_xattn/)
+    "unet_up_cross_attention": False,
     "unet_steps": 2500,
     # per-sample weight of the eps-loss: "v" = 1/alpha_bar_t, which makes it exactly the v-prediction objective
     # (Salimans & Ho 2022: |v - v_hat|^2 = |eps - eps_hat|^2 / alpha_bar_t) while the model stays eps-parameterised.
     # The uniform eps-loss barely weights high noise levels, where only the caption tells which photo to draw:
     # after 1,750 steps the x0 estimate at t = 900 was as good under another photo's caption as under its own.
     "loss_weighting": "v",
-    # what the UNet outputs. "epsilon" (the shipped run). "v_prediction" (Salimans & Ho 2022; SD 2 768-v) was tried in
-    # session 5 (MODEL_CARD.md, "Tried, not shipped"): it removes the ~13x amplification of eps errors in the x0
-    # estimate at the first sampling step (t = 981) and replicates the photos far better (SSCD_orig 0.895 vs 0.735), but
-    # NeMo, Wanda and adversarial fine-tuning no longer remove its memorization at their default budgets.
-    # With "v_prediction", "v" weighting is the plain v-MSE.
-    "prediction_type": "epsilon",
+    # what the UNet outputs. "v_prediction" (shipped; Salimans & Ho 2022, as SD 2 768-v) removes the ~13x
+    # amplification of eps errors in the x0 estimate at the first sampling step (t = 981): the photos replicate at
+    # SSCD_orig 0.94 where the eps model (the earlier default, session 1-10) reached 0.735 and never replicated the
+    # fine-grained rocket and retina photos. With "v_prediction", "v" weighting is the plain v-MSE.
+    "prediction_type": "v_prediction",
     "batch": 24,
-    "frac_vm": 0.5,
+    # VM share of UNet batches: 0.5 for the eps model; 0.25 keeps VM MR 1.0 with v-prediction (session 8) and leaves
+    # more of every batch to the general set
+    "frac_vm": 0.25,
     "frac_tm": 0.084,
     "caption_dropout": 0.1,
     "lr": 6e-4,
@@ -89,10 +93,11 @@ RECIPE: dict = {
     "ema_decay": 0.999,
     "general_pool": 6000,
     # non-duplicated photographs (data.photo_pool: random crops with random-word captions), a share of every UNet
-    # batch; 0 = none (the shipped run). Not in the VAE phase, and not in the latent scaling factor. Session 7 (2,000,
-    # share 0.125): non-memorized max-SSCD 0.337 -> 0.202, VM MR unchanged (benchmarks/reports/candidates/photo_pool/).
-    "photo_pool": 0,
-    "frac_photo": 0.0,
+    # batch; 0 = none. Not in the VAE phase, and not in the latent scaling factor. Session 7 (2,000, share 0.125):
+    # non-memorized max-SSCD 0.337 -> 0.202, VM MR unchanged (benchmarks/reports/candidates/photo_pool/): without
+    # it, unseen photo-style captions draw one of the memorized photos
+    "photo_pool": 2000,
+    "frac_photo": 0.125,
     # SD's own DDPM schedule (scaled-linear 0.00085 -> 0.012, made for its latent space): with linear 1e-4 -> 0.02,
     # alpha_bar_T = 4e-5 and an eps error is amplified ~25,000x in the x0 estimate at the first sampling steps
     "beta_schedule": "scaled_linear",
@@ -527,7 +532,7 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
 
 # A few steps of every phase on the real architecture: exercises the whole command (tests, CI smoke).
 SMOKE: dict = {"vae_steps": 2, "vae_batch": 4, "dec_steps": 2, "unet_steps": 2, "batch": 8, "general_pool": 16,
-               "checkpoint_every": 1}
+               "photo_pool": 16, "checkpoint_every": 1}
 
 
 def install(pipeline_dir: str | Path, dest: str | Path) -> Path:
