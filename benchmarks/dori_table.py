@@ -106,6 +106,7 @@ def main(argv=None) -> int:
             row["nemo_criterion"] = rep["criterion"]
         if rep.get("surrogates"):  # advft: the surrogate images' SSCD to the training images (replica = above 0.7)
             row["advft_surrogates"] = {"sscd": rep.get("surrogate_sscd_to_original"),
+                                       "max_sscd": (r["mitigation"].get("params") or {}).get("surrogate_max_sscd"),
                                        "replicas": rep.get("surrogate_replicas", []),
                                        "draws": {k: v["draws"] for k, v in rep["surrogates"].items()}}
         if bound:
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
                   "prompts (the others: NeMo's fallback set)")
         if x.get("advft_surrogates"):
             sg = x["advft_surrogates"]
-            u += (f"; surrogates: {len(sg['sscd']) - len(sg['replicas'])} of {len(sg['sscd'])} below SSCD 0.7 "
+            u += (f"; surrogates: {len(sg['sscd']) - len(sg['replicas'])} of {len(sg['sscd'])} at SSCD ≤ {sg['max_sscd']} "
                   f"after {sum(sg['draws'].values())} draws" + (f" (replicas: {', '.join(sg['replicas'])})"
                                                                if sg["replicas"] else ""))
         met = {True: "yes", False: "**no**", None: ""}[x.get("meets_bound")]

@@ -56,13 +56,14 @@ def main(argv=None) -> int:
 
     rows = [json.loads(x) for x in Path(vm.samples_path).read_text().splitlines()]
     util = sorted((x for x in rows if x["role"] == "utility"), key=lambda x: (x["prompt_id"], x["seed"]))
-    cache = ImageCache(Path(a.cache_dir) if a.cache_dir else default_cache_dir())
+    cache_dir = Path(a.cache_dir) if a.cache_dir else default_cache_dir()
+    cache = ImageCache(cache_dir)
     caps = [x["prompt"] for x in util]
     own, shuf, own_all, shuf_all, gt_own, gt_shuf = [], [], [], [], [], []
     full = lambda sc: float(all(v == 1.0 for k, v in sc.items() if k != "overall" and v is not None))  # noqa: E731
     from memobench.api import Context
 
-    ctx = Context(cache_dir=Path(a.cache_dir) if a.cache_dir else default_cache_dir(), seeds=(0,))
+    ctx = Context(cache_dir=cache_dir, seeds=(0,))
     heldout = ctx.plugin("prompt_set", "tiny-heldout")  # the tiny model's utility set (TinyModel.prompt_sets)
     by_text = {q.text: q for q in heldout.prompts(ctx)}
     for i, x in enumerate(util):

@@ -170,14 +170,14 @@ class AdversarialFineTuning(Mitigation):
         z, chosen = {}, {}
         with ctx.task(f"advft: surrogate images ({p.surrogate})", len(prompts), transient=True) as adv:
             for q in prompts:
-                refs = ctx.reference_images(q)
+                f_refs = sscd.embed(ctx.reference_images(q))  # once per target, not once per draw
 
                 def draw(seed, q=q):
                     with sur.apply(model, q, ctx):
                         return model.generate(model.encode_prompt(q.text), model.empty_embedding(), [seed], steps,
                                               scale)[0]
 
-                img, chosen[q.id] = choose_surrogate(draw, lambda im: float(sscd.similarity([im], refs).max()),
+                img, chosen[q.id] = choose_surrogate(draw, lambda im: float((sscd.embed([im]) @ f_refs.T).max()),
                                                      p.surrogate_seed, p.surrogate_tries, p.surrogate_max_sscd)
                 z[q.id] = model.encode_image(img).float()
                 adv()

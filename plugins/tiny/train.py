@@ -42,7 +42,7 @@ RECIPE: dict = {
     "vae_sample_posterior": False,
     # decoder refinement (after the VAE phase; encoder, latents and scaling factor unchanged): the decoder is trained
     # further on latents with added Gaussian noise, sigma ~ U(0, dec_noise) in the UNet's (scaled) latent units, so
-    # that it decodes the sampler's near-copies as clean images. Off (0 steps) in the shipped recipe: tried in session 7
+    # that it decodes the sampler's near-copies as clean images (0 steps = off). Tried alone in session 7
     # with 3,000 steps, dec_noise 1.0, dec_lr 5e-4 on the earlier eps model's weights, it raised VM SSCD_orig
     # 0.735 -> 0.832 but not VM MR, and rendered the memorized photos that unseen photo captions draw cleanly enough
     # to push non-memorized MR 0.05 -> 0.225 (benchmarks/reports/candidates/robust_decoder/); with the photo pool
