@@ -104,7 +104,7 @@ def main(argv=None) -> int:
             row["median_neurons_per_memorized_prompt"] = rep["median_neurons_per_memorized_prompt"]
         if rep.get("criterion"):  # NeMo: prompts whose selection met M(B) <= τ vs ended at the fallback set
             row["nemo_criterion"] = rep["criterion"]
-        if rep.get("surrogates"):  # advft: the surrogate images' SSCD to the training images (replica = above 0.7)
+        if rep.get("surrogates"):  # advft: the surrogate images' SSCD to the training images (replica = above max_sscd)
             row["advft_surrogates"] = {"sscd": rep.get("surrogate_sscd_to_original"),
                                        "max_sscd": (r["mitigation"].get("params") or {}).get("surrogate_max_sscd"),
                                        "replicas": rep.get("surrogate_replicas", []),

@@ -10,6 +10,11 @@ word; each token is mapped to its word by position). Stricter, also reported: th
 name (the item key, e.g. "astronaut"). The detection
 AUC of the verdict is read from the calibration that `memobench detect --model tiny` stored (run that first; the
 script says so when it is missing). Writes JSON + Markdown and prints the Markdown.
+
+Every prompt is explained twice: with the reference's significance (w.r.t. the text encoder's output rows, the
+default) and with ``attribution=token_embeds`` (w.r.t. the encoder's input token embeddings); the second tests the
+explanation of why the first ranks function words high on the embedded model (its frozen random CLIP encoder is
+causal, so an output row after the distinctive words also carries them). Same trajectory, same calibration.
 """
 
 from __future__ import annotations
@@ -72,30 +77,38 @@ def main(argv=None) -> int:
     names = {it.caption: {it.key} for it in D.VM_ITEMS + D.TM_ITEMS}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for p in prompts:
-        e = ex.explain(p, prompt_set=ps)
+    ex_in = Explainer(model="tiny", detector_params={"attribution": "token_embeds"}, session=ex.session)
+
+    def summary(e, p) -> dict:
         top = e.top_tokens(1)[0]
         words = token_words(ex.session.model.tokenizer, p.text)
         if len(words) != len(e.tokens):
             raise SystemExit(f"error: cannot map the tokens of {p.text!r} to its words")
         top_word = words[top.position - 1]
         abl = {x.kind: x for x in e.ablations}
-        rows.append({
-            "prompt": p.text, "top_token": top.text, "top_word": top_word, "top_share": top.share,
-            "distinctive_words": sorted(dw.get(p.text, ())),
+        return {
+            "top_token": top.text, "top_word": top_word, "top_share": top.share,
             "top_is_distinctive": top_word in dw.get(p.text, set()),
             "top_is_name": top_word in names.get(p.text, set()),
-            "statistic": e.statistic, "verdict": e.verdict, "sscd_mean": e.sscd_mean,
             **{f"{k}_statistic": x.statistic for k, x in abl.items()},
             **{f"{k}_sscd_mean": x.sscd_mean for k, x in abl.items()},
             **{f"{k}_lowers_statistic": x.lowers_statistic for k, x in abl.items()},
             **{f"{k}_lowers_sscd": x.lowers_sscd for k, x in abl.items()},
             "statements": e.statements,
-        })
+        }
+
+    rows = []
+    for p in prompts:
+        e = ex.explain(p, prompt_set=ps)
+        e_in = ex_in.explain(p, prompt_set=ps)
+        rows.append({"prompt": p.text, "distinctive_words": sorted(dw.get(p.text, ())),
+                     "statistic": e.statistic, "verdict": e.verdict, "sscd_mean": e.sscd_mean,
+                     **summary(e, p), "token_embeds": summary(e_in, p)})
         Image.fromarray(render_png(e)).save(out.parent / f"explain_{p.id}.png")
+        Image.fromarray(render_png(e_in)).save(out.parent / f"explain_{p.id}_token_embeds.png")
     n = len(rows)
-    frac = lambda k: sum(bool(r.get(k)) for r in rows) / n if n else None  # noqa: E731
+    frac = lambda k, rs=rows: sum(bool(r.get(k)) for r in rs) / n if n else None  # noqa: E731
+    rows_in = [r["token_embeds"] for r in rows]
     cal = ex.calibration
     doc = {"prompt_set": a.prompt_set, "n": n, "rows": rows,
            "top_token_distinctive_fraction": frac("top_is_distinctive"), "top_token_name_fraction": frac("top_is_name"),
@@ -105,6 +118,9 @@ def main(argv=None) -> int:
            "replace_lowers_sscd": frac("replace_lowers_sscd"),
            "detection": {"auc": cal.get("auc"), "memorized": cal["memorized"]["name"],
                          "nonmemorized": cal["nonmemorized"]["name"], "threshold_rule": ex.threshold_rule},
+           "token_embeds": {k: frac(k, rows_in) for k in ("top_is_distinctive", "top_is_name",
+                                                          "remove_lowers_statistic", "remove_lowers_sscd",
+                                                          "replace_lowers_statistic", "replace_lowers_sscd")},
            "seeds": list(ex.detector.params.seeds), "wall_seconds": time.time() - t0}
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1, default=str))
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -114,17 +130,26 @@ def main(argv=None) -> int:
           f"- removing it lowers the statistic / the SSCD: {f(doc['remove_lowers_statistic'])} / "
           f"{f(doc['remove_lowers_sscd'])}; replacing it (by '{ex.replacement}'): "
           f"{f(doc['replace_lowers_statistic'])} / {f(doc['replace_lowers_sscd'])}",
+          f"- with `attribution=token_embeds` (input token embeddings): top token distinctive "
+          f"{f(doc['token_embeds']['top_is_distinctive'])} (the photo's name: {f(doc['token_embeds']['top_is_name'])}"
+          f"); removing it lowers the statistic / the SSCD: {f(doc['token_embeds']['remove_lowers_statistic'])} / "
+          f"{f(doc['token_embeds']['remove_lowers_sscd'])}; replacing it: "
+          f"{f(doc['token_embeds']['replace_lowers_statistic'])} / {f(doc['token_embeds']['replace_lowers_sscd'])}",
           f"- verdict 'likely memorized': {f(doc['memorized_verdict_fraction'])} of prompts",
           f"- verdict threshold from `memobench detect` ({doc['detection']['memorized']} vs "
           f"{doc['detection']['nonmemorized']}): AUC {f(doc['detection']['auc'])}", "",
           "| prompt | top token [its word] (share) | distinctive words | verdict | statistic: own → removed → replaced | "
-          "SSCD: own → removed → replaced |", "|---|---|---|---|---|---|"]
+          "SSCD: own → removed → replaced | token_embeds: top token [word] (share) | token_embeds: statistic "
+          "removed → replaced | token_embeds: SSCD removed → replaced |", "|---|---|---|---|---|---|---|---|---|"]
+    top = lambda r: (f"{r['top_token']} [{r['top_word']}] ({r['top_share']:.2f})"  # noqa: E731
+                     f"{' ✓' if r['top_is_distinctive'] else ''}")
     for r in rows:
-        md.append(f"| {r['prompt']} | {r['top_token']} [{r['top_word']}] ({r['top_share']:.2f})"
-                  f"{' ✓' if r['top_is_distinctive'] else ''}"
-                  f" | {', '.join(r['distinctive_words'])} | {r['verdict']} | {f(r['statistic'])} → "
-                  f"{f(r.get('remove_statistic'))} → {f(r.get('replace_statistic'))} | {f(r['sscd_mean'])} → "
-                  f"{f(r.get('remove_sscd_mean'))} → {f(r.get('replace_sscd_mean'))} |")
+        ri = r["token_embeds"]
+        md.append(f"| {r['prompt']} | {top(r)} | {', '.join(r['distinctive_words'])} | {r['verdict']} | "
+                  f"{f(r['statistic'])} → {f(r.get('remove_statistic'))} → {f(r.get('replace_statistic'))} | "
+                  f"{f(r['sscd_mean'])} → {f(r.get('remove_sscd_mean'))} → {f(r.get('replace_sscd_mean'))} | "
+                  f"{top(ri)} | {f(ri.get('remove_statistic'))} → {f(ri.get('replace_statistic'))} | "
+                  f"{f(ri.get('remove_sscd_mean'))} → {f(ri.get('replace_sscd_mean'))} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

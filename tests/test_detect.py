@@ -224,6 +224,57 @@ def test_significance_finite_difference(model64, mode):
     assert float(tr1.significance[k]) == pytest.approx(fd, rel=1e-5)
 
 
+def test_token_embeds_attribution_finite_difference_and_same_trajectory(model64):
+    """attribution=token_embeds: the significance of position k is ‖∂L/∂w_k‖ for the encoder's *input* token
+    embedding w_k (central differences through the frozen text encoder), and the trajectory is the reference's."""
+    m = model64
+    seeds = [0, 1]
+    flags = [p.requires_grad for p in m.text_encoder.parameters()]
+    ids = m.tokenize([PROMPT])
+    e_p, e_u = m.encode_ids(ids), m.empty_embedding()
+    lat = m.initial_latents(seeds)
+    tr = text_noise_trajectory(m, e_p, e_u, lat, 4, 7.5, score_steps=1, significance="reference", full=True,
+                               token_ids=ids)
+    ref = text_noise_trajectory(m, e_p, e_u, lat, 4, 7.5, score_steps=1, significance="reference", full=True)
+    assert torch.equal(tr.latents, ref.latents) and tr.statistic == ref.statistic
+    assert not torch.allclose(tr.significance, ref.significance)  # a different derivative
+    t0 = m.timesteps(4)[0]
+    emb = m.text_encoder.get_input_embeddings()
+    words = emb(ids).detach()
+
+    def loss(w):
+        h = emb.register_forward_hook(lambda mod, inp, out: w)
+        try:
+            with torch.no_grad():
+                e = m.text_encoder(ids)[0]
+                eu, ec = m.eps(torch.cat([lat, lat]), t0, torch.cat([e_u.expand(2, -1, -1),
+                                                                     e.expand(2, -1, -1)])).chunk(2)
+        finally:
+            h.remove()
+        return float((ec - eu).flatten().norm())
+
+    positions = [k for k, _ in prompt_token_positions(m.tokenizer, ids[0].tolist())]
+    for k in (positions[0], positions[-1]):
+        assert float(tr.significance[k]) == pytest.approx(_fd_grad_norm(loss, words, k), rel=1e-5), k
+    assert [p.requires_grad for p in m.text_encoder.parameters()] == flags  # frozen only inside the trajectory
+
+
+def test_attribution_param_and_calibration_key():
+    with pytest.raises(ValueError, match="attribution"):
+        WenDetector.make_params({"attribution": "inputs"})
+    a = _det(seeds="0,1")
+    b = a.with_params(attribution="token_embeds", significance="per_image")
+    assert b.identity() != a.identity()  # results record what explained them
+    assert b.scoring().identity() == a.scoring().identity() == a.identity()  # one calibration serves both
+
+
+def test_token_embeds_needs_token_ids(model):
+    det = _det(seeds="0").with_params(attribution="token_embeds")
+    with pytest.raises(ValueError, match="token ids"):
+        det.trace(model, model.encode_prompt(PROMPT), significance=True)
+    assert det.trace(model, model.encode_prompt(PROMPT)).significance is None  # not needed without significance
+
+
 def test_special_tokens_excluded(model):
     tok = model.tokenizer
     ids = model.tokenize([PROMPT])[0].tolist()

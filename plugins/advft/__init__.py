@@ -24,7 +24,11 @@ Algorithm (``fit``), per run, over all target prompts of the run:
    pruned model that still replicates the photo would hand advft the memorized image itself as its target, which
    teaches the model nothing (session 10 on a v-prediction ``tiny``: exactly the 5 prompts whose seed-1000 surrogate
    was a replica stayed at MR 1.0 under advft + DoRI). ``surrogate_tries = 1`` is the single draw of earlier
-   versions.
+   versions. [CHOICE] ``surrogate_max_sscd`` = 0.5: a surrogate must not count as a copy under any of the field's
+   replication thresholds, and the strictest is DCR's and MemBench's τ = 0.5 (METHODS §4.1-§4.2; DoRI's MR uses
+   0.7). A draw just under 0.7 is still a near-copy: version 2 used 0.7 and, on the shipped ``tiny``, accepted a
+   retina surrogate at SSCD 0.653 (the other seven were ≤ 0.19), and that target was the one advft + DoRI still
+   replicated (0.743). The DoRI paper's own pruned (NeMo) generations sit at SSCD_orig 0.33 ± 0.18 (METHODS §8.1).
 2. For each of ``epochs`` epochs: run the registered ``dori`` attack (§7.4: Adam, lr 0.1, ``dori_steps`` 50, batch 8)
    against the current weights once per init in ``inits`` for every target (the DoRI seed changes with the epoch,
    so the embeddings are diverse); then ``steps_per_epoch`` AdamW steps on **all UNet parameters** (a LoRA variant
@@ -93,7 +97,7 @@ class AdversarialFineTuning(Mitigation):
     """DoRI adversarial fine-tuning: fine-tune the UNet so DoRI embeddings of memorized images map to surrogates."""
 
     name = "advft"
-    version = "2"  # 2: surrogates re-drawn until one is not a replica (surrogate_tries, surrogate_max_sscd)
+    version = "3"  # 2: surrogates re-drawn until one is not a replica; 3: replica bound 0.7 → 0.5 (DCR/MemBench τ)
     kind = "weights"
     prompt_independent = True  # the same model for every prompt
 
@@ -113,7 +117,7 @@ class AdversarialFineTuning(Mitigation):
         surrogate: str = "nemo"  # [PAPER] surrogate images come from a pruned model (nemo | wanda | …)
         surrogate_seed: int = 1000
         surrogate_tries: int = 10  # [CHOICE] seeds surrogate_seed … + tries − 1, until one is not a replica
-        surrogate_max_sscd: float = 0.7  # [CHOICE] a surrogate above this SSCD to the training image is a replica (MR τ)
+        surrogate_max_sscd: float = 0.5  # [CHOICE] above this SSCD to the training image a surrogate is a copy (DCR τ)
         seed: int = 0  # seeds the fine-tuning draws and (with the epoch) the DoRI runs
 
     def __init__(self, params=None, **kw):

@@ -21,10 +21,20 @@ class Detector(Plugin):
     fixed_thresholds: ClassVar[dict[str, float]] = {}
     #: One line naming the statistic, for tables.
     statistic: ClassVar[str] = ""
+    #: Parameters that change only the explanation, never the score: left out of the calibration key, so that a
+    #: calibration serves every explanation setting.
+    explanation_params: ClassVar[tuple[str, ...]] = ()
 
     def identity(self) -> dict:
         # "detect-<name>" keeps artifact folders apart from the mitigation of the same paper (artifacts/<name>/…)
         return {"name": f"detect-{self.name}", "version": self.version, "params": params_dict(self.params)}
+
+    def scoring(self) -> "Detector":
+        """This detector with its explanation-only parameters at their defaults (the calibration's key)."""
+        if not self.explanation_params:
+            return self
+        defaults = type(self).Params()
+        return self.with_params(**{k: getattr(defaults, k) for k in self.explanation_params})
 
     def resolved(self, generation: dict) -> "Detector":
         return self

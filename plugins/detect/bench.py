@@ -144,7 +144,7 @@ def score_prompts(session: Session, det: Detector, prompts: list[Prompt], progre
     task = progress.task(f"{det.name}: score {len(prompts)} prompts", len(prompts)) if progress else None
     with (task if task is not None else _null_task()) as advance:
         for p in prompts:
-            path = ctx.artifact_path(det, "score", p.sha256, suffix=".json")
+            path = ctx.artifact_path(det.scoring(), "score", p.sha256, suffix=".json")
             rec = None
             if path.exists():
                 try:
@@ -171,7 +171,7 @@ class _null_task:
 
 # ---------------------------------------------------------------------------------------------- calibration
 def calibration_path(session: Session, det: Detector) -> Path:
-    return session.ctx.artifact_path(det, "calibration", suffix=".json")
+    return session.ctx.artifact_path(det.scoring(), "calibration", suffix=".json")
 
 
 def load_calibration(session: Session, det: Detector) -> dict | None:

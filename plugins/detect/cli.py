@@ -132,7 +132,9 @@ def register(app: typer.Typer) -> None:
         seeds: str = typer.Option(None, "--seeds", help="Generations, e.g. 0-3 (default). The verdict needs a "
                                   "calibration made by `memobench detect` with the same seeds."),
         detector_param: list[str] = typer.Option(None, "--detector-param", help="KEY=VALUE for the wen detector "
-                                                 "(score_steps, guidance_scale, significance, …)."),
+                                                 "(score_steps, guidance_scale, significance, …); "
+                                                 "attribution=token_embeds credits the input words instead of the "
+                                                 "text-encoder output rows (the reference)."),
         model_param: list[str] = typer.Option(None, "--model-param", help="KEY=VALUE for the model plugin."),
         threshold_rule: str = typer.Option("acc", "--threshold-rule", help="acc: max balanced accuracy "
                                            "(default) | fpr: the TPR@1%FPR operating point."),
@@ -316,11 +318,11 @@ def _print_explain(e, paths: dict) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from .explain import seeds_label
+    from .explain import attribution_label, seeds_label
 
     con = _console()
     t = Table(title=escape(f'"{e.prompt.text}"'), caption="significance = mean over steps of ‖∂L_s/∂e_k‖₂ "
-              "(Wen et al.); BOS/EOS/padding excluded")
+              f"({attribution_label(e)}; Wen et al.); BOS/EOS/padding excluded")
     for c, j in (("#", "right"), ("token", "left"), ("significance", "right"), ("share", "right"), ("", "left"),
                  ("rank", "right")):
         t.add_column(c, justify=j)

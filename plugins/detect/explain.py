@@ -37,6 +37,14 @@ REFERENCE_LABELS = ("VM", "TM")  # prompts of registered sets whose references a
 VERDICT_MEM, VERDICT_NOT, VERDICT_NONE = "likely memorized", "not memorized", "uncalibrated"
 
 
+def attribution_label(e: "Explanation") -> str:
+    """What the significance differentiates with respect to, for captions: e_k is the text encoder's output row k
+    (the reference) or the input embedding of token k (``attribution=token_embeds``)."""
+    if (e.detector.get("params") or {}).get("attribution") == "token_embeds":
+        return "e_k = input embedding of token k"
+    return "e_k = text-encoder output row k"
+
+
 @dataclass
 class TokenScore:
     position: int  # index in the 77-token row (1 = first prompt token)
@@ -191,7 +199,7 @@ class Explainer:
         m = self.session.model
         with torch.no_grad():
             emb = m.encode_ids(ids)
-        tr = self.detector.trace(m, emb, significance=significance, full=True)
+        tr = self.detector.trace(m, emb, significance=significance, full=True, token_ids=ids)
         return tr, m.decode(tr.latents)
 
     # ------------------------------------------------------------------------------------------- explain
@@ -361,6 +369,9 @@ def render_png(e: Explanation, cell: int = 160, width: int = 1100) -> "Any":
         head.append((f"SSCD to the training image ({e.reference_source}): mean {e.sscd_mean:.3f} over "
                      f"{len(e.sscd)} images (max {max(e.sscd):.3f})", f_small))
     lines = [(ln, f) for t, f in head for ln in wrap(t, f, W - 2 * pad)]
+    legend = wrap(f"token-wise significance ‖∂L/∂e_k‖₂ ({attribution_label(e)}), mean over steps (Wen et al.): "
+                  "shade ∝ significance / max; % = share of the prompt's total; # = rank. BOS/EOS/padding excluded.",
+                  f_small, W - 2 * pad)
 
     # token boxes
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -375,7 +386,7 @@ def render_png(e: Explanation, cell: int = 160, width: int = 1100) -> "Any":
         x += w + 4
     strip_h = (y + bh + 6) if e.tokens else 20
     line_h = 19
-    H = pad + len(lines) * line_h + 22 + strip_h + 24 + (cell + 40) * (1 + len(e.ablations)) + 90 * len(e.ablations)
+    H = pad + len(lines) * line_h + 4 + 18 * len(legend) + strip_h + 24 + (cell + 40) * (1 + len(e.ablations)) + 90 * len(e.ablations)
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
     yy = pad
@@ -384,10 +395,9 @@ def render_png(e: Explanation, cell: int = 160, width: int = 1100) -> "Any":
         d.text((pad, yy), ln, fill=vcol if "verdict:" in ln and ln.startswith("model ") else (0, 0, 0), font=f)
         yy += line_h
     yy += 4
-    d.text((pad, yy), "token-wise significance ‖∂L/∂e_k‖₂, mean over steps (Wen et al.): shade ∝ significance / "
-                      "max; % = share of the prompt's total; # = rank. BOS/EOS/padding excluded.", fill=(90, 90, 90),
-           font=f_small)
-    yy += 18
+    for ln in legend:
+        d.text((pad, yy), ln, fill=(90, 90, 90), font=f_small)
+        yy += 18
     for bx, by, w, t, label, sub in boxes:
         d.rectangle([bx, yy + by, bx + w, yy + by + bh], fill=_shade(t.share / smax), outline=(120, 120, 120))
         d.text((bx + 7, yy + by + 3), label, fill=(0, 0, 0), font=f_tok)

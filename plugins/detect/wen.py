@@ -27,6 +27,15 @@ variant is ``significance="per_image"`` (mean over g of ‖∂‖δ_g‖/∂e[k]
 (METHODS §0.2). Both are computed with one backward pass per step: each image gets its own copy of the embedding as
 a leaf, so per-image gradients are separate rows and the gradient w.r.t. the shared embedding is their sum.
 
+What e[k] is (``attribution``): the reference differentiates w.r.t. the text encoder's *output* row k (the
+conditioning the UNet reads), ``attribution="prompt_embeds"``, the default. Through a causal text encoder (CLIP's)
+row k also carries every earlier word, so a function word after the distinctive ones can take the credit; that is
+what the embedded ``tiny`` model (a frozen, randomly initialised CLIP text encoder) shows on its memorized prompts.
+[CHOICE] ``attribution="token_embeds"`` differentiates w.r.t. the encoder's *input* token embeddings instead (the
+rows of ``text_encoder.get_input_embeddings()`` for the prompt's ids), which credits each word for every row it
+influences: the word a prompt author would edit. Same loss, same norms, same exclusions; the trajectory is unchanged
+(the conditioning keeps its value, only the gradient path differs).
+
 memobench choices (each a ``Params`` field, recorded in every result and calibration):
 
 * Seeds: one CPU ``torch.Generator().manual_seed(s)`` per generation (memobench's native rule), default seeds 0-3,
@@ -48,6 +57,7 @@ from typing import Any
 from ._base import Detector
 
 SIGNIFICANCE_MODES = ("reference", "per_image")
+ATTRIBUTIONS = ("prompt_embeds", "token_embeds")
 
 
 def _wide(x):
@@ -71,13 +81,15 @@ class WenTrace:
 
 def text_noise_trajectory(model, prompt_embeds, negative_embeds, latents, num_inference_steps: int,
                           guidance_scale: float, score_steps: int = 0, significance: str | None = None,
-                          full: bool = False) -> WenTrace:
+                          full: bool = False, token_ids=None) -> WenTrace:
     """Run the guided DDIM trajectory of G initial ``latents`` (G×C×h×w, already scaled by ``init_noise_sigma``)
     conditioned on ``prompt_embeds`` (1×L×d) and record d(p) over the first ``score_steps`` steps (0 = all).
 
     ``significance`` ("reference" | "per_image" | None) also returns the token-wise significance (see the module
     docstring). ``full=True`` continues to the last step and returns the final latents (for decoding images); the
     trajectory then equals :meth:`memobench.model.DiffusionModel.denoise`'s for w > 1 (same batch, same ops).
+    ``token_ids`` (1×L, the ids ``prompt_embeds`` was encoded from) switches the significance to the text encoder's
+    input token embeddings (``attribution="token_embeds"``); None = w.r.t. ``prompt_embeds`` rows (reference).
     """
     import torch
 
@@ -106,9 +118,16 @@ def text_noise_trajectory(model, prompt_embeds, negative_embeds, latents, num_in
             scored = i < n_score
             x_in = sched.scale_model_input(torch.cat([x, x]), t)
             if scored and significance is not None:
-                leaf = e_p.expand(G, -1, -1).clone().requires_grad_(True)  # one row per generation
+                if token_ids is None:
+                    leaf = e_p.expand(G, -1, -1).clone().requires_grad_(True)  # one row per generation
+                    cond = leaf
+                else:
+                    leaf = _token_leaf(model, token_ids, G)
                 with torch.enable_grad():
-                    eu, ec = model.eps(x_in, t, torch.cat([e_u, leaf])).chunk(2)
+                    if token_ids is not None:  # value = e_p exactly; the gradient flows to the token embeddings
+                        e_tok = _encode_from_token_leaf(model, token_ids, leaf)
+                        cond = e_p.expand(G, -1, -1) + (e_tok - e_tok.detach())
+                    eu, ec = model.eps(x_in, t, torch.cat([e_u, cond])).chunk(2)
                     diff = _wide(ec) - _wide(eu)
                     norms = diff.flatten(1).norm(p=2, dim=1)
                     loss = diff.flatten().norm(p=2) if significance == "reference" else norms.sum()
@@ -138,6 +157,33 @@ def text_noise_trajectory(model, prompt_embeds, negative_embeds, latents, num_in
         latents=x if full else None)
 
 
+def _token_leaf(model, token_ids, G: int):
+    """The prompt's input token embeddings (G×L×d_tok, one copy per generation) as a leaf that requires grad."""
+    import torch
+
+    emb = model.text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        words = emb(token_ids.to(model.device)).detach()
+    return words.expand(G, -1, -1).clone().requires_grad_(True)
+
+
+def _encode_from_token_leaf(model, token_ids, leaf):
+    """Run the (frozen) text encoder with its token-embedding layer's output replaced by ``leaf`` (a forward hook
+    on ``get_input_embeddings()``), G rows: the conditioning as a differentiable function of the token embeddings."""
+    import torch
+
+    from memobench.model import frozen_parameters
+
+    te = model.text_encoder
+    ids = token_ids.to(model.device).expand(leaf.shape[0], -1)
+    handle = te.get_input_embeddings().register_forward_hook(lambda mod, inp, out: leaf.to(out.dtype))
+    try:
+        with frozen_parameters(te), torch.enable_grad():
+            return te(ids)[0].to(model.dtype)
+    finally:
+        handle.remove()
+
+
 def prompt_token_positions(tokenizer, ids) -> list[tuple[int, int]]:
     """(position, token id) of the prompt's own tokens in a padded id row (BOS, EOS and padding excluded).
 
@@ -157,6 +203,7 @@ class WenDetector(Detector):
     name = "wen"
     version = "1"
     statistic = "d(p) = mean over steps and generations of ‖ε(x_t, e_p) − ε(x_t, e_∅)‖₂"
+    explanation_params = ("significance", "attribution")
 
     @dataclass
     class Params:
@@ -167,6 +214,7 @@ class WenDetector(Detector):
         height: int = 0  # 0 = the model's default
         width: int = 0
         significance: str = "reference"  # "reference" (get_text_cond_grad) | "per_image" (METHODS' wording)
+        attribution: str = "prompt_embeds"  # e[k]: "prompt_embeds" (reference: encoder output) | "token_embeds"
 
         def __post_init__(self):
             self.seeds = tuple(int(s) for s in self.seeds)
@@ -179,6 +227,8 @@ class WenDetector(Detector):
             if self.significance not in SIGNIFICANCE_MODES:
                 raise ValueError(f"detector 'wen' parameter significance: {self.significance!r} not in "
                                  f"{SIGNIFICANCE_MODES}")
+            if self.attribution not in ATTRIBUTIONS:
+                raise ValueError(f"detector 'wen' parameter attribution: {self.attribution!r} not in {ATTRIBUTIONS}")
 
     def resolved(self, generation: dict) -> "WenDetector":
         p = self.params
@@ -200,13 +250,21 @@ class WenDetector(Detector):
         p = self.params
         return model.initial_latents(list(p.seeds), p.height or None, p.width or None)
 
-    def trace(self, model, prompt_embeds, significance: bool = False, full: bool = False) -> WenTrace:
+    def trace(self, model, prompt_embeds, significance: bool = False, full: bool = False,
+              token_ids=None) -> WenTrace:
+        """``token_ids`` (1×L): the ids ``prompt_embeds`` was encoded from; required for the significance when
+        ``attribution="token_embeds"``."""
         p = self.params
         if p.num_inference_steps == 0 or p.guidance_scale < 0:
             raise ValueError("detector 'wen': call resolved(generation) first (steps/guidance not set)")
+        tok = None
+        if significance and p.attribution == "token_embeds":
+            if token_ids is None:
+                raise ValueError("detector 'wen': attribution 'token_embeds' needs the prompt's token ids")
+            tok = token_ids
         return text_noise_trajectory(model, prompt_embeds, model.empty_embedding(), self.initial_latents(model),
                                      p.num_inference_steps, p.guidance_scale, p.score_steps,
-                                     p.significance if significance else None, full)
+                                     p.significance if significance else None, full, tok)
 
     def score(self, model, text: str) -> dict:
         tr = self.trace(model, model.encode_prompt(text))
