@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     names = {it.caption: {it.key} for it in D.VM_ITEMS + D.TM_ITEMS}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from memobench.sscd import PRESETS
+
+    tau = PRESETS[ex.sscd_preset].threshold  # the copy threshold of the SSCD preset (dori2026: 0.7)
     ex_in = Explainer(model="tiny", detector_params={"attribution": "token_embeds"}, session=ex.session)
 
     def summary(e, p) -> dict:
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
             **{f"{k}_sscd_mean": x.sscd_mean for k, x in abl.items()},
             **{f"{k}_lowers_statistic": x.lowers_statistic for k, x in abl.items()},
             **{f"{k}_lowers_sscd": x.lowers_sscd for k, x in abl.items()},
+            **{f"{k}_below_copy_threshold": (x.sscd_mean is not None and x.sscd_mean <= tau) for k, x in abl.items()},
             "statements": e.statements,
         }
 
@@ -116,11 +120,15 @@ def main(argv=None) -> int:
            "remove_lowers_statistic": frac("remove_lowers_statistic"), "remove_lowers_sscd": frac("remove_lowers_sscd"),
            "replace_lowers_statistic": frac("replace_lowers_statistic"),
            "replace_lowers_sscd": frac("replace_lowers_sscd"),
+           "copy_threshold": tau, "remove_below_copy_threshold": frac("remove_below_copy_threshold"),
+           "replace_below_copy_threshold": frac("replace_below_copy_threshold"),
            "detection": {"auc": cal.get("auc"), "memorized": cal["memorized"]["name"],
                          "nonmemorized": cal["nonmemorized"]["name"], "threshold_rule": ex.threshold_rule},
            "token_embeds": {k: frac(k, rows_in) for k in ("top_is_distinctive", "top_is_name",
                                                           "remove_lowers_statistic", "remove_lowers_sscd",
-                                                          "replace_lowers_statistic", "replace_lowers_sscd")},
+                                                          "replace_lowers_statistic", "replace_lowers_sscd",
+                                                          "remove_below_copy_threshold",
+                                                          "replace_below_copy_threshold")},
            "seeds": list(ex.detector.params.seeds), "wall_seconds": time.time() - t0}
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1, default=str))
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
@@ -129,12 +137,16 @@ def main(argv=None) -> int:
           f"(the photo's name: {f(doc['top_token_name_fraction'])})",
           f"- removing it lowers the statistic / the SSCD: {f(doc['remove_lowers_statistic'])} / "
           f"{f(doc['remove_lowers_sscd'])}; replacing it (by '{ex.replacement}'): "
-          f"{f(doc['replace_lowers_statistic'])} / {f(doc['replace_lowers_sscd'])}",
+          f"{f(doc['replace_lowers_statistic'])} / {f(doc['replace_lowers_sscd'])}; the edited prompt is no longer "
+          f"a copy (mean SSCD ≤ {tau:g}) after removing / replacing: {f(doc['remove_below_copy_threshold'])} / "
+          f"{f(doc['replace_below_copy_threshold'])}",
           f"- with `attribution=token_embeds` (input token embeddings): top token distinctive "
           f"{f(doc['token_embeds']['top_is_distinctive'])} (the photo's name: {f(doc['token_embeds']['top_is_name'])}"
           f"); removing it lowers the statistic / the SSCD: {f(doc['token_embeds']['remove_lowers_statistic'])} / "
           f"{f(doc['token_embeds']['remove_lowers_sscd'])}; replacing it: "
-          f"{f(doc['token_embeds']['replace_lowers_statistic'])} / {f(doc['token_embeds']['replace_lowers_sscd'])}",
+          f"{f(doc['token_embeds']['replace_lowers_statistic'])} / {f(doc['token_embeds']['replace_lowers_sscd'])}"
+          f"; no longer a copy: {f(doc['token_embeds']['remove_below_copy_threshold'])} / "
+          f"{f(doc['token_embeds']['replace_below_copy_threshold'])}",
           f"- verdict 'likely memorized': {f(doc['memorized_verdict_fraction'])} of prompts",
           f"- verdict threshold from `memobench detect` ({doc['detection']['memorized']} vs "
           f"{doc['detection']['nonmemorized']}): AUC {f(doc['detection']['auc'])}", "",

@@ -169,3 +169,28 @@ def test_cli_batch_csv(tiny_pipe, tmp_path, cli_inproc):
     assert summary["group"] == "VM" and summary["n"] == 1 and len(summary["prompts"]) == 2
     assert "remove lowers statistic [VM]" in out
     assert not list(csv_path.parent.glob("*.png"))  # batch mode: no PNG unless --png
+
+
+def test_statements_say_when_an_edit_still_leaves_a_copy():
+    """The sentences name the verdict threshold and the SSCD preset's copy threshold when an edit lowers a number
+    but not below them (hand-built explanation; dori2026's τ is 0.7)."""
+    from memobench.api import Prompt
+    from memobench_plugins.detect.explain import Ablation, Explanation, statements
+
+    def abl(kind, stat, sscd):
+        return Ablation(kind=kind, token="a", position=1, replacement="thing" if kind == "replace" else None,
+                        text="x", statistic=stat, sscd=[sscd], sscd_mean=sscd, lowers_statistic=stat < 5.0,
+                        lowers_sscd=sscd < 0.9)
+
+    e = Explanation(prompt=Prompt(id="p", text="a b"), model="tiny", seeds=[0], detector={}, statistic=5.0,
+                    per_step=[], per_image=[], tokens=[], threshold_rule="acc", calibration=None, threshold=4.0,
+                    verdict=VERDICT_MEM, note="", sscd=[0.9], sscd_mean=0.9, sscd_impl={"preset": "dori2026"},
+                    reference_source=None, ablations=[abl("remove", 4.5, 0.8), abl("replace", 3.0, 0.1)],
+                    statements=[])
+    first, second = statements(e)
+    assert "(5 → 4.5, still above the verdict threshold)" in first
+    assert "(0.900 → 0.800, still above the copy threshold 0.7)" in first
+    assert "still above" not in second and "lowers the statistic (5 → 3)" in second
+    e.ablations = [abl("remove", 5.5, 0.95)]
+    (only,) = statements(e)
+    assert "does not lower the statistic (5 → 5.5)" in only and "still above" not in only

@@ -285,15 +285,23 @@ class Explainer:
 
 def statements(e: Explanation) -> list[str]:
     """The sentences the tool prints about the counterfactual edits (each a comparison of computed numbers)."""
+    from memobench.sscd import PRESETS
+
+    preset = PRESETS.get((e.sscd_impl or {}).get("preset", ""))
+    tau = preset.threshold if preset is not None else None
     out = []
     for a in e.ablations:
         what = (f"Removing the top-ranked token '{a.token}'" if a.kind == "remove"
                 else f"Replacing the top-ranked token '{a.token}' by '{a.replacement}'")
         parts = [f"{'lowers' if a.lowers_statistic else 'does not lower'} the statistic "
-                 f"({e.statistic:.4g} → {a.statistic:.4g})"]
+                 f"({e.statistic:.4g} → {a.statistic:.4g}"
+                 + (", still above the verdict threshold" if a.lowers_statistic and e.threshold is not None
+                    and a.statistic > e.threshold else "") + ")"]
         if a.sscd_mean is not None and e.sscd_mean is not None:
             parts.append(f"{'lowers' if a.lowers_sscd else 'does not lower'} the SSCD to the training image "
-                         f"({e.sscd_mean:.3f} → {a.sscd_mean:.3f})")
+                         f"({e.sscd_mean:.3f} → {a.sscd_mean:.3f}"
+                         + (f", still above the copy threshold {tau:g}" if a.lowers_sscd and tau is not None
+                            and a.sscd_mean > tau else "") + ")")
         out.append(f"{what} {' and '.join(parts)}.")
     return out
 
