@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,21 @@ def test_statements_say_when_an_edit_still_leaves_a_copy():
     e.ablations = [abl("remove", 5.5, 0.95)]
     (only,) = statements(e)
     assert "does not lower the statistic (5 → 5.5)" in only and "still above" not in only
+
+
+def test_single_explanations_under_other_detector_settings_get_their_own_files(tmp_path):
+    from memobench.api import Prompt
+    from memobench_plugins.detect.cli import _write_single
+    from memobench_plugins.detect.explain import Explanation
+
+    def expl(params):
+        return Explanation(prompt=Prompt(id="p", text="a b"), model="tiny", seeds=[0, 1], detector={
+            "name": "detect-wen", "version": "1", "params": params}, statistic=1.0, per_step=[], per_image=[],
+            tokens=[], threshold_rule="acc", calibration=None, threshold=None, verdict=VERDICT_NONE, note="",
+            sscd=None, sscd_mean=None, sscd_impl=None, reference_source=None, ablations=[], statements=[])
+
+    a = _write_single(expl({"attribution": "prompt_embeds"}), tmp_path, None)
+    b = _write_single(expl({"attribution": "token_embeds"}), tmp_path, None)
+    assert a["json"] != b["json"] and len(list(tmp_path.glob("*.json"))) == 2
+    assert json.loads(Path(b["json"]).read_text())["detector"]["params"]["attribution"] == "token_embeds"
+    assert _write_single(expl({"attribution": "token_embeds"}), tmp_path, None) == b  # same settings, same file

@@ -220,9 +220,12 @@ def register(app: typer.Typer) -> None:
 
 # ---------------------------------------------------------------------------------------------- output
 def _write_single(e, folder: Path, render) -> dict:
-    from memobench.cache import atomic_write_bytes, atomic_write_text, png_bytes
+    from memobench.cache import atomic_write_bytes, atomic_write_text, key_of, png_bytes
 
-    base = folder / f"{_slug(e.prompt.text)}-{e.prompt.sha256[:8]}-s{'_'.join(map(str, e.seeds))[:24]}"
+    # prompt, seeds, and a short key of the detector's identity (steps, guidance, significance, attribution, …),
+    # so that explaining one prompt under other settings never overwrites the earlier files
+    base = folder / (f"{_slug(e.prompt.text)}-{e.prompt.sha256[:8]}-s{'_'.join(map(str, e.seeds))[:24]}"
+                     f"-d{key_of(e.detector)[:6]}")
     paths = {"json": str(base.with_suffix(".json"))}
     if render is not None:
         paths["png"] = str(base.with_suffix(".png"))
