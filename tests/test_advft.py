@@ -124,3 +124,23 @@ def test_advft_surrogates_report_every_draw_and_flag_replicas(model, tmp_path):
     assert z["p0"].shape[0] == 1 and info["surrogate_sscd_impl"]["name"] == "sscd"
     with pytest.raises(ValueError, match="surrogate_tries"):
         AdversarialFineTuning(**{**PARAMS, "surrogate_tries": 0}).fit(model, [PROMPT], ctx)
+
+
+def test_surrogate_params_reach_the_surrogate_mitigation(model, tmp_path):
+    from memobench_plugins.advft import surrogate_params
+
+    assert surrogate_params("") == {} and surrogate_params(" theta_min=0 ; blocks=down,mid ;") == {
+        "theta_min": "0", "blocks": "down,mid"}
+    with pytest.raises(ValueError, match="surrogate_params"):
+        surrogate_params("theta_min")
+    ctx = _ctx(tmp_path, model)
+    m = AdversarialFineTuning(**{**PARAMS, "surrogate": "wanda", "surrogate_tries": 1,
+                                    "surrogate_params": "skill_ratio=0.05;timesteps=2"})
+    _, info = m._surrogates(model, [PROMPT], ctx)
+    assert info["surrogate"]["name"] == "wanda"
+    assert info["surrogate"]["params"]["skill_ratio"] == 0.05 and info["surrogate"]["params"]["timesteps"] == 2
+    with pytest.raises(ValueError, match="no parameter"):
+        AdversarialFineTuning(**{**PARAMS, "surrogate": "wanda", "surrogate_params": "nonsense=1"})._surrogates(
+            model, [PROMPT], ctx)
+    with pytest.raises(ValueError, match="surrogate_params"):
+        AdversarialFineTuning(**{**PARAMS, "surrogate_params": "x"}).fit(model, [PROMPT], ctx)

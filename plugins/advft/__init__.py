@@ -48,6 +48,8 @@ Choices where METHODS is [UNPUBLISHED] (each a ``Params`` field, recorded in eve
 * ``regular_prompts``: a prompt set whose prompts carry reference images (caption–image pairs); default the model's
   ``regular`` prompt set (the embedded model: ``tiny-general``, training captions of its general set — LAION is
   unobtainable, METHODS §7.5); ``n_regular`` 200 pairs, encoded once.
+* ``surrogate_params`` (default "": the surrogate mitigation's own defaults, i.e. the paper's pruned model): e.g.
+  ``theta_min=0`` lets NeMo's initial-selection schedule run on (θ down to 0.25) until its criterion holds.
 * Fine-tuning starts from the original (unpruned) weights; the text encoder and VAE stay frozen; the surrogate
   mitigation is only used to make x̃.
 """
@@ -84,6 +86,20 @@ def choose_surrogate(draw, score, first_seed: int, tries: int, max_sscd: float):
     return img, {"seed": seed, "sscd": s, "replica": s > max_sscd, "draws": len(scores), "scores": scores}
 
 
+def surrogate_params(spec: str) -> dict:
+    """``"k=v;k=v"`` → ``{k: v}`` (values stay strings; the surrogate mitigation coerces them). ";" separates pairs
+    so that values may hold commas (``blocks=down,mid``)."""
+    out = {}
+    for part in (x.strip() for x in spec.split(";")):
+        if not part:
+            continue
+        k, sep, v = part.partition("=")
+        if not sep or not k.strip():
+            raise ValueError(f"advft parameter surrogate_params: expected 'key=value;key=value', got {spec!r}")
+        out[k.strip()] = v.strip()
+    return out
+
+
 def _sha256_state(state: dict) -> str:
     h = hashlib.sha256()
     for n in sorted(state):
@@ -115,6 +131,7 @@ class AdversarialFineTuning(Mitigation):
         regular_prompts: str = ""  # prompt set of regular pairs; "" = the model's "regular" prompt set
         uncond_prob: float = 0.1  # [UNPUBLISHED] caption dropout of regular pairs
         surrogate: str = "nemo"  # [PAPER] surrogate images come from a pruned model (nemo | wanda | …)
+        surrogate_params: str = ""  # parameters of the surrogate mitigation, "k=v;k=v" ("" = its defaults)
         surrogate_seed: int = 1000
         surrogate_tries: int = 10  # [CHOICE] seeds surrogate_seed … + tries − 1, until one is not a replica
         surrogate_max_sscd: float = 0.5  # [CHOICE] above this SSCD to the training image a surrogate is a copy (DCR τ)
@@ -131,6 +148,7 @@ class AdversarialFineTuning(Mitigation):
         inits = [x.strip() for x in p.inits.split(",") if x.strip()]
         if p.epochs < 0 or p.steps_per_epoch < 0 or p.regular_batch < 0 or p.n_regular < 0:
             raise ValueError("advft: epochs, steps_per_epoch, regular_batch and n_regular must be ≥ 0")
+        surrogate_params(p.surrogate_params)  # a malformed spec fails before any work
         if p.surrogate_tries < 1:
             raise ValueError(f"advft: surrogate_tries must be ≥ 1, not {p.surrogate_tries}")
         if not inits:
@@ -159,7 +177,7 @@ class AdversarialFineTuning(Mitigation):
 
     def _surrogates(self, model, prompts, ctx: Context):
         p = self.params
-        sur = ctx.plugin("mitigation", p.surrogate)
+        sur = ctx.plugin("mitigation", p.surrogate, surrogate_params(p.surrogate_params))
         if getattr(sur, "kind", None) not in ("weights", "none"):
             # the surrogate is generated inside sur.apply(); an inference-kind mitigation (wen, rta, rna) acts on the
             # conditioning instead and would silently leave the surrogate unmitigated
