@@ -41,7 +41,7 @@ def _params(model):
 
 
 PARAMS = dict(epochs=2, dori_steps=2, dori_batch=2, steps_per_epoch=25, lr=1e-3, n_regular=6, regular_batch=2,
-              surrogate="none")
+              surrogate="none", surrogate_params="")
 
 
 def test_advft_fits_caches_and_swaps(model, tmp_path):
@@ -144,3 +144,12 @@ def test_surrogate_params_reach_the_surrogate_mitigation(model, tmp_path):
             model, [PROMPT], ctx)
     with pytest.raises(ValueError, match="surrogate_params"):
         AdversarialFineTuning(**{**PARAMS, "surrogate_params": "x"}).fit(model, [PROMPT], ctx)
+
+
+def test_default_surrogate_params_name_nemo_and_a_mismatch_says_how_to_fix_it(model, tmp_path):
+    assert AdversarialFineTuning.Params().surrogate == "nemo"
+    assert AdversarialFineTuning.Params().surrogate_params == "theta_min=0"
+    ctx = _ctx(tmp_path, model)
+    m = AdversarialFineTuning(**{**PARAMS, "surrogate": "wanda", "surrogate_params": "theta_min=0"})
+    with pytest.raises(ValueError, match="do not fit surrogate='wanda'.*surrogate_params=''"):
+        m._surrogates(model, [PROMPT], ctx)

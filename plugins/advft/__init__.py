@@ -15,7 +15,7 @@ shipped embedded ``tiny`` model), as DoRI's default ``objective = "native"`` doe
 
 Algorithm (``fit``), per run, over all target prompts of the run:
 
-1. Surrogates: fit the ``surrogate`` mitigation (default ``nemo``) on the targets; for each target generate an image
+1. Surrogates: fit the ``surrogate`` mitigation (default ``nemo``, with ``surrogate_params``) on the targets; for each target generate an image
    with that mitigation active from the original prompt (the model's default sampler), seeds ``surrogate_seed``,
    ``surrogate_seed + 1``, … up to ``surrogate_tries`` draws, and keep the first whose SSCD to the training image
    (max over its reference images; offline SSCD, preset ``dori2026``) is ≤ ``surrogate_max_sscd``; if none is, keep
@@ -48,8 +48,15 @@ Choices where METHODS is [UNPUBLISHED] (each a ``Params`` field, recorded in eve
 * ``regular_prompts``: a prompt set whose prompts carry reference images (caption–image pairs); default the model's
   ``regular`` prompt set (the embedded model: ``tiny-general``, training captions of its general set — LAION is
   unobtainable, METHODS §7.5); ``n_regular`` 200 pairs, encoded once.
-* ``surrogate_params`` (default "": the surrogate mitigation's own defaults, i.e. the paper's pruned model): e.g.
-  ``theta_min=0`` lets NeMo's initial-selection schedule run on (θ down to 0.25) until its criterion holds.
+* ``surrogate_params`` "theta_min=0" [CHOICE]: the pruned model that draws the surrogates is NeMo run until its own
+  criterion M(B) ≤ τ holds. NeMo's default schedule stops at θ = 1 (``--min_theta``) and, where the criterion is
+  still unmet, keeps its last candidate set (METHODS §7.1.4 step 3d), a model that may still replicate the photo;
+  θ_min = 0 lets the schedule continue (θ down to 0.25, k up) and changes nothing for prompts whose criterion is met
+  by θ = 1. The NeMo *mitigation* keeps the paper's defaults; only advft's surrogate source differs. Measured on the
+  shipped ``tiny`` (``benchmarks/surrogate_check.py``): with NeMo's defaults the criterion held for 1 of 8 prompts,
+  all 10 draws for the retina were copies (best SSCD 0.631) and advft + DoRI reached it (MR 0.125); with θ_min = 0
+  the criterion held for 7 of 8, every surrogate was ≤ 0.158 and advft + DoRI was 0.000. "" = the surrogate
+  mitigation's own defaults (pass it, or that mitigation's parameters, with ``surrogate=wanda``).
 * Fine-tuning starts from the original (unpruned) weights; the text encoder and VAE stay frozen; the surrogate
   mitigation is only used to make x̃.
 """
@@ -113,7 +120,7 @@ class AdversarialFineTuning(Mitigation):
     """DoRI adversarial fine-tuning: fine-tune the UNet so DoRI embeddings of memorized images map to surrogates."""
 
     name = "advft"
-    version = "3"  # 2: surrogates re-drawn until one is not a replica; 3: replica bound 0.7 → 0.5 (DCR/MemBench τ)
+    version = "4"  # 2: surrogates re-drawn until not a replica; 3: replica bound 0.5; 4: surrogate NeMo θ_min = 0
     kind = "weights"
     prompt_independent = True  # the same model for every prompt
 
@@ -131,7 +138,8 @@ class AdversarialFineTuning(Mitigation):
         regular_prompts: str = ""  # prompt set of regular pairs; "" = the model's "regular" prompt set
         uncond_prob: float = 0.1  # [UNPUBLISHED] caption dropout of regular pairs
         surrogate: str = "nemo"  # [PAPER] surrogate images come from a pruned model (nemo | wanda | …)
-        surrogate_params: str = ""  # parameters of the surrogate mitigation, "k=v;k=v" ("" = its defaults)
+        surrogate_params: str = "theta_min=0"  # [CHOICE] the surrogate mitigation's parameters, "k=v;k=v" ("" = its
+        # defaults): NeMo continues its schedule until its own criterion holds (see the docstring)
         surrogate_seed: int = 1000
         surrogate_tries: int = 10  # [CHOICE] seeds surrogate_seed … + tries − 1, until one is not a replica
         surrogate_max_sscd: float = 0.5  # [CHOICE] above this SSCD to the training image a surrogate is a copy (DCR τ)
@@ -177,7 +185,11 @@ class AdversarialFineTuning(Mitigation):
 
     def _surrogates(self, model, prompts, ctx: Context):
         p = self.params
-        sur = ctx.plugin("mitigation", p.surrogate, surrogate_params(p.surrogate_params))
+        try:
+            sur = ctx.plugin("mitigation", p.surrogate, surrogate_params(p.surrogate_params))
+        except ValueError as e:
+            raise ValueError(f"advft: surrogate_params {p.surrogate_params!r} do not fit surrogate={p.surrogate!r} "
+                             f"({e}); pass surrogate_params='' for its defaults") from e
         if getattr(sur, "kind", None) not in ("weights", "none"):
             # the surrogate is generated inside sur.apply(); an inference-kind mitigation (wen, rta, rna) acts on the
             # conditioning instead and would silently leave the surrogate unmitigated
