@@ -47,6 +47,20 @@ NONMEM_TARGETS = {"tiny": "tiny-nonmem-photos"}
 UTILITY = ("tiny_alignment", "fd_sscd", "fid")
 
 
+def mr_levels(result_path: str, role: str, tau: float) -> dict:
+    """MR at the generation level (share of generations above τ) and at the prompt level "any generation above τ"
+    (METHODS §4.2: MR_gen, MR_any), from a result's per-sample rows of one role ("mitigated": the mitigation alone;
+    "target": mitigation + attack). The table's MR column is memobench's default, MR_mean (prompt mean above τ)."""
+    per: dict = {}
+    for line in Path(result_path).with_suffix(".samples.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r.get("role") == role and r.get("sscd_orig") is not None:
+            per.setdefault(r["prompt_id"], []).append(float(r["sscd_orig"]))
+    n = sum(len(v) for v in per.values())
+    return {"mr_gen": sum(s > tau for v in per.values() for s in v) / n if n else None,
+            "mr_any": sum(max(v) > tau for v in per.values()) / len(per) if per else None}
+
+
 def _val(rec: dict | None):
     return None if not rec or rec.get("unavailable") else rec.get("value")
 
@@ -98,7 +112,9 @@ def main(argv=None) -> int:
                "prompts": r["prompt_set"]["name"], "mr": _val(met.get("mr")),
                "sscd_orig": _val(met.get("sscd_orig")),
                "sscd_orig_dispersion": (met.get("sscd_orig") or {}).get("dispersion"),
-               "utility": util, "paper_sd14_mr": paper, "result": runs[key]["path"]}
+               "utility": util, "paper_sd14_mr": paper, "result": runs[key]["path"],
+               **mr_levels(runs[key]["path"], "target" if half == "with" else "mitigated",
+                           float(((r["metrics"].get("mr") or {}).get("extra") or {}).get("threshold", 0.7)))}
         rep = (r.get("mitigation") or {}).get("report") or {}
         if rep.get("median_neurons_per_memorized_prompt") is not None:  # NeMo (paper: 4 on SD v1.4)
             row["median_neurons_per_memorized_prompt"] = rep["median_neurons_per_memorized_prompt"]
@@ -132,8 +148,10 @@ def main(argv=None) -> int:
           f"exceeds 0.7; offline SSCD; wall time {wall:.0f} s from this cache state)", "",
           "Utility: `tiny_alignment` = exact alignment (higher is better), `fd_sscd` = Fréchet distance on SSCD "
           "features to ground-truth renderings (lower is better; not FID); in brackets, the ratio to `none`.", "",
-          "| row | MR | SSCD_orig | utility (ratio to none) | paper SD v1.4 MR | bound | met |",
-          "|---|---|---|---|---|---|---|"]
+          "MR_gen = share of generations above 0.7; MR_any = share of targets with any generation above 0.7 "
+          "(METHODS §4.2; NeMo's VM rule); the bound applies to MR.", "",
+          "| row | MR | MR_gen | MR_any | SSCD_orig | utility (ratio to none) | paper SD v1.4 MR | bound | met |",
+          "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for x in rows:
         disp = (x["sscd_orig_dispersion"] or {}).get("value")
@@ -151,7 +169,7 @@ def main(argv=None) -> int:
                   f"after {sum(sg['draws'].values())} draws" + (f" (replicas: {', '.join(sg['replicas'])})"
                                                                if sg["replicas"] else ""))
         met = {True: "yes", False: "**no**", None: ""}[x.get("meets_bound")]
-        md.append(f"| {x['row']} | {f(x['mr'])} | {f(x['sscd_orig'])}" + (f" ± {disp:.2f}" if disp is not None else "")
+        md.append(f"| {x['row']} | {f(x['mr'])} | {f(x['mr_gen'])} | {f(x['mr_any'])} | {f(x['sscd_orig'])}" + (f" ± {disp:.2f}" if disp is not None else "")
                   + f" | {u} | {f(x['paper_sd14_mr']) if x['paper_sd14_mr'] is not None else ''} | "
                     f"{x.get('bound', '')} | {met} |")
     atomic_write_text(out.with_suffix(".md"), "\n".join(md) + "\n")

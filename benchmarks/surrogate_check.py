@@ -26,7 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-from memobench.cache import atomic_write_text
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dori_table import mr_levels  # noqa: E402  (the DoRI table's MR_gen / MR_any)
+
+from memobench.cache import atomic_write_text  # noqa: E402
 from memobench.config import RunConfig
 from memobench.runner import Runner
 
@@ -85,7 +88,10 @@ def main(argv=None) -> int:
                "utility": util, "utility_rel_to_none": {k: (v / base[k] if base and base.get(k) and v is not None
                                                              else None) for k, v in util.items()},
                "result": str(out.result_path), "seconds": time.time() - t}
+        tau = float(((r["metrics"].get("mr") or {}).get("extra") or {}).get("threshold", 0.7))
+        row.update(mr_levels(str(out.result_path), "mitigated" if atk != "none" else "target", tau))
         if atk != "none":
+            row.update({f"{k}_attack": v for k, v in mr_levels(str(out.result_path), "target", tau).items()})
             row["mr_attack"] = _val(r["metrics"].get("mr"))
             row["sscd_orig_attack"] = _val(r["metrics"].get("sscd_orig"))
             row["per_target_sscd_attack"] = _per_target(samples, "target")
@@ -104,8 +110,10 @@ def main(argv=None) -> int:
     md = [f"Surrogate check on `{a.model}`'s VM targets ({doc['wall_seconds']:.0f} s; "
           "`python benchmarks/surrogate_check.py`). MR τ = 0.7 (prompt mean of the seeds); utility relative to "
           "`none` in brackets.", "",
-          "| run | MR | MR + DoRI | SSCD_orig (+ DoRI) | neurons / criterion met | surrogate SSCD to photo (max; "
-          "copies) | " + " | ".join(f"{u} (× none)" for u in UTILITY) + " |",
+          "MR = prompt mean above 0.7 (memobench's default); MR_gen = share of generations above 0.7; MR_any = share "
+          "of targets with any generation above 0.7 (METHODS §4.2).", "",
+          "| run | MR / MR_gen / MR_any | + DoRI: MR / MR_gen / MR_any | SSCD_orig (+ DoRI) | neurons / criterion met "
+          "| surrogate SSCD to photo (max; copies) | " + " | ".join(f"{u} (× none)" for u in UTILITY) + " |",
           "|---|---|---|---|---|---|" + "---|" * len(UTILITY)]
     for x in rows:
         crit = x.get("criterion") or {}
@@ -115,7 +123,9 @@ def main(argv=None) -> int:
         sur = (f"{max(x['surrogate_sscd'].values()):.3f}; {', '.join(x['surrogate_replicas']) or 'none'}"
                if x.get("surrogate_sscd") else "")
         util = " | ".join(f"{f(x['utility'].get(u))} ({f(x['utility_rel_to_none'].get(u))})" for u in UTILITY)
-        md.append(f"| {x['row']} | {f(x['mr'])} | {f(x.get('mr_attack'))} | {f(x['sscd_orig'])}"
+        atk3 = (f"{f(x.get('mr_attack'))} / {f(x.get('mr_gen_attack'))} / {f(x.get('mr_any_attack'))}"
+                if x.get("mr_attack") is not None else "")
+        md.append(f"| {x['row']} | {f(x['mr'])} / {f(x['mr_gen'])} / {f(x['mr_any'])} | {atk3} | {f(x['sscd_orig'])}"
                   f"{' (' + f(x.get('sscd_orig_attack')) + ')' if x.get('mr_attack') is not None else ''} | "
                   f"{neurons} | {sur} | {util} |")
     md += ["", "Per-target mean SSCD to the photo (mitigated; + DoRI where attacked):", "",
