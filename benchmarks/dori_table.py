@@ -47,20 +47,6 @@ NONMEM_TARGETS = {"tiny": "tiny-nonmem-photos"}
 UTILITY = ("tiny_alignment", "fd_sscd", "fid")
 
 
-def mr_levels(result_path: str, role: str, tau: float) -> dict:
-    """MR at the generation level (share of generations above τ) and at the prompt level "any generation above τ"
-    (METHODS §4.2: MR_gen, MR_any), from a result's per-sample rows of one role ("mitigated": the mitigation alone;
-    "target": mitigation + attack). The table's MR column is memobench's default, MR_mean (prompt mean above τ)."""
-    per: dict = {}
-    for line in Path(result_path).with_suffix(".samples.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if r.get("role") == role and r.get("sscd_orig") is not None:
-            per.setdefault(r["prompt_id"], []).append(float(r["sscd_orig"]))
-    n = sum(len(v) for v in per.values())
-    return {"mr_gen": sum(s > tau for v in per.values() for s in v) / n if n else None,
-            "mr_any": sum(max(v) > tau for v in per.values()) / len(per) if per else None}
-
-
 def _val(rec: dict | None):
     return None if not rec or rec.get("unavailable") else rec.get("value")
 
@@ -112,9 +98,9 @@ def main(argv=None) -> int:
                "prompts": r["prompt_set"]["name"], "mr": _val(met.get("mr")),
                "sscd_orig": _val(met.get("sscd_orig")),
                "sscd_orig_dispersion": (met.get("sscd_orig") or {}).get("dispersion"),
-               "utility": util, "paper_sd14_mr": paper, "result": runs[key]["path"],
-               **mr_levels(runs[key]["path"], "target" if half == "with" else "mitigated",
-                           float(((r["metrics"].get("mr") or {}).get("extra") or {}).get("threshold", 0.7)))}
+               # the mr plugin's other aggregation levels (METHODS §4.2), recorded in every result beside mr
+               "mr_gen": _val(met.get("mr_gen")), "mr_any": _val(met.get("mr_any")),
+               "utility": util, "paper_sd14_mr": paper, "result": runs[key]["path"]}
         rep = (r.get("mitigation") or {}).get("report") or {}
         if rep.get("median_neurons_per_memorized_prompt") is not None:  # NeMo (paper: 4 on SD v1.4)
             row["median_neurons_per_memorized_prompt"] = rep["median_neurons_per_memorized_prompt"]

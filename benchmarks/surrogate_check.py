@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dori_table import mr_levels  # noqa: E402  (the DoRI table's MR_gen / MR_any)
-
-from memobench.cache import atomic_write_text  # noqa: E402
+from memobench.cache import atomic_write_text
 from memobench.config import RunConfig
 from memobench.runner import Runner
 
@@ -46,13 +42,13 @@ def _val(rec):
     return None if not rec or rec.get("unavailable") else rec.get("value")
 
 
-def _per_target(samples_path: Path, role: str) -> dict:
-    per: dict = {}
-    for line in samples_path.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("role") == role and r.get("sscd_orig") is not None:
-            per.setdefault(r["prompt_id"], []).append(r["sscd_orig"])
-    return {k: statistics.fmean(v) for k, v in sorted(per.items())}
+def _levels(met: dict) -> dict:
+    """MR at the mr plugin's three aggregation levels (METHODS §4.2) and the per-target mean SSCD, from one half of a
+    result (``metrics`` or ``metrics_without_attack``)."""
+    return {"mr": _val(met.get("mr")), "mr_gen": _val(met.get("mr_gen")), "mr_any": _val(met.get("mr_any")),
+            "sscd_orig": _val(met.get("sscd_orig")),
+            "per_target_sscd": dict(sorted(((met.get("sscd_orig") or {}).get("extra") or {}).get("per_prompt", {})
+                                           .items()))}
 
 
 def main(argv=None) -> int:
@@ -78,23 +74,14 @@ def main(argv=None) -> int:
             base = util
             continue
         rep = (r.get("mitigation") or {}).get("report") or {}
-        samples = Path(str(out.result_path)).with_suffix(".samples.jsonl")
+        # without an attack the result's metrics are the mitigation's; with one, the no-attack half is beside them
         row = {"row": label, "mitigation": mit, "params": params, "attack": atk,
-               "mr": _val((r.get("metrics_without_attack") or r["metrics"]).get("mr")),
-               "sscd_orig": _val((r.get("metrics_without_attack") or r["metrics"]).get("sscd_orig")),
-               # sample roles: without an attack the mitigated images are the "target" rows; with one, "mitigated"
-               # rows are the mitigation alone and "target" rows mitigation + attack
-               "per_target_sscd": _per_target(samples, "mitigated" if atk != "none" else "target"),
+               **_levels(r.get("metrics_without_attack") or r["metrics"]),
                "utility": util, "utility_rel_to_none": {k: (v / base[k] if base and base.get(k) and v is not None
                                                              else None) for k, v in util.items()},
                "result": str(out.result_path), "seconds": time.time() - t}
-        tau = float(((r["metrics"].get("mr") or {}).get("extra") or {}).get("threshold", 0.7))
-        row.update(mr_levels(str(out.result_path), "mitigated" if atk != "none" else "target", tau))
         if atk != "none":
-            row.update({f"{k}_attack": v for k, v in mr_levels(str(out.result_path), "target", tau).items()})
-            row["mr_attack"] = _val(r["metrics"].get("mr"))
-            row["sscd_orig_attack"] = _val(r["metrics"].get("sscd_orig"))
-            row["per_target_sscd_attack"] = _per_target(samples, "target")
+            row.update({f"{k}_attack": v for k, v in _levels(r["metrics"]).items()})
         if mit == "nemo":
             row["median_neurons"] = rep.get("median_neurons_per_memorized_prompt")
             row["criterion"] = rep.get("criterion")

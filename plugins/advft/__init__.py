@@ -94,17 +94,15 @@ def choose_surrogate(draw, score, first_seed: int, tries: int, max_sscd: float):
 
 
 def surrogate_params(spec: str) -> dict:
-    """``"k=v;k=v"`` → ``{k: v}`` (values stay strings; the surrogate mitigation coerces them). ";" separates pairs
-    so that values may hold commas (``blocks=down,mid``)."""
-    out = {}
-    for part in (x.strip() for x in spec.split(";")):
-        if not part:
-            continue
-        k, sep, v = part.partition("=")
-        if not sep or not k.strip():
-            raise ValueError(f"advft parameter surrogate_params: expected 'key=value;key=value', got {spec!r}")
-        out[k.strip()] = v.strip()
-    return out
+    """``"k=v;k=v"`` → ``{k: v}`` by memobench's KEY=VALUE rule (values stay strings; the surrogate mitigation
+    coerces them). ";" separates pairs so that values may hold commas (``blocks=down,mid``). A malformed spec is a
+    ``ValueError``, as every invalid mitigation parameter is."""
+    from memobench.config import BadInput, parse_kv
+
+    try:
+        return parse_kv([x for x in spec.split(";") if x.strip()], "advft parameter surrogate_params")
+    except BadInput as e:
+        raise ValueError(str(e)) from None
 
 
 def _sha256_state(state: dict) -> str:

@@ -113,19 +113,19 @@ def text_noise_trajectory(model, prompt_embeds, negative_embeds, latents, num_in
     e_u = negative_embeds.detach().to(device, dtype).expand(G, -1, -1)
     step_norms: list = []
     step_sig: list = []
-    with frozen_parameters(model.unet):
+    words = None if token_ids is None or significance is None else _token_embeddings(model, token_ids)
+    with frozen_parameters(model.unet, model.text_encoder if words is not None else None):
         for i, t in enumerate(timesteps[:stop]):
             scored = i < n_score
             x_in = sched.scale_model_input(torch.cat([x, x]), t)
             if scored and significance is not None:
-                if token_ids is None:
-                    leaf = e_p.expand(G, -1, -1).clone().requires_grad_(True)  # one row per generation
-                    cond = leaf
-                else:
-                    leaf = _token_leaf(model, token_ids, G)
                 with torch.enable_grad():
-                    if token_ids is not None:  # value = e_p exactly; the gradient flows to the token embeddings
-                        e_tok = _encode_from_token_leaf(model, token_ids, leaf)
+                    if words is None:
+                        leaf = e_p.expand(G, -1, -1).clone().requires_grad_(True)  # one row per generation
+                        cond = leaf
+                    else:  # value = e_p exactly; the gradient flows to the input token embeddings
+                        leaf = words.expand(G, -1, -1).clone().requires_grad_(True)
+                        e_tok = _encode_from_token_embeddings(model, token_ids, leaf)
                         cond = e_p.expand(G, -1, -1) + (e_tok - e_tok.detach())
                     eu, ec = model.eps(x_in, t, torch.cat([e_u, cond])).chunk(2)
                     diff = _wide(ec) - _wide(eu)
@@ -157,29 +157,23 @@ def text_noise_trajectory(model, prompt_embeds, negative_embeds, latents, num_in
         latents=x if full else None)
 
 
-def _token_leaf(model, token_ids, G: int):
-    """The prompt's input token embeddings (G×L×d_tok, one copy per generation) as a leaf that requires grad."""
+def _token_embeddings(model, token_ids):
+    """The prompt's input token embeddings (1×L×d_tok): the text encoder's ``get_input_embeddings()`` of its ids."""
     import torch
 
-    emb = model.text_encoder.get_input_embeddings()
     with torch.no_grad():
-        words = emb(token_ids.to(model.device)).detach()
-    return words.expand(G, -1, -1).clone().requires_grad_(True)
+        return model.text_encoder.get_input_embeddings()(token_ids.to(model.device)).detach()
 
 
-def _encode_from_token_leaf(model, token_ids, leaf):
-    """Run the (frozen) text encoder with its token-embedding layer's output replaced by ``leaf`` (a forward hook
-    on ``get_input_embeddings()``), G rows: the conditioning as a differentiable function of the token embeddings."""
-    import torch
-
-    from memobench.model import frozen_parameters
-
+def _encode_from_token_embeddings(model, token_ids, leaf):
+    """Run the text encoder (frozen by the caller) with its token-embedding layer's output replaced by ``leaf``
+    (G×L×d_tok, a forward hook on ``get_input_embeddings()``): the conditioning as a differentiable function of the
+    token embeddings."""
     te = model.text_encoder
     ids = token_ids.to(model.device).expand(leaf.shape[0], -1)
     handle = te.get_input_embeddings().register_forward_hook(lambda mod, inp, out: leaf.to(out.dtype))
     try:
-        with frozen_parameters(te), torch.enable_grad():
-            return te(ids)[0].to(model.dtype)
+        return te(ids)[0].to(model.dtype)
     finally:
         handle.remove()
 
