@@ -18,23 +18,24 @@ from .config import BadInput
 TEXT_KEYS = ("prompt", "caption", "text", "Caption")
 
 
-def _row_prompt(row: dict, i: int, where: str) -> Prompt:
+def _row_prompt(row: dict, i: int, where: str, option: str = "--prompts") -> Prompt:
     text = next((row[k] for k in TEXT_KEYS if k in row and row[k] is not None), None)
     if not isinstance(text, str) or not text.strip():
-        raise BadInput(f"--prompts: {where}: no non-empty 'prompt' (or caption/text) field; fix the file")
+        raise BadInput(f"{option}: {where}: no non-empty 'prompt' (or caption/text) field; fix the file")
     ref = row.get("reference") or row.get("reference_image")
     return Prompt(id=str(row.get("id", i)), text=text.strip(), mem_type=row.get("mem_type") or None,
                   reference_ids=(str(ref),) if ref else ())
 
 
-def read_prompt_file(path: str | Path) -> list[Prompt]:
+def read_prompt_file(path: str | Path, option: str = "--prompts") -> list[Prompt]:
+    """Prompts of a .txt (one per line), .csv or .jsonl file; errors name ``option``, the input that gave ``path``."""
     p = Path(path)
     if not p.is_file():
-        raise BadInput(f"--prompts: file not found: {p}; give an existing .txt/.csv/.jsonl file or a prompt-set name")
+        raise BadInput(f"{option}: file not found: {p}; give an existing .txt/.csv/.jsonl file or a prompt-set name")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise BadInput(f"--prompts: {p} is not UTF-8 text; save it as UTF-8") from None
+        raise BadInput(f"{option}: {p} is not UTF-8 text; save it as UTF-8") from None
     out: list[Prompt] = []
     if p.suffix == ".txt":
         out = [Prompt(id=str(i), text=line.strip()) for i, line in enumerate(text.splitlines()) if line.strip()]
@@ -45,10 +46,10 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise BadInput(f"--prompts: {p} line {n}: invalid JSON ({e.msg}); one JSON object per line") from None
+                raise BadInput(f"{option}: {p} line {n}: invalid JSON ({e.msg}); one JSON object per line") from None
             if not isinstance(row, dict):
-                raise BadInput(f"--prompts: {p} line {n}: expected a JSON object with a 'prompt' key")
-            out.append(_row_prompt(row, len(out), f"{p} line {n}"))
+                raise BadInput(f"{option}: {p} line {n}: expected a JSON object with a 'prompt' key")
+            out.append(_row_prompt(row, len(out), f"{p} line {n}", option))
     elif p.suffix == ".csv":
         try:
             dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
@@ -56,16 +57,16 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
             dialect = csv.excel
         reader = csv.DictReader(text.splitlines(), dialect=dialect)
         if not reader.fieldnames or not any(k in reader.fieldnames for k in TEXT_KEYS):
-            raise BadInput(f"--prompts: {p} has no 'prompt' (or caption/text) column; header: {reader.fieldnames}")
+            raise BadInput(f"{option}: {p} has no 'prompt' (or caption/text) column; header: {reader.fieldnames}")
         for n, row in enumerate(reader, 2):
-            out.append(_row_prompt(row, len(out), f"{p} line {n}"))
+            out.append(_row_prompt(row, len(out), f"{p} line {n}", option))
     else:
-        raise BadInput(f"--prompts: unsupported file type {p.suffix!r}; use .txt, .csv or .jsonl")
+        raise BadInput(f"{option}: unsupported file type {p.suffix!r}; use .txt, .csv or .jsonl")
     if not out:
-        raise BadInput(f"--prompts: {p} contains no prompts")
+        raise BadInput(f"{option}: {p} contains no prompts")
     ids = [q.id for q in out]
     if len(set(ids)) != len(ids):
-        raise BadInput(f"--prompts: {p} has duplicate ids; make the 'id' column unique")
+        raise BadInput(f"{option}: {p} has duplicate ids; make the 'id' column unique")
     return out
 
 

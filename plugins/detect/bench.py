@@ -111,7 +111,7 @@ def check_prompt_source(registry, spec: str, what: str) -> None:
     if _is_file_spec(spec):
         from memobench.prompts import read_prompt_file
 
-        read_prompt_file(spec)
+        read_prompt_file(spec, what)
         return
     try:
         registry.get("prompt_set", spec)

@@ -40,7 +40,7 @@ def _texts(reg, name: str, ctx, what: str) -> list[str]:
     if any(name.endswith(s) for s in (".txt", ".csv", ".jsonl")) or os.sep in name:
         from memobench.prompts import read_prompt_file
 
-        return [p.text for p in read_prompt_file(name)]
+        return [p.text for p in read_prompt_file(name, what)]
     cls = reg.get("prompt_set", name)
     return [p.text for p in cls(_params(cls, {}, what)).prompts(ctx)]
 

@@ -484,7 +484,7 @@ class NeMo(Mitigation):
         elif Path(src).is_file():
             from memobench.prompts import read_prompt_file
 
-            texts, label = [p.text for p in read_prompt_file(src)], f"file {src}"
+            texts, label = [p.text for p in read_prompt_file(src, "stats_prompts")], f"file {src}"
         else:
             from memobench.registry import get_registry
 
