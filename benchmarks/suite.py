@@ -409,7 +409,7 @@ def main(argv=None) -> int:
     for name, parts in out["parts"].items():
         if name == "d_leaderboard":
             d = parts
-            print(f"  (d) leaderboard build: " + (d["skipped"] if "skipped" in d else
+            print("  (d) leaderboard build: " + (d["skipped"] if "skipped" in d else
                                                   f"{d['median_s']:.3f} s for {d['n_results']} result files"))
             continue
         if "a_generation" in parts:

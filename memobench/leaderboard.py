@@ -1052,7 +1052,7 @@ def detail_html(w: Row, cols_all: list[str], cmp: Comparison | None, cmp_png: st
                      f"<td class='num'>{fmt(dv) + ' ' + E(kind) if dv is not None else ''}</td>"
                      f"<td class='num'>{E(str(rec.get('n', '')))}</td><td class='pm'>{E(gtxt)}</td>"
                      f"<td class='pm'>{E(impl_text(rec))}</td></tr>")
-    parts = [f'<p><a href="../index.html">← leaderboard</a></p>',
+    parts = ['<p><a href="../index.html">← leaderboard</a></p>',
              f"<h1>{E(w.mitigation)} × {E(w.attack)} <span class='muted'>on {E(w.model)}</span></h1>",
              _kv(info), "<h2>Metrics</h2>",
              "<table><thead><tr><th>metric</th><th></th><th class='num'>value</th><th class='num'>±</th>"
