@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -148,11 +147,11 @@ def run(
     cfg.offline = offline
     reg = _registry()
     if prompts is not None:
+        from .prompts import is_prompt_file, register_prompt_file
+
         if prompts in reg.entries["prompt_set"]:
             cfg.prompts = prompts
-        elif any(prompts.endswith(s) for s in (".txt", ".csv", ".jsonl")) or os.sep in prompts:
-            from .prompts import register_prompt_file
-
+        elif is_prompt_file(prompts):
             cfg.prompts = register_prompt_file(reg, prompts)
         else:
             reg.get("prompt_set", prompts)  # raises "unknown prompt set … did you mean"

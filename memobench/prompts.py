@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,16 @@ from .api import Prompt, PromptSet
 from .config import BadInput
 
 TEXT_KEYS = ("prompt", "caption", "text", "Caption")
+FILE_SUFFIXES = (".txt", ".csv", ".jsonl")
 
 
-def _row_prompt(row: dict, i: int, where: str, option: str = "--prompts") -> Prompt:
+def is_prompt_file(spec: str) -> bool:
+    """Whether a prompt source given on the command line names a file (a prompt-file suffix or a path separator)
+    rather than a registered prompt-set name."""
+    return spec.endswith(FILE_SUFFIXES) or os.sep in spec or "/" in spec
+
+
+def _row_prompt(row: dict, i: int, where: str, option: str) -> Prompt:
     text = next((row[k] for k in TEXT_KEYS if k in row and row[k] is not None), None)
     if not isinstance(text, str) or not text.strip():
         raise BadInput(f"{option}: {where}: no non-empty 'prompt' (or caption/text) field; fix the file")
@@ -27,11 +35,13 @@ def _row_prompt(row: dict, i: int, where: str, option: str = "--prompts") -> Pro
                   reference_ids=(str(ref),) if ref else ())
 
 
-def read_prompt_file(path: str | Path, option: str = "--prompts") -> list[Prompt]:
-    """Prompts of a .txt (one per line), .csv or .jsonl file; errors name ``option``, the input that gave ``path``."""
+def read_prompt_file(path: str | Path, option: str = "--prompts", accepts_names: bool = True) -> list[Prompt]:
+    """Prompts of a .txt (one per line), .csv or .jsonl file; errors name ``option``, the input that gave ``path``
+    (``accepts_names``: whether that input also takes a prompt-set name, which the not-found hint then offers)."""
     p = Path(path)
     if not p.is_file():
-        raise BadInput(f"{option}: file not found: {p}; give an existing .txt/.csv/.jsonl file or a prompt-set name")
+        alt = " or a prompt-set name" if accepts_names else ""
+        raise BadInput(f"{option}: file not found: {p}; give an existing .txt/.csv/.jsonl file{alt}")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError:

@@ -151,3 +151,11 @@ def test_corrupt_cache_entry(tmp_path, tiny_args, cli_inproc):
     side = png.with_suffix(".json")
     side.write_text("{not json")
     _check(*cli_inproc(args), [f"corrupt cache entry {side}"])
+
+
+def test_prompt_source_is_a_file_by_suffix_or_path_separator():
+    """One rule (memobench.prompts.is_prompt_file) decides file vs prompt-set name for run, detect and locality."""
+    from memobench.prompts import is_prompt_file
+
+    assert not is_prompt_file("tiny-vm")
+    assert all(is_prompt_file(s) for s in ("mine.txt", "mine.csv", "mine.jsonl", "data/mine", "./x"))

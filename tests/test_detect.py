@@ -400,3 +400,5 @@ def test_bad_input_one_error_line(case, tmp_path, cli_inproc):
     for n in needles:
         assert n in lines[0], (n, lines[0])
     assert out == ""
+    if "file not found" in lines[0]:  # the hint offers a prompt-set name only where the option takes one
+        assert ("or a prompt-set name" in lines[0]) == (argv[1] != "--file"), lines[0]

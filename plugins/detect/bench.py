@@ -100,17 +100,13 @@ def split_detector_params(pairs: dict, names: list[str]) -> dict[str, dict]:
     return out
 
 
-def _is_file_spec(spec: str) -> bool:
-    return any(spec.endswith(s) for s in (".txt", ".csv", ".jsonl")) or "/" in spec
-
-
 def check_prompt_source(registry, spec: str, what: str) -> None:
     """Fail fast (before a model loads) on an unknown prompt-set name or an unreadable prompt file."""
     if spec in registry.entries["prompt_set"]:
         return
-    if _is_file_spec(spec):
-        from memobench.prompts import read_prompt_file
+    from memobench.prompts import is_prompt_file, read_prompt_file
 
+    if is_prompt_file(spec):
         read_prompt_file(spec, what)
         return
     try:

@@ -176,7 +176,7 @@ def register(app: typer.Typer) -> None:
         if file is not None:
             from memobench.prompts import read_prompt_file
 
-            read_prompt_file(file, "--file")  # bad file → one error line before the model loads
+            read_prompt_file(file, "--file", accepts_names=False)  # bad file → one error line before the model loads
         ex = Explainer(model=model, model_params=parse_kv(model_param, "--model-param"), seeds=_seeds(seeds),
                        detector_params=parse_kv(detector_param, "--detector-param"), cache_dir=cache_dir,
                        device=device, offline=resolve_offline(offline), threshold_rule=threshold_rule,

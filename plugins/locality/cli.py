@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -37,9 +36,9 @@ def _params(cls, values: dict, what: str, fixed: dict | None = None):
 
 
 def _texts(reg, name: str, ctx, what: str) -> list[str]:
-    if any(name.endswith(s) for s in (".txt", ".csv", ".jsonl")) or os.sep in name:
-        from memobench.prompts import read_prompt_file
+    from memobench.prompts import is_prompt_file, read_prompt_file
 
+    if is_prompt_file(name):
         return [p.text for p in read_prompt_file(name, what)]
     cls = reg.get("prompt_set", name)
     return [p.text for p in cls(_params(cls, {}, what)).prompts(ctx)]
