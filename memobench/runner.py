@@ -781,12 +781,14 @@ def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_see
     label_h = 14
     multi = any(len(r[0].references) > 1 for r in rows)  # e.g. non-memorized prompts vs every memorized image
     score_h = 12 if scores or multi else 0
-    ncols = 1 + min(max_seeds, max(len(r) for r in rows))
+    n_gen = max(len(r) for r in rows)
+    ncols = 1 + min(max_seeds, n_gen)
     W = ncols * (cell + 4) + 4
     H = len(rows) * (cell + label_h + score_h + 6) + 24
     canvas = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(canvas)
     d.text((4, 4), (f"{title}: " if title else "") + "training original | generated, one per seed"
+           + (f" (the first {max_seeds} of {n_gen})" if n_gen > max_seeds else "")
            + (" (number: SSCD to the original; the max over them where a prompt has several)" if scores else ""),
            fill=(0, 0, 0))
     y = 24
