@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .config import BadInput
+
 
 @dataclass
 class StepInfo:
@@ -69,6 +71,40 @@ def weights_identity(path: str | Path) -> str:
     return known[key]
 
 
+class WeightsPinError(BadInput):
+    """Weights whose sha256 differs from a pin (``--model-param sha256=…``): bad input, exit 2."""
+
+
+# what a Stable Diffusion pipeline needs from a hub repository: configs, tokenizer and the safetensors weights (not
+# the single-file .ckpt, the pickled .bin files, fp16/EMA variants or the safety checker)
+SNAPSHOT_PATTERNS = ("model_index.json", "scheduler/*", "tokenizer/*", "feature_extractor/*",
+                     "text_encoder/config.json", "text_encoder/model.safetensors",
+                     "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                     "vae/config.json", "vae/diffusion_pytorch_model.safetensors")
+
+
+def resolve_snapshot(hub_id: str, revision: str | None = None, offline: bool = False) -> tuple[Path, str]:
+    """``(folder, commit)``: the Hugging Face snapshot of ``hub_id`` at ``revision`` (default ``main``), downloaded
+    (only :data:`SNAPSHOT_PATTERNS`) unless ``offline``, where only the local Hugging Face cache is read. The commit is
+    the snapshot folder's name (the hub cache names snapshots by commit hash)."""
+    import huggingface_hub
+
+    try:
+        folder = Path(huggingface_hub.snapshot_download(hub_id, revision=revision, allow_patterns=list(SNAPSHOT_PATTERNS),
+                                                        local_files_only=offline))
+    except Exception as e:
+        at = f" at revision {revision}" if revision else ""
+        if offline:
+            raise FileNotFoundError(f"model '{hub_id}'{at} is not a local folder and is not in the Hugging Face cache; "
+                                    "run once online or pass a local path") from None
+        raise FileNotFoundError(f"model '{hub_id}'{at}: download failed ({type(e).__name__}: {str(e)[:200]}); check "
+                                "the id/revision and the network, or pass a local folder") from None
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"model '{hub_id}': snapshot {folder.name} has no model_index.json; it is not a "
+                                "diffusers StableDiffusionPipeline repository")
+    return folder, folder.name
+
+
 class DiffusionModel:
     """A Stable Diffusion pipeline plus the operations the benchmark needs."""
 
@@ -84,6 +120,8 @@ class DiffusionModel:
             m.requires_grad_(False)
             m.eval()
         self._empty: torch.Tensor | None = None
+        # where the weights came from (recorded in the result, outside the cache key): hub id + resolved commit
+        self.source: dict = {"kind": "in memory"}
         if any(".to_kv" in n or n.endswith("to_qkv") for n, _ in self.unet.named_modules()):
             raise ValueError("fused QKV projections are active (fuse_qkv_projections()); unfuse them first: "
                              "hooks on attn2.to_v would never fire")
@@ -99,33 +137,43 @@ class DiffusionModel:
     # ------------------------------------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path_or_id: str, *, revision: str | None = None, offline: bool = False,
-                        device: str = "cpu", dtype: torch.dtype = torch.float32) -> "DiffusionModel":
-        """Load a ``StableDiffusionPipeline`` from a local folder or a hub id (safetensors only, no pickles)."""
+                        device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        sha256: str | None = None) -> "DiffusionModel":
+        """Load a ``StableDiffusionPipeline`` from a local folder or a hub id (safetensors only, no pickles).
+
+        A hub id is first resolved to a snapshot folder (:func:`resolve_snapshot`: ``revision`` — a branch, tag or
+        commit — is pinned there, and the commit it resolved to is recorded in :attr:`source`); the pipeline is then
+        loaded from that folder. Online or offline, hub snapshot or a local copy of the same files, the weights are
+        identified the same way: the sha256 of the folder's weight and config files (:func:`weights_identity`), which
+        enters every cache key. ``sha256`` pins that identity: other weights are refused with one line."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
         quiet_libraries()
         local = Path(path_or_id)
-        if offline and not local.exists():
-            try:
-                from huggingface_hub import snapshot_download
-
-                local = Path(snapshot_download(path_or_id, revision=revision, local_files_only=True))
-            except Exception:
-                raise FileNotFoundError(f"model '{path_or_id}' is not a local folder and is not in the Hugging Face "
-                                        "cache; run once online or pass a local path") from None
-        src = str(local) if local.exists() else path_or_id
+        if local.exists():
+            if not (local / "model_index.json").is_file():
+                raise FileNotFoundError(f"model '{path_or_id}': the folder has no model_index.json; pass a "
+                                        "StableDiffusionPipeline folder (save_pretrained) or a hub id")
+            folder, source = local, {"kind": "local folder"}
+        else:
+            folder, commit = resolve_snapshot(path_or_id, revision=revision, offline=offline)
+            source = {"kind": "hub", "hub_id": path_or_id, "revision_requested": revision, "commit": commit}
+        ident = weights_identity(folder)
+        if sha256 and sha256.lower().removeprefix("sha256:") != ident:
+            raise WeightsPinError(f"model '{path_or_id}': weights sha256 {ident[:16]}… differ from the pinned "
+                                  f"{sha256[:16]}…; pass the revision those weights came from, or drop the pin")
         with warnings.catch_warnings():  # newer diffusers deprecate torch_dtype for dtype, which older ones lack
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
             pipe = StableDiffusionPipeline.from_pretrained(
-                src, revision=None if local.exists() else revision, use_safetensors=True, safety_checker=None,
-                requires_safety_checker=False, local_files_only=offline, torch_dtype=dtype,
+                str(folder), use_safetensors=True, safety_checker=None, requires_safety_checker=False,
+                local_files_only=True, torch_dtype=dtype,
             )
-        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-        if local.exists():
-            ident = weights_identity(local)
-        else:
-            ident = getattr(pipe, "_internal_dict", {}).get("_commit_hash") or revision or "unknown"
-        return cls(pipe, model_id=path_or_id, revision=ident, device=device, dtype=dtype)
+        # SD samples with DDIM (η = 0) and never clips x̂_0: set it explicitly, since DDIMScheduler's own default
+        # (clip_sample=True) would apply wherever a folder's scheduler config lacks the key
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+        model = cls(pipe, model_id=path_or_id, revision=ident, device=device, dtype=dtype)
+        model.source = {**source, "weights_sha256": ident}
+        return model
 
     # ------------------------------------------------------------------------------------------- components
     @property

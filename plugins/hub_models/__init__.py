@@ -8,6 +8,13 @@
 
 Weights load through ``StableDiffusionPipeline.from_pretrained`` with ``use_safetensors=True`` (no pickles);
 ``--offline`` accepts only local folders or the local Hugging Face cache.
+
+Pinning (``memobench.model.DiffusionModel.from_pretrained``): a hub id is first resolved to a snapshot folder at
+``revision`` (a branch, tag or commit; default ``main``), and the commit it resolved to is recorded in the result
+(``model.source``). The weights are identified by the sha256 of the folder's safetensors and config files — the same
+online, offline, or from a local copy — and that identity enters every cache key, so a changed snapshot never reuses
+cached images. ``sha256`` pins the identity: other weights are refused with one line. For reproducible papers' numbers
+pass both (``--model-param revision=<commit> --model-param sha256=<identity from a result>``).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ class _HubModel(ModelPlugin):
     @dataclass
     class Params:
         path: str = ""
-        revision: str = ""
+        revision: str = ""  # hub branch, tag or commit ("" = main); the resolved commit is recorded
+        sha256: str = ""  # pin of the weights identity (sha256 of the pipeline folder's files); "" = no pin
         dtype: str = "float32"  # float16 / bfloat16 on GPU
 
     def load(self, ctx):
@@ -40,7 +48,8 @@ class _HubModel(ModelPlugin):
         if dtype is None:
             raise ValueError(f"model '{self.name}' parameter dtype: use float32, float16 or bfloat16")
         return DiffusionModel.from_pretrained(self.params.path or self.hub_id, revision=self.params.revision or None,
-                                              offline=ctx.offline, device=ctx.device, dtype=dtype)
+                                              offline=ctx.offline, device=ctx.device, dtype=dtype,
+                                              sha256=self.params.sha256 or None)
 
 
 class SDv14(_HubModel):
