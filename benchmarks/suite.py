@@ -14,7 +14,7 @@
     or the folder is absent).
 
 Architectures: ``tiny`` (the embedded model shipped in plugins/tiny/weights) on CPU; ``sd14-random`` (SD v1.4's
-full-size architecture built from config with random weights, :func:`memobench.testing.sd14_random_pipeline`) where a
+full-size architecture with seeded random weights: the ``sd-random`` model plugin, ``arch=sd14``) where a
 GPU is present (``--arch auto``, the default, adds it when ``torch.cuda.is_available()``), in ``--gpu-dtype``
 (fp16 by default). Repetitions are interleaved (a/b, then b/a, …) after one untimed warm-up of each side; medians.
 
@@ -98,18 +98,20 @@ def _paired(reps: list[dict], a: str, b: str) -> float:
 
 # ---------------------------------------------------------------------------------------------- models
 class _Arch:
-    """A model for the parts: a pipeline folder (tiny) or an in-memory pipeline (sd14-random) + its settings."""
+    """A model for the parts: a pipeline folder (tiny) or the ``sd-random`` model plugin (sd14-random) + settings."""
 
     def __init__(self, name: str, device: str, dtype: str, work: Path):
         import torch
 
         self.name, self.device, self.dtype, self.work = name, device, dtype, work
         self.torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-        self.plugin_name = "tiny" if name == "tiny" else "bench-sd14-random"
-        self._pipe = None
+        self.plugin_name = "tiny" if name == "tiny" else "sd-random"
+        self.model_params = {} if name == "tiny" else {"arch": "sd14"}
+        self._model = None
 
     def pipe(self):
-        """The diffusers pipeline (a fresh load for tiny; the one in-memory pipeline for sd14-random)."""
+        """The bare diffusers pipeline: a fresh load of the folder (tiny) or a fresh build of SD v1.4's architecture
+        from the same seed as the plugin's (sd14-random), in the arch's dtype."""
         import torch
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -120,59 +122,41 @@ class _Arch:
                                                            requires_safety_checker=False, torch_dtype=torch.float32)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         else:
-            if self._pipe is None:
-                from memobench.testing import sd14_random_pipeline
+            from memobench_plugins.sd_random import build_pipeline
 
-                self._pipe = sd14_random_pipeline(tokenizer_dir=self.work / "tokenizer", device=self.device,
-                                                  dtype=self.torch_dtype)
-            pipe = self._pipe
+            pipe = build_pipeline("sd14", "full", 0, tokenizer_dir=self.work / "tokenizer", device=self.device)
+            pipe.to(dtype=self.torch_dtype)
         pipe.set_progress_bar_config(disable=True)
         return pipe.to(self.device)
 
     def model(self):
+        """The memobench model (built once per arch and reused by parts b and c)."""
+        if self._model is not None:
+            return self._model
         from memobench.model import DiffusionModel
 
-        return DiffusionModel(self.pipe(), model_id=self.name, revision="bench", device=self.device,
-                              dtype=self.torch_dtype)
+        if self.name == "tiny":
+            self._model = DiffusionModel(self.pipe(), model_id=self.name, revision="bench", device=self.device,
+                                         dtype=self.torch_dtype)
+        else:
+            from memobench.api import Context
+            from memobench_plugins.sd_random import SDRandom
+
+            m = SDRandom(SDRandom.make_params(self.model_params)).load(Context(cache_dir=self.work, device=self.device))
+            self._model = m.set_dtype(self.torch_dtype)
+        return self._model
 
     def generation(self) -> dict:
         if self.name == "tiny":
             from memobench_plugins.tiny import TinyModel
 
             return dict(TinyModel.generation)
-        return {"num_inference_steps": 50, "guidance_scale": 7.5, "height": 512, "width": 512}
+        from memobench_plugins.sd_random import SDRandom
+
+        return dict(SDRandom.generation)
 
     def register(self) -> None:
-        """Make ``sd14-random`` a model plugin of the process-wide registry (the Runner loads plugins by name)."""
-        if self.name == "tiny":
-            return
-        from memobench.api import ModelPlugin
-        from memobench.hookspecs import hookimpl
-        from memobench.registry import get_registry, register_object
-
-        if self.plugin_name in get_registry().entries["model"]:
-            return
-        arch = self
-
-        class BenchSD14(ModelPlugin):
-            """SD v1.4's architecture with random weights (benchmarks only)."""
-
-            name = "bench-sd14-random"
-            version = "1"
-            generation = arch.generation()
-            default_seeds = (0,)
-            default_metrics = []
-            prompt_sets = {"target": "tiny-vm"}
-
-            def load(self, ctx):
-                return arch.model()
-
-        class _Plugin:
-            @hookimpl
-            def register_models(self, register):
-                register(BenchSD14)
-
-        register_object(_Plugin(), "bench-sd14-random")
+        """Both archs are registered model plugins (``tiny``, ``sd-random``)."""
 
 
 def _prompts(n: int) -> list:
@@ -201,7 +185,8 @@ def part_a(arch: _Arch, args, work: Path) -> dict:
 
     def run_memobench():
         i = next(counter)
-        cfg = RunConfig(model=arch.plugin_name, metrics=[], seeds=seeds, limit=len(prompts),
+        cfg = RunConfig(model=arch.plugin_name, model_params=dict(arch.model_params), metrics=[], seeds=seeds,
+                        limit=len(prompts),
                         num_inference_steps=args.steps, guidance_scale=gen["guidance_scale"],
                         batch_size=args.batch_size, cache_dir=str(work / f"a-cache-{i}"),
                         output_dir=str(work / f"a-out-{i}"), device=arch.device,

@@ -1,5 +1,5 @@
 """Static check of the tree: no undefined names (pyflakes F821 via ruff). A misspelt or missing name in a code path
-the tests do not execute (e.g. the full-size ``sd14_random_pipeline`` used only by ``benchmarks/suite.py`` on a GPU)
+the tests do not execute (e.g. ``benchmarks/gpu_check.py``, run only on a GPU)
 would otherwise only fail at run time."""
 
 from __future__ import annotations
