@@ -108,6 +108,9 @@ def run(
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache (default: $MEMOBENCH_CACHE_DIR or "
                                    "~/.cache/memobench)."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network: local files and caches only."),
+    metric_param: list[str] = typer.Option(None, "--metric-param", help="METRIC.KEY=VALUE for a selected metric "
+                                           "plugin (repeatable), e.g. fidelity.reference_dir=DIR (see `memobench "
+                                           "ls metrics`)."),
     config: Path = typer.Option(None, "--config", help="Run settings from a .json/.toml/.yaml file; flags "
                                 "override it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (cached / remaining) and exit."),
@@ -144,8 +147,10 @@ def run(
         cfg.output_dir = str(output_dir)
     if cache_dir is not None:
         cfg.cache_dir = str(cache_dir)
-    cfg.offline = offline
     reg = _registry()
+    for name, kv in parse_metric_params(metric_param, reg).items():
+        cfg.metric_params.setdefault(name, {}).update(kv)
+    cfg.offline = offline
     if prompts is not None:
         from .prompts import is_prompt_file, register_prompt_file
 
@@ -200,6 +205,24 @@ def _aggregate(**options):
     """Score a run whose samples were generated with --shard i/n (or by another process) from the cache: pass the
     run's options without --shard. Generates nothing; exits 2 naming how many samples are still missing."""
     return run(**options, shard=None, dry_run=False, matrix=False, aggregate_=True)
+def parse_metric_params(items: list[str] | None, reg) -> dict[str, dict[str, str]]:
+    """``["fidelity.reference_dir=DIR", ...]`` -> ``{"fidelity": {"reference_dir": "DIR"}}``; bad syntax or a metric
+    plugin that is not registered is :class:`BadInput` (one line, exit 2). Values stay strings (the plugin's Params
+    coerce them); whether the metric is selected and has the parameter is checked when the run is planned."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        name, dot, param = key.strip().partition(".")
+        if not sep or not dot or not name.strip() or not param.strip():
+            raise BadInput(f"--metric-param: expected METRIC.KEY=VALUE (e.g. fidelity.reference_dir=DIR), got {item!r}")
+        name, param = name.strip(), param.strip()
+        if name not in reg.entries["metric"]:
+            raise BadInput(f"--metric-param {item!r}: unknown metric {name!r}; valid: "
+                           f"{', '.join(sorted(reg.entries['metric']))} (metric plugin names: `memobench ls metrics`)")
+        out.setdefault(name, {})[param] = value.strip()
+    return out
+
+
 
 
 def _aggregate_signature():
@@ -325,6 +348,8 @@ def _print_summary(out) -> None:
     con.print(f"samples: {out.samples_path}")
     if out.grid_path:
         con.print(f"grid:    {out.grid_path}  (training original | generated, one row per prompt)")
+    for line in substitution_lines(r):
+        con.print(line, highlight=False, markup=False, soft_wrap=True)
         if r.get("grid_without_attack_file"):
             con.print(f"         {out.grid_path.parent / r['grid_without_attack_file']}  (the mitigation alone)")
 
@@ -333,6 +358,18 @@ def _print_summary(out) -> None:
 @app.command()
 def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
     """List registered plugins (name, kind, version, origin) and plugins that failed to load."""
+def substitution_lines(result: dict) -> list[str]:
+    """One ``substitution: …`` line per distinct ``impl["substitution"]`` of the result's metrics (a model other than
+    the one the preset names, CPU instead of the run's device, a failed download), naming the metrics it concerns."""
+    seen: dict[str, list[str]] = {}
+    for block in (result.get("metrics") or {}, result.get("metrics_without_attack") or {}):
+        for name, m in block.items():
+            text = ((m or {}).get("impl") or {}).get("substitution")
+            if text and name not in seen.setdefault(str(text), []):
+                seen[str(text)].append(name)
+    return [f"substitution ({', '.join(names)}): {text}" for text, names in seen.items()]
+
+
     reg = _registry()
     items = [e.describe() for e in reg.all_entries()]
     if as_json:
@@ -405,6 +442,99 @@ def cache_clear_cmd(
 leaderboard_app = typer.Typer(help="Build the static leaderboard (HTML, Markdown, CSV, parquet) from result files.",
                               no_args_is_help=True)
 app.add_typer(leaderboard_app, name="leaderboard")
+# ----------------------------------------------------------------------------------------------------- data
+data_app = typer.Typer(help="Download the real images memobench scores against (COCO-2014 val for FID, METHODS "
+                            "§5.2).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    dataset: str = typer.Argument(..., help="coco: the COCO-2014 val reference images of protocol coco10k."),
+    out: Path = typer.Option(None, "--out", help="Folder for the images, manifest.json and the id list (default: "
+                             "<cache>/data/coco/val2014)."),
+    ids: Path = typer.Option(None, "--ids", help="Image-id list (one id per line) instead of memobench's list."),
+    annotations: str = typer.Option(None, "--annotations", help="COCO's captions_val2014.json or "
+                                    "annotations_trainval2014.zip (path or URL) to derive memobench's id list from, "
+                                    "when no list ships with memobench (default: download COCO's zip)."),
+    annotations_sha256: str = typer.Option(None, "--annotations-sha256", help="Pin of the annotations file."),
+    base_url: str = typer.Option(None, "--base-url", help="Where the images are: <base-url>/COCO_val2014_<12-digit "
+                                 "id>.jpg (default: http://images.cocodataset.org/val2014)."),
+    sha256_file: Path = typer.Option(None, "--sha256-file", help="Pins: sha256sum-format lines '<sha256>  <file "
+                                     "name>'; a download that differs is refused."),
+    limit: int = typer.Option(None, "--limit", help="Only the first N ids of the list."),
+    workers: int = typer.Option(8, "--workers", help="Parallel downloads."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache (default: $MEMOBENCH_CACHE_DIR or "
+                                   "~/.cache/memobench)."),
+    offline: bool = typer.Option(False, "--offline", help="Only verify what is already there."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+):
+    """Download a reference image set with sha256 checks; resumes where an earlier fetch stopped.
+
+    Then score FID against it: memobench run ... --metric fidelity --metric-param fidelity.reference_dir=<out>"""
+    from rich.console import Console
+
+    from . import data as d
+
+    if dataset != "coco":
+        raise BadInput(f"data fetch: unknown data set {dataset!r}; valid: coco")
+    if limit is not None and limit < 1:
+        raise BadInput("--limit: must be at least 1")
+    offline = resolve_offline(offline)
+    cache = cache_dir or default_cache_dir()
+    out = out or (cache / "data" / "coco" / "val2014")
+    con = Console(stderr=True)
+    pins = d.read_sha256_file(sha256_file) if sha256_file else {}
+    if ids is not None:
+        id_list = d.read_id_list(ids)
+        source = {"kind": "user list (--ids)", "path": str(ids), "file_sha256": d.file_sha256(ids)}
+    elif (shipped := d.shipped_coco_ids()) is not None:
+        id_list, sha = shipped
+        source = {"kind": "memobench package data", "file": d.COCO_IDS_FILE, "sha256": sha}
+    else:
+        from .api import Context
+
+        ann_path, ann_sha = d.coco_annotations_file(annotations, cache, offline, annotations_sha256)
+        cls = _registry().get("prompt_set", "coco10k")
+        captions = [pr.text for pr in cls(cls.make_params({})).load(Context(cache_dir=cache, offline=offline))]
+        built = d.coco_ids_from_annotations(captions, d.load_coco_captions(ann_path))
+        if not built["ids"]:
+            raise BadInput(f"--annotations {ann_path}: none of the {len(captions)} coco10k captions is in it; pass "
+                           "COCO's captions_val2014.json (or annotations_trainval2014.zip)")
+        id_list = built["ids"]
+        source = {"kind": "derived from COCO annotations", "rule": built["rule"], "annotations": str(ann_path),
+                  "annotations_sha256": ann_sha, "n_captions": len(captions),
+                  "n_unmatched_captions": len(built["unmatched_rows"]),
+                  "n_duplicate_captions": len(built["duplicate_rows"]), "rows": built["rows"]}
+        con.print(f"[memobench] id list derived from {ann_path} (sha256 {ann_sha}): {len(id_list)} ids for "
+                  f"{len(captions)} captions ({len(built['unmatched_rows'])} without a match, "
+                  f"{len(built['duplicate_rows'])} repeats)", highlight=False, markup=False)
+    if limit is not None:
+        id_list = id_list[:limit]
+        source = {**source, "limit": limit}
+    if offline:
+        missing = [i for i in id_list if not (out / d.coco_file_name(i)).is_file()]
+        if missing:
+            raise BadInput(f"data fetch coco: {len(missing)} of {len(id_list)} images are not in {out} and offline "
+                           "mode is on: run without --offline")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  console=con, disable=not progress) as bar:
+        task = bar.add_task(f"COCO val2014 -> {out}", total=len(id_list))
+        rep = d.fetch_coco(id_list, out, base_url=base_url or d.COCO_IMAGE_BASE_URL, pins=pins, workers=workers,
+                           ids_source=source, on_file=lambda name, state: bar.advance(task))
+    typer.echo(f"coco: {len(id_list)} images in {out} ({rep['n_present']} already there, {rep['n_downloaded']} "
+               f"downloaded, {rep['n_failed']} failed); id list sha256 {rep['ids_sha256']} "
+               f"({out / d.COCO_IDS_FILE}); manifest {out / d.COCO_MANIFEST}")
+    typer.echo(f"score FID against it: memobench run ... --metric fidelity --metric-param fidelity.reference_dir={out}")
+    if rep["n_failed"]:
+        first = next(iter(rep["failed"].items()))
+        typer.echo(f"error: {rep['n_failed']} downloads failed (e.g. {first[0]}: {first[1]}); run the same command "
+                   "again to retry them", err=True)
+        raise typer.Exit(1)
+
+
 _LB_RESULTS = typer.Option(Path("results"), "--results", help="Folder of result JSONs (searched recursively), as "
                            "written by `memobench run -o DIR`.")
 _LB_OUT = typer.Option(Path("leaderboard"), "--out", help="Folder the leaderboard is written to (index.html, "

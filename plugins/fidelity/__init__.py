@@ -15,17 +15,32 @@ Both sides are centre-cropped to a square and resized to ``image_size`` (512, PI
 
 Feature extractor and metric ids (``feature_extractor`` parameter):
 
-* ``inception-v3-compat`` — torch-fidelity's TF-Inception port, pool3 2048-d; metric ids ``fid`` and ``kid``. Used by
-  ``auto`` when its weights are available: ``weights_path`` (torch-fidelity's ``feature_extractor_weights_path``;
-  a ``.pth`` state dict, first checked with ``torch.load(weights_only=True)`` because torch-fidelity itself unpickles it
-  with ``weights_only=False``), or — when not offline — torch-fidelity's own cached download
-  (``<torch hub dir>/checkpoints/weights-inception-2015-12-05-6726825d.pth``). Naming it explicitly when not offline
-  lets torch-fidelity download the file.
-* ``sscd`` — offline, or when the Inception weights are absent: the SSCD copy-detection descriptor (Pizzi et al.,
+* ``inception-v3-compat`` (what ``auto`` means) — torch-fidelity's TF-Inception port, pool3 2048-d; metric ids
+  ``fid`` and ``kid``. Weights, in this order: ``weights_path`` (torch-fidelity's ``feature_extractor_weights_path``);
+  memobench's own download ``<cache_dir>/fidelity/weights/weights-inception-2015-12-05-6726825d.pth``;
+  torch-fidelity's cached copy (``<torch hub dir>/checkpoints/…``); else, when not offline, memobench downloads
+  torch-fidelity's file (``torch_fidelity.feature_extractor_inceptionv3.URL_INCEPTION_V3``) itself, atomically, into
+  its cache. Every file is checked with ``torch.load(weights_only=True)`` before torch-fidelity sees it (torch-fidelity
+  unpickles with ``weights_only=False``) and its sha256 is recorded in ``impl["weights_sha256"]``. Pin:
+  ``inception_sha256``. The true sha256 of torch-fidelity's file is not known where this was written (the
+  ``6726825d`` in its name follows torch hub's sha256-prefix convention, but torch-fidelity downloads without
+  ``check_hash``, so memobench does not rely on it), and none is invented: by default the sha256 of the downloaded
+  file is recorded next to it (``….sha256``) and every later use must match it; a user-given ``inception_sha256`` is
+  enforced on every source. A mismatch raises :class:`memobench.data.PinMismatchError` (one line, exit 2).
+  **Without Inception weights** (offline and none given, or the download failing) ``fid``/``kid`` are
+  ``unavailable`` with the reason: ``auto`` never switches to another feature space.
+* ``sscd`` — only when asked for (``feature_extractor=sscd``): the SSCD copy-detection descriptor (Pizzi et al.,
   CVPR 2022; :mod:`memobench.sscd`, int8 ONNX ``sscd_disc_mixup``, 512-d, L2-normalised, preset ``sscd_preset``)
   registered with torch-fidelity as ``memobench-sscd``. Metric ids ``fd_sscd`` / ``kd_sscd`` — **never** ``fid``:
-  these are Fréchet/kernel distances in another feature space, not comparable with any published FID.
+  these are Fréchet/kernel distances in another feature space, not comparable with any published FID. (Until
+  version 1 of this plugin, ``auto`` fell back to it offline; the committed tiny-model leaderboard's ``fd_sscd``
+  columns come from that and are labelled "FD (SSCD features)".)
 * any other name registered with torch-fidelity (e.g. ``dinov2-vit-l-14``): ids ``fd_<name>`` / ``kd_<name>``.
+
+COCO reference images (protocol ``coco10k``): ``memobench data fetch coco`` downloads them into a folder with a
+``manifest.json`` (id list sha256, per-file sha256); ``reference_dir=<that folder>`` (from the CLI:
+``--metric-param fidelity.reference_dir=DIR``) scores against it and records the manifest's id-list sha256 in
+``impl["reference"]``.
 
 KID uses torch-fidelity's polynomial kernel (degree 3, γ = 1/d, coef0 = 1) with ``kid_subsets`` = 100 subsets of size
 min(``kid_subset_size`` = 1000, n_gen, n_ref) (METHODS §5.2 step 5); its ``dispersion`` is the std over subsets.
@@ -56,6 +71,7 @@ import numpy as np
 
 from memobench.api import Context, Metric, MetricInfo, MetricValue, Sample
 from memobench.cache import atomic_write_bytes, key_of
+from memobench.data import COCO_MANIFEST, check_pin, download_file
 from memobench.hookspecs import hookimpl
 from memobench.sscd import SSCDUnavailableError, file_sha256, image_digest
 
@@ -153,17 +169,20 @@ class Fidelity(Metric):
     """
 
     name = "fidelity"
-    version = "1"
+    version = "2"  # 2: auto = Inception only (unavailable without weights), never SSCD features
     roles = ("utility",)
     info = MetricInfo("fidelity", "FID / KID", higher_is_better=False, min=None, max=None,
                       description="Fréchet / kernel distance of utility generations to real images, torch-fidelity "
                                   "(METHODS §5.2); ids fid/kid with Inception, fd_sscd/kd_sscd with SSCD features")
     inception_name: ClassVar[str] = INCEPTION  # torch-fidelity registry name treated as "the Inception extractor"
+    inception_url: ClassVar[str] = ""  # "" = torch_fidelity's URL_INCEPTION_V3 (tests point it at 127.0.0.1)
+    inception_file: ClassVar[str] = INCEPTION_URL_FILE
 
     @dataclass
     class Params:
-        feature_extractor: str = "auto"  # auto | inception-v3-compat | sscd | <any torch-fidelity extractor>
+        feature_extractor: str = "auto"  # auto (= Inception) | inception-v3-compat | sscd | <torch-fidelity name>
         weights_path: str = ""  # feature_extractor_weights_path (Inception .pth; SSCD .onnx)
+        inception_sha256: str = ""  # pin of the Inception weights; "" = the sha256 recorded at download is enforced
         reference_dir: str = ""  # folder of real images; empty = union of Sample.references
         kid_subsets: int = 100
         kid_subset_size: int = 1000  # capped at min(n_gen, n_ref)
@@ -174,50 +193,73 @@ class Fidelity(Metric):
         rng_seed: int = 2020  # torch-fidelity's default seed of the KID subset draws
 
     # -- extractor resolution ----------------------------------------------------------------------------------
-    def _inception_weights(self, ctx: Context, explicit: bool) -> dict | None:
-        """``{"path": str|None, "weights": id, "weights_sha256": sha|None}``, or None when not available."""
+    def _inception_weights(self, ctx: Context) -> dict | None:
+        """``{"path", "weights", "weights_sha256", "weights_origin", "weights_pin"}`` of verified Inception weights, or
+        None when there are none (offline and nothing given or cached). Raises :class:`PinMismatchError` on a pin
+        mismatch and :class:`FidelityUnavailable` when a given file is missing/unsafe or the download fails."""
         p = self.params
+        pin = p.inception_sha256.strip().lower() or None
+        fix = "use the weights the pin names, or correct the fidelity parameter inception_sha256"
+
+        def verified(path: Path, origin: str, what: str, record: Path | None = None) -> dict:
+            sha = file_sha256(path)
+            recorded = record.read_text().strip().lower() if record is not None and record.is_file() else None
+            if pin:
+                check_pin(sha, pin, what, fix)
+            elif recorded:
+                check_pin(sha, recorded, f"{what} (sha256 recorded at its download in {record})",
+                          f"the file changed since it was downloaded: delete {path} and {record} to download it again")
+            _check_plain_state_dict(path, sha)
+            return {"path": str(path), "weights": str(path), "weights_sha256": sha, "weights_origin": origin,
+                    "weights_pin": "inception_sha256" if pin else ("sha256 recorded at download" if recorded else None)}
+
         if p.weights_path:
             path = Path(p.weights_path).expanduser()
             if not path.is_file():
                 raise FidelityUnavailable(f"Inception weights_path {path} does not exist")
-            sha = file_sha256(path)
-            _check_plain_state_dict(path, sha)
-            return {"path": str(path), "weights": str(path), "weights_sha256": sha, "weights_origin": "weights_path"}
-        if ctx.offline:
-            return None
-        import torch
+            return verified(path, "weights_path", f"Inception weights_path {path}")
+        own = Path(ctx.cache_dir) / "fidelity" / "weights" / self.inception_file if ctx.cache_dir is not None else None
+        record = own.with_name(own.name + ".sha256") if own is not None else None
+        if own is not None and own.is_file():
+            return verified(own, "memobench download (cache)", f"cached Inception weights {own}", record)
+        if self.inception_name == INCEPTION:
+            import torch
 
-        cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL_FILE
-        if cached.is_file():
-            return {"path": None, "weights": str(cached), "weights_sha256": file_sha256(cached),
-                    "weights_origin": "torch-fidelity cache (torch hub)"}
-        if explicit:
+            hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_URL_FILE
+            if hub.is_file():
+                return verified(hub, "torch-fidelity cache (torch hub)", f"Inception weights {hub}")
+        if ctx.offline or own is None:
+            return None
+        url = self.inception_url
+        if not url:
             from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-            return {"path": None, "weights": URL_INCEPTION_V3, "weights_sha256": None,
-                    "weights_origin": "torch-fidelity download"}
-        return None
+            url = URL_INCEPTION_V3
+        try:
+            sha = download_file(url, own, sha256=pin, what=f"Inception weights download {url}", fix=fix)
+        except OSError as e:  # URLError, HTTP errors, timeouts
+            raise FidelityUnavailable(f"could not download the Inception weights {url} ({type(e).__name__}: {e}); "
+                                      f"pass weights_path=<{self.inception_file}>") from None
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(sha + "\n")
+        tmp.replace(record)
+        out = verified(own, f"memobench download of {url}", f"downloaded Inception weights {own}", record)
+        out["weights_pin"] = "inception_sha256" if pin else "sha256 recorded at this download"
+        return out
 
     def _resolve(self, ctx: Context) -> dict:
         """The extractor to run: ``{"kind": inception|sscd|other, "inner": torch-fidelity name, "path": weights file
         for torch-fidelity or None, "weights", "weights_sha256", ...}``."""
         p = self.params
         fe = p.feature_extractor
-        if fe == "auto":
-            w = self._inception_weights(ctx, explicit=False)
-            if w is not None:
-                return {"kind": "inception", "inner": self.inception_name, **w}
-            why = ("offline and no Inception weights_path" if ctx.offline
-                   else "no Inception weights_path and none in torch-fidelity's cache")
-            return {"kind": "sscd", "inner": SSCD_EXTRACTOR, "path": None, "auto_choice": why}
-        if fe == self.inception_name:
-            w = self._inception_weights(ctx, explicit=True)
+        if fe in ("auto", self.inception_name):
+            w = self._inception_weights(ctx)
             if w is None:
                 raise FidelityUnavailable(
-                    f"{fe} weights are not available offline: pass weights_path=<{INCEPTION_URL_FILE}> "
-                    f"(torch-fidelity's feature_extractor_weights_path), or use feature_extractor=sscd/auto")
-            return {"kind": "inception", "inner": fe, **w}
+                    f"no Inception weights offline (fid/kid need {self.inception_file}): pass "
+                    f"weights_path=<{self.inception_file}> or run online to download it; feature_extractor=sscd "
+                    f"computes fd_sscd/kd_sscd instead (another feature space, never reported as FID)")
+            return {"kind": "inception", "inner": self.inception_name, **w}
         if fe in ("sscd", SSCD_EXTRACTOR):
             return {"kind": "sscd", "inner": SSCD_EXTRACTOR, "path": p.weights_path or None}
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
@@ -246,10 +288,18 @@ class Fidelity(Metric):
             if not seen:
                 raise FidelityUnavailable(f"reference_dir {root} contains no {'/'.join(IMAGE_EXTS)} files")
             ids = sorted(seen)
-            return [seen[k] for k in ids], ids, {"source": "reference_dir", "reference_dir": str(root),
-                                                  "content_hash": "sha256 of file bytes",
-                                                  "n_files": len(files)}
-        refs: dict[str, np.ndarray] = {}
+            desc = {"source": "reference_dir", "reference_dir": str(root), "content_hash": "sha256 of file bytes",
+                    "n_files": len(files)}
+            manifest = root / COCO_MANIFEST
+            if manifest.is_file():  # written by `memobench data fetch coco`
+                try:
+                    m = json.loads(manifest.read_text(encoding="utf-8"))
+                    desc.update({"id_list_sha256": m.get("ids_sha256"), "n_ids": m.get("n_ids"),
+                                 "id_list_source": m.get("ids_source"), "n_failed": len(m.get("failed") or {})})
+                except (OSError, ValueError):
+                    desc["manifest"] = f"{manifest} unreadable"
+            return [seen[k] for k in ids], ids, desc
+        refs: dict[str, Any] = {}  # digest -> a loader of the image (streamed samples: the pixels are not kept)
         n_listed = 0
         for s in samples:
             for r in s.references or []:
@@ -301,8 +351,7 @@ class Fidelity(Metric):
                      "library": f"torch-fidelity {_version('torch-fidelity')}",
                      "requested_feature_extractor": p.feature_extractor}
         fe = p.feature_extractor
-        guess_ids = metric_ids(fe if fe != "auto" else (self.inception_name if p.weights_path else "sscd"),
-                               self.inception_name)
+        guess_ids = metric_ids(fe if fe != "auto" else self.inception_name, self.inception_name)
         try:
             sel = self._resolve(ctx)
         except FidelityUnavailable as e:
@@ -360,18 +409,14 @@ class Fidelity(Metric):
         gen_ds = _torch.ImageDataset([s.image for s in gens], p.image_size, p.resample)
         ref_ds = _torch.ImageDataset(refs, p.image_size, p.resample)
         with ctx.task(f"{self.name}: {ids[0]}/{ids[1]} ({n_gen} gen, {n_ref} ref)", None):
-            try:
-                out = torch_fidelity.calculate_metrics(
-                    input1=gen_ds, input2=ref_ds, fid=True, kid=True, feature_extractor=memo_name,
-                    feature_layer_fid=layer_fid, feature_layer_kid=layer_kid,
-                    feature_extractor_weights_path=sel.get("path"), kid_subsets=int(p.kid_subsets),
-                    kid_subset_size=kid_size, rng_seed=int(p.rng_seed), batch_size=int(p.batch_size), cuda=cuda,
-                    cache=False, save_cpu_ram=True, verbose=False, memobench_memo=memo, **extra_kwargs)
-            except OSError as e:  # e.g. torch-fidelity's Inception download without network (URLError)
-                if sel.get("weights_origin") != "torch-fidelity download":
-                    raise
-                raise FidelityUnavailable(f"could not download the {inner} weights ({sel.get('weights')}): "
-                                          f"{type(e).__name__}: {e}; pass weights_path=<file>") from None
+            # Inception weights are always a verified local file here (memobench downloads them itself), so
+            # torch-fidelity never downloads or unpickles an unchecked file
+            out = torch_fidelity.calculate_metrics(
+                input1=gen_ds, input2=ref_ds, fid=True, kid=True, feature_extractor=memo_name,
+                feature_layer_fid=layer_fid, feature_layer_kid=layer_kid,
+                feature_extractor_weights_path=sel.get("path"), kid_subsets=int(p.kid_subsets),
+                kid_subset_size=kid_size, rng_seed=int(p.rng_seed), batch_size=int(p.batch_size), cuda=cuda,
+                cache=False, save_cpu_ram=True, verbose=False, memobench_memo=memo, **extra_kwargs)
 
         ref_keys = [k for k in ref_ds.keys]
         if any(k is None for k in ref_keys):  # pragma: no cover - torch-fidelity visits every item
@@ -395,6 +440,7 @@ class Fidelity(Metric):
         fe_desc = (inner if sel["kind"] != "sscd"
                    else f"sscd ({SSCD_EXTRACTOR}: {sel['weights']}, preset {p.sscd_preset})")
         impl.update({
+            "weights_pin": sel.get("weights_pin"),
             "feature_extractor": fe_desc,
             "torch_fidelity_extractor": memo_name,
             "feature_layer": layer_fid,
@@ -419,8 +465,6 @@ class Fidelity(Metric):
             impl["sscd"] = sel["sscd"]
             impl["note"] = ("Fréchet/kernel distances in SSCD feature space (L2-normalised copy-detection "
                             "descriptors): not FID/KID, not comparable with published values")
-            if "auto_choice" in sel:
-                impl["auto_choice"] = sel["auto_choice"]
         elif sel["kind"] == "inception" and self.inception_name == INCEPTION:
             impl["comparability"] = ("torch-fidelity inception-v3-compat; not interchangeable with clean-fid "
                                      "(NeMo) or pytorch-fid values (METHODS §5.2 step 6)")

@@ -19,6 +19,13 @@ aggregates with :mod:`memobench.stats`. Common behaviour:
 * When the SSCD weights cannot be loaded (e.g. a TorchScript checkpoint missing in offline mode), the metric returns
   values with ``unavailable`` set to the reason.
 
+* The embedder runs on the run's device (``ctx.device``). With ``backend="auto"`` the preset's official TorchScript
+  checkpoint is used wherever it can be had (``weights_path``, the SSCD cache, or a download when not offline and
+  the offline ONNX ``sscd_disc_mixup`` would be a substitution: a ``sscd_disc_large`` preset or a GPU run); see
+  :class:`memobench.sscd.SSCD`. ``weights_sha256`` pins the TorchScript file: a file (downloaded, cached or given)
+  whose sha256 differs is refused with one line (exit 2). Without a pin the sha256 recorded at download time is
+  enforced (Meta publishes no hash; memobench does not invent one). Any substitution (checkpoint, device, failed
+  download) is ``impl["substitution"]`` and printed under ``memobench run``'s summary table.
 Local TorchScript files can also be named per checkpoint in the run settings:
 ``ctx.settings["sscd_weights"] = {"sscd_disc_large": "/path/sscd_disc_large.torchscript.pt"}``.
 """
@@ -128,7 +135,8 @@ class _SSCDMetric(Metric):
     class Params:
         preset: str = "dori2026"
         backend: str = "auto"  # auto | onnx | torchscript (memobench.sscd.SSCD)
-        weights_path: str = ""
+        weights_path: str = ""  # .onnx, or an official *.torchscript.pt the user gives (e.g. sscd_disc_large)
+        weights_sha256: str = ""  # pin of the TorchScript file; "" = the sha256 recorded at download is enforced
         headline_group: str = "VM"
         jpeg_roundtrip: bool = False
         batch_size: int = 16
@@ -142,8 +150,8 @@ class _SSCDMetric(Metric):
             weights = local.get(get_preset(p.preset).checkpoint)
         return SSCD(preset=p.preset, backend=p.backend, weights_path=weights,
                     cache_dir=Path(ctx.cache_dir) if ctx.cache_dir is not None else None,
-                    offline=ctx.offline, batch_size=p.batch_size,
-                    device=ctx.device if p.backend == "torchscript" else "cpu")
+                    offline=ctx.offline, batch_size=p.batch_size, device=str(ctx.device or "cpu"),
+                    sha256=p.weights_sha256 or None)
 
     def _gen_image(self, image: np.ndarray) -> np.ndarray:
         return jpeg_roundtrip(image) if self.params.jpeg_roundtrip else image

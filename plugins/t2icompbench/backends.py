@@ -15,6 +15,13 @@
 Every loader takes a local folder or a hub id, honours ``offline`` (``local_files_only``) and raises
 :class:`Unavailable` with the reason when the weights cannot be had; the caller reports the metric as unavailable.
 Each returns a JSON-able record of what was loaded (class, source, revision, sha256 of the weight files).
+
+Pins: a hub id may carry a revision, ``<hub id>@<commit>`` (so the existing ``*_weights`` parameters pin it); it is
+passed to ``from_pretrained(revision=…)`` and checked against the snapshot actually loaded. The loaders also take
+``weights_sha256`` (the sha256 of one weight file, e.g. ``model.safetensors``). The true hashes of the public
+checkpoints are not known where this was written and none is invented: by default the revision and the sha256 of
+every weight file loaded are recorded; a user pin that differs is refused with one line
+(:class:`memobench.data.PinMismatchError`, exit 2).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from memobench.data import file_sha256
+from memobench.data import PinMismatchError, check_pin, file_sha256
 
 from .scoring import Detection, Parse, Token, pre_question
 
@@ -61,21 +68,38 @@ def _sha(path: Path) -> str:
     return _SHA_CACHE[key]
 
 
-def weights_record(source: str, cache_dir: str | None = None) -> dict:
+def split_source(source: str) -> tuple[str, str | None]:
+    """``"<hub id>@<revision>"`` -> (hub id, revision); a local folder or a plain id -> (source, None)."""
+    if "@" in source and not Path(source).expanduser().exists():
+        sid, rev = source.rsplit("@", 1)
+        if sid and rev:
+            return sid, rev
+    return source, None
+
+
+def weights_record(source: str, cache_dir: str | None = None, revision: str | None = None,
+                   weights_sha256: str | None = None) -> dict:
     """``{source, kind, revision, weights_sha256: {file: sha256}}`` for a local folder (every weight file in it) or
-    a hub id (the weight files of its cached snapshot, the revision = the snapshot's commit)."""
+    a hub id (the weight files of its cached snapshot at ``revision`` or the latest, the revision = the snapshot's
+    commit). Pins: a ``revision`` that names a commit must be the snapshot's; ``weights_sha256`` must be the sha256
+    of one of the weight files; otherwise :class:`PinMismatchError`."""
+    source, rev_in_source = split_source(source)
+    revision = revision or rev_in_source
+    pin = (weights_sha256 or "").strip().lower() or None
     p = Path(source).expanduser()
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
-        return {"source": str(p), "kind": "local folder", "revision": None,
-                "weights_sha256": {f.name: _sha(f) for f in files}}
-    rec: dict[str, Any] = {"source": source, "kind": "hub id", "revision": None, "weights_sha256": {}}
+        rec = {"source": str(p), "kind": "local folder", "revision": None,
+               "weights_sha256": {f.name: _sha(f) for f in files}}
+        return _check_record(rec, pin)
+    rec: dict[str, Any] = {"source": source, "kind": "hub id", "revision": None, "weights_sha256": {},
+                           "requested_revision": revision}
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:  # pragma: no cover - transformers depends on huggingface_hub
         return rec
     for name in ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"):
-        r = try_to_load_from_cache(source, name, cache_dir=cache_dir)
+        r = try_to_load_from_cache(source, name, cache_dir=cache_dir, revision=revision)
         if isinstance(r, str) and os.path.isfile(r):
             snap = Path(r).parent
             rec["revision"] = snap.name  # hub cache layout: .../snapshots/<commit>/<file>
@@ -83,10 +107,26 @@ def weights_record(source: str, cache_dir: str | None = None) -> dict:
                 if f.is_file() and f.suffix in WEIGHT_SUFFIXES:
                     rec["weights_sha256"][f.name] = _sha(f)
             break
+    if revision and rec["revision"] and len(revision) == 40 and rec["revision"] != revision.lower():
+        raise PinMismatchError(f"{source}: the loaded snapshot is commit {rec['revision']}, expected revision "
+                               f"{revision} (pin): clear that snapshot from the Hugging Face cache or fix the pin")
+    return _check_record(rec, pin)
+
+
+def _check_record(rec: dict, pin: str | None) -> dict:
+    if pin and pin not in rec["weights_sha256"].values():
+        got = ", ".join(f"{k} {v}" for k, v in rec["weights_sha256"].items()) or "no weight file found"
+        check_pin(got, pin, f"weights of {rec['source']}",
+                  "use the checkpoint the pin names (a revision: '<hub id>@<commit>'), or correct the pin")
+    if pin:
+        rec["weights_pin"] = pin
     return rec
 
 
 def _from_pretrained(cls, source: str, offline: bool, what: str, cache_dir: str | None, **kw):
+    source, revision = split_source(source)
+    if revision:
+        kw["revision"] = revision
     try:
         return cls.from_pretrained(source, local_files_only=offline, cache_dir=cache_dir or None, **kw)
     except Exception as e:  # noqa: BLE001 - missing files / offline / format errors become the reason
@@ -157,7 +197,8 @@ class BlipVqa:
     """
 
     def __init__(self, source: str, offline: bool, device: str = "cpu", image_size: int = 480,
-                 question_token: str = "enc", cache_dir: str | None = None, batch_size: int = 16):
+                 question_token: str = "enc", cache_dir: str | None = None, batch_size: int = 16,
+                 weights_sha256: str | None = None):
         import torch
         from transformers import BlipForQuestionAnswering, BlipProcessor
 
@@ -188,7 +229,8 @@ class BlipVqa:
             raise ValueError(f"question_token must be enc or cls, got {question_token!r}")
         self.interpolate = self.image_size != int(self.model.config.vision_config.image_size)
         self.record = {"class": "transformers.BlipForQuestionAnswering + BlipProcessor (tokenizer)",
-                       "library": f"transformers {version_of('transformers')}", **weights_record(source, cache_dir),
+                       "library": f"transformers {version_of('transformers')}",
+                       **weights_record(source, cache_dir, weights_sha256=weights_sha256),
                        "image_size": self.image_size, "checkpoint_image_size": int(
                            self.model.config.vision_config.image_size),
                        "interpolate_pos_encoding": self.interpolate, "yes_id": int(self.yes_id),
@@ -257,7 +299,8 @@ class ZeroShotDetector:
     SUPPORTED = ("owlvit", "owlv2")
 
     def __init__(self, source: str, offline: bool, device: str = "cpu", threshold: float = 0.1,
-                 nms_iou: float = 0.5, template: str = "a photo of a {}", cache_dir: str | None = None):
+                 nms_iou: float = 0.5, template: str = "a photo of a {}", cache_dir: str | None = None,
+                 weights_sha256: str | None = None):
         import torch
         from transformers import AutoModelForZeroShotObjectDetection, AutoProcessor
 
@@ -272,7 +315,8 @@ class ZeroShotDetector:
         self.pads_square = mtype == "owlv2"
         self.record = {"class": f"transformers {type(self.model).__name__} + {type(self.processor).__name__}",
                        "library": f"transformers {version_of('transformers')}", "model_type": mtype,
-                       **weights_record(source, cache_dir), "threshold": self.threshold, "nms_iou": self.nms_iou,
+                       **weights_record(source, cache_dir, weights_sha256=weights_sha256),
+                       "threshold": self.threshold, "nms_iou": self.nms_iou,
                        "query_template": template, "precision": "fp32",
                        "vocabulary": "open: queried with the prompt's object names"}
 
@@ -309,7 +353,7 @@ class DepthModel:
     ``Resize([size, size])`` (PIL bilinear), ``ToTensor``, ``Normalize(0.5, 0.5)``."""
 
     def __init__(self, source: str, offline: bool, device: str = "cpu", size: int = 480,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, weights_sha256: str | None = None):
         import torch
         from transformers import AutoModelForDepthEstimation
 
@@ -318,7 +362,8 @@ class DepthModel:
         self.model.eval().to(device)
         self.device, self.size = device, int(size)
         self.record = {"class": f"transformers {type(self.model).__name__}",
-                       "library": f"transformers {version_of('transformers')}", **weights_record(source, cache_dir),
+                       "library": f"transformers {version_of('transformers')}",
+                       **weights_record(source, cache_dir, weights_sha256=weights_sha256),
                        "transform": f"PIL bilinear {self.size}x{self.size}, mean 0.5, std 0.5", "precision": "fp32"}
 
     def predict(self, image: np.ndarray) -> np.ndarray:
