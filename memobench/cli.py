@@ -104,13 +104,13 @@ def run(
     model_param: list[str] = typer.Option(None, "--model-param", help="KEY=VALUE for the model plugin."),
     mitigation_param: list[str] = typer.Option(None, "--mitigation-param", help="KEY=VALUE for the mitigation."),
     attack_param: list[str] = typer.Option(None, "--attack-param", help="KEY=VALUE for the attack."),
+    metric_param: list[str] = typer.Option(None, "--metric-param", help="METRIC.KEY=VALUE for a selected metric "
+                                           "plugin (repeatable), e.g. fidelity.reference_dir=DIR (see `memobench "
+                                           "ls metrics`)."),
     output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Where result files go (default: results)."),
     cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache (default: $MEMOBENCH_CACHE_DIR or "
                                    "~/.cache/memobench)."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network: local files and caches only."),
-    metric_param: list[str] = typer.Option(None, "--metric-param", help="METRIC.KEY=VALUE for a selected metric "
-                                           "plugin (repeatable), e.g. fidelity.reference_dir=DIR (see `memobench "
-                                           "ls metrics`)."),
     config: Path = typer.Option(None, "--config", help="Run settings from a .json/.toml/.yaml file; flags "
                                 "override it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (cached / remaining) and exit."),
@@ -143,13 +143,13 @@ def run(
     cfg.model_params.update(parse_kv(model_param, "--model-param"))
     cfg.mitigation_params.update(parse_kv(mitigation_param, "--mitigation-param"))
     cfg.attack_params.update(parse_kv(attack_param, "--attack-param"))
+    reg = _registry()
+    for name, kv in parse_metric_params(metric_param, reg).items():
+        cfg.metric_params.setdefault(name, {}).update(kv)
     if output_dir is not None:
         cfg.output_dir = str(output_dir)
     if cache_dir is not None:
         cfg.cache_dir = str(cache_dir)
-    reg = _registry()
-    for name, kv in parse_metric_params(metric_param, reg).items():
-        cfg.metric_params.setdefault(name, {}).update(kv)
     cfg.offline = offline
     if prompts is not None:
         from .prompts import is_prompt_file, register_prompt_file
@@ -201,10 +201,6 @@ def run(
         raise typer.Exit(1)
 
 
-def _aggregate(**options):
-    """Score a run whose samples were generated with --shard i/n (or by another process) from the cache: pass the
-    run's options without --shard. Generates nothing; exits 2 naming how many samples are still missing."""
-    return run(**options, shard=None, dry_run=False, matrix=False, aggregate_=True)
 def parse_metric_params(items: list[str] | None, reg) -> dict[str, dict[str, str]]:
     """``["fidelity.reference_dir=DIR", ...]`` -> ``{"fidelity": {"reference_dir": "DIR"}}``; bad syntax or a metric
     plugin that is not registered is :class:`BadInput` (one line, exit 2). Values stay strings (the plugin's Params
@@ -223,6 +219,10 @@ def parse_metric_params(items: list[str] | None, reg) -> dict[str, dict[str, str
     return out
 
 
+def _aggregate(**options):
+    """Score a run whose samples were generated with --shard i/n (or by another process) from the cache: pass the
+    run's options without --shard. Generates nothing; exits 2 naming how many samples are still missing."""
+    return run(**options, shard=None, dry_run=False, matrix=False, aggregate_=True)
 
 
 def _aggregate_signature():
@@ -344,20 +344,16 @@ def _print_summary(out) -> None:
                                                                      _fmt(gv.get("value"))]
             t.add_row(escape(f"  {name}[{g}]"), *gvals, "", str(gv.get("n", "")), "", "")
     con.print(t)
+    for line in substitution_lines(r):
+        con.print(line, highlight=False, markup=False, soft_wrap=True)
     con.print(f"result:  {out.result_path}")
     con.print(f"samples: {out.samples_path}")
     if out.grid_path:
         con.print(f"grid:    {out.grid_path}  (training original | generated, one row per prompt)")
-    for line in substitution_lines(r):
-        con.print(line, highlight=False, markup=False, soft_wrap=True)
         if r.get("grid_without_attack_file"):
             con.print(f"         {out.grid_path.parent / r['grid_without_attack_file']}  (the mitigation alone)")
 
 
-# ----------------------------------------------------------------------------------------------------- plugins
-@app.command()
-def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """List registered plugins (name, kind, version, origin) and plugins that failed to load."""
 def substitution_lines(result: dict) -> list[str]:
     """One ``substitution: …`` line per distinct ``impl["substitution"]`` of the result's metrics (a model other than
     the one the preset names, CPU instead of the run's device, a failed download), naming the metrics it concerns."""
@@ -370,6 +366,10 @@ def substitution_lines(result: dict) -> list[str]:
     return [f"substitution ({', '.join(names)}): {text}" for text, names in seen.items()]
 
 
+# ----------------------------------------------------------------------------------------------------- plugins
+@app.command()
+def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List registered plugins (name, kind, version, origin) and plugins that failed to load."""
     reg = _registry()
     items = [e.describe() for e in reg.all_entries()]
     if as_json:
@@ -438,10 +438,6 @@ def cache_clear_cmd(
     typer.echo(f"deleted {n} files from {d}")
 
 
-# ----------------------------------------------------------------------------------------------------- leaderboard
-leaderboard_app = typer.Typer(help="Build the static leaderboard (HTML, Markdown, CSV, parquet) from result files.",
-                              no_args_is_help=True)
-app.add_typer(leaderboard_app, name="leaderboard")
 # ----------------------------------------------------------------------------------------------------- data
 data_app = typer.Typer(help="Download the real images memobench scores against (COCO-2014 val for FID, METHODS "
                             "§5.2).", no_args_is_help=True)
@@ -535,6 +531,10 @@ def data_fetch(
         raise typer.Exit(1)
 
 
+# ----------------------------------------------------------------------------------------------------- leaderboard
+leaderboard_app = typer.Typer(help="Build the static leaderboard (HTML, Markdown, CSV, parquet) from result files.",
+                              no_args_is_help=True)
+app.add_typer(leaderboard_app, name="leaderboard")
 _LB_RESULTS = typer.Option(Path("results"), "--results", help="Folder of result JSONs (searched recursively), as "
                            "written by `memobench run -o DIR`.")
 _LB_OUT = typer.Option(Path("leaderboard"), "--out", help="Folder the leaderboard is written to (index.html, "

@@ -18,7 +18,6 @@ aggregates with :mod:`memobench.stats`. Common behaviour:
   score JPEG files (METHODS §3.2 note).
 * When the SSCD weights cannot be loaded (e.g. a TorchScript checkpoint missing in offline mode), the metric returns
   values with ``unavailable`` set to the reason.
-
 * The embedder runs on the run's device (``ctx.device``). With ``backend="auto"`` the preset's official TorchScript
   checkpoint is used wherever it can be had (``weights_path``, the SSCD cache, or a download when not offline and
   the offline ONNX ``sscd_disc_mixup`` would be a substitution: a ``sscd_disc_large`` preset or a GPU run); see
@@ -26,6 +25,7 @@ aggregates with :mod:`memobench.stats`. Common behaviour:
   whose sha256 differs is refused with one line (exit 2). Without a pin the sha256 recorded at download time is
   enforced (Meta publishes no hash; memobench does not invent one). Any substitution (checkpoint, device, failed
   download) is ``impl["substitution"]`` and printed under ``memobench run``'s summary table.
+
 Local TorchScript files can also be named per checkpoint in the run settings:
 ``ctx.settings["sscd_weights"] = {"sscd_disc_large": "/path/sscd_disc_large.torchscript.pt"}``.
 """
