@@ -47,6 +47,9 @@ NONMEM_TARGETS = {"tiny": "tiny-nonmem-photos"}
 UTILITY = ("tiny_alignment", "fd_sscd", "fid")
 
 
+FD_SSCD = {"fidelity": {"feature_extractor": "sscd"}}  # fidelity: FD on SSCD features (fd_sscd), never called FID
+
+
 def _val(rec: dict | None):
     return None if not rec or rec.get("unavailable") else rec.get("value")
 
@@ -79,6 +82,8 @@ def main(argv=None) -> int:
         cfg = RunConfig(model=a.model, model_params=mp, mitigation=mit, attack=atk, attack_params=dict(ap_),
                         prompts=prompts,
                         metrics=metrics, seeds=parse_seeds(a.seeds) if a.seeds else None,
+                        # the embedded model has no Inception weights offline: FD on SSCD features, asked for by name
+                        metric_params=FD_SSCD if "fidelity" in metrics else {},
                         output_dir=a.results_dir, cache_dir=a.cache_dir, offline=a.offline)
         print(f"[dori_table] {mit} × {atk} {ap_ or ''} on {prompts or 'target set'}", file=sys.stderr, flush=True)
         t = time.time()

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
         print(f"[surrogate_check] {label}", file=sys.stderr, flush=True)
         cfg = RunConfig(model=a.model, mitigation=mit, mitigation_params=dict(params), attack=atk,
                         metrics=["mr", "sscd_orig", "tiny_alignment", "fidelity"], output_dir=a.results_dir,
+                        metric_params={"fidelity": {"feature_extractor": "sscd"}},  # FD on SSCD features
                         cache_dir=a.cache_dir, offline=True)
         t = time.time()
         out = Runner(cfg).run()
