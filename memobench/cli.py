@@ -564,7 +564,7 @@ def leaderboard_check(results: Path = _LB_RESULTS, out: Path = _LB_OUT, cache_di
         typer.echo(f"stale: {out} does not match {results}: {shown}; rebuild with `memobench leaderboard build "
                    f"--results {results} --out {out}` and commit it", err=True)
         raise typer.Exit(1)
-    typer.echo(f"leaderboard {out} is up to date with {results}")
+    typer.echo(f"up to date: {out} holds what `memobench leaderboard build` writes from {results}")
 
 
 # ----------------------------------------------------------------------------------------------------- main

