@@ -31,9 +31,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .model import DiffusionModel
 
+# a plugin raises BadInput for a bad parameter value or missing user input (one line naming the input and the fix:
+# exit code 2 on the command line); any other exception is an error of the plugin or of memobench (exit code 1)
+from .config import BadInput, check_finite  # noqa: E402
+
 __all__ = [
     "Prompt", "Conditioning", "AttackOutput", "Sample", "MetricInfo", "MetricValue", "Context",
-    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "params_dict",
+    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "params_dict", "BadInput",
 ]
 
 
@@ -187,17 +191,19 @@ class Plugin:
 
     @classmethod
     def make_params(cls, values: dict | None) -> Any:
-        """Build ``Params`` from a dict of overrides, rejecting unknown names with the valid ones."""
+        """Build ``Params`` from a dict of overrides, rejecting unknown names with the valid ones and any NaN or
+        infinite float (:class:`BadInput`)."""
         values = dict(values or {})
         names = {f.name: f for f in dataclasses.fields(cls.Params)}
         unknown = sorted(set(values) - set(names))
         if unknown:
-            raise ValueError(f"{cls.kind_label} '{cls.name}' has no parameter {', '.join(unknown)}; "
-                             f"valid: {', '.join(names) or '(none)'}")
+            raise BadInput(f"{cls.kind_label} '{cls.name}' has no parameter {', '.join(unknown)}; "
+                           f"valid: {', '.join(names) or '(none)'}")
         conv = {}
         for k, v in values.items():
             default = getattr(cls.Params(), k)
-            conv[k] = _coerce(v, default, f"{cls.kind_label} '{cls.name}' parameter {k}")
+            what = f"{cls.kind_label} '{cls.name}' parameter {k}"
+            conv[k] = check_finite(_coerce(v, default, what), what)
         return cls.Params(**conv)
 
     def identity(self) -> dict:
@@ -221,7 +227,7 @@ def _coerce(v: Any, default: Any, what: str) -> Any:
         if isinstance(default, (tuple, list)):
             return type(default)(type(default[0])(x) if default else x for x in v.split(","))
     except ValueError:
-        raise ValueError(f"{what}: cannot read {v!r} as {type(default).__name__}") from None
+        raise BadInput(f"{what}: cannot read {v!r} as {type(default).__name__}") from None
     return v
 
 

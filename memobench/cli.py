@@ -607,11 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         _add_plugin_commands()
         rv = app(args=argv, prog_name="memobench", standalone_mode=False)
         return int(rv or 0)
-    except BAD_INPUT as e:
+    except BAD_INPUT as e:  # memobench's own bad-input errors only: any other ValueError is an internal error below
         print(f"error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # plugin parameter / data errors raised as ValueError
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 2
     except _EXIT as e:
         return int(getattr(e, "exit_code", 0) or 0)
@@ -637,9 +634,17 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from .distributed import DistributedError
 
-        if not isinstance(e, DistributedError):
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)  # another rank died: not bad input, but one line
+        if isinstance(e, DistributedError):
+            print(f"error: {_one_line(e)}", file=sys.stderr)  # another rank died: not bad input, but one line
+            return 1
+        import os
+
+        if os.environ.get("MEMOBENCH_DEBUG", "") not in ("", "0"):
+            raise  # the full traceback (exit code 1)
+        # not bad input: a fault of memobench or of a plugin. One line, exit code 1; the traceback on request
+        first = str(e).strip().splitlines()[0][:500] if str(e).strip() else "(no message)"
+        print(f"error: internal error: {type(e).__name__}: {first} (not a problem with your input; rerun with "
+              "MEMOBENCH_DEBUG=1 for the traceback and report it)", file=sys.stderr)
         return 1
 
 

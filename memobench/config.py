@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 import re
 import tomllib
@@ -16,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 
-class BadInput(Exception):
-    """Invalid user input: the message is one line naming the input and the fix (CLI exit code 2)."""
+class BadInput(ValueError):
+    """Invalid user input: the message is one line naming the input and the fix (CLI exit code 2).
+
+    A ``ValueError`` (so that code catching a plugin's parameter errors as ``ValueError`` keeps working), but the CLI
+    gives exit code 2 only to this class: any other ``ValueError`` is an internal error (exit 1)."""
 
 
 @dataclass
@@ -61,8 +66,11 @@ DTYPES = {"fp16": "fp16", "float16": "fp16", "half": "fp16", "bf16": "bf16", "bf
           "float32": "fp32", "float": "fp32"}
 
 
+MAX_SEEDS = 100_000  # seeds of one --seeds spec, all ranges together
+
+
 def parse_seeds(spec: str | list | int | None) -> list[int] | None:
-    """``"0-9"``, ``"0,1,5"``, ``"0-3,10"`` or a list → sorted unique ints (≥ 0)."""
+    """``"0-9"``, ``"0,1,5"``, ``"0-3,10"`` or a list → sorted unique ints (≥ 0; at most ``MAX_SEEDS`` in all)."""
     if spec is None or spec == "":
         return None
     if isinstance(spec, int):
@@ -71,7 +79,7 @@ def parse_seeds(spec: str | list | int | None) -> list[int] | None:
         items = [str(s) for s in spec]
     else:
         items = [s.strip() for s in str(spec).split(",")]
-    out: set[int] = set()
+    ranges: list[tuple[int, int]] = []
     for it in items:
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", it)
         if not m:
@@ -80,8 +88,14 @@ def parse_seeds(spec: str | list | int | None) -> list[int] | None:
         b = int(m.group(2)) if m.group(2) else a
         if b < a:
             raise BadInput(f"--seeds: range {it!r} is empty; write the smaller number first (e.g. 0-9)")
-        if b - a > 100_000:
-            raise BadInput(f"--seeds: range {it!r} is too large (more than 100,000 seeds)")
+        ranges.append((a, b))
+    # the cap holds for the whole spec (counted before any range is expanded: a per-range cap let a list of
+    # ranges expand to gigabytes); overlapping ranges count twice, which errs on the safe side
+    total = sum(b - a + 1 for a, b in ranges)
+    if total > MAX_SEEDS:
+        raise BadInput(f"--seeds: {total:,} seeds in all; at most {MAX_SEEDS:,} (e.g. 0-{MAX_SEEDS - 1})")
+    out: set[int] = set()
+    for a, b in ranges:
         out.update(range(a, b + 1))
     return sorted(out)
 
@@ -146,6 +160,94 @@ def config_from_dict(data: dict, base: RunConfig | None = None) -> RunConfig:
     return cfg
 
 
+def check_device(device: Any) -> str:
+    """``device`` if this machine's torch offers it: ``cpu``; ``cuda`` / ``cuda:N`` (N < the number of CUDA devices)
+    when CUDA is available; ``mps`` when ``torch.backends.mps.is_available()``. Otherwise :class:`BadInput`.
+    (torch is imported only for a device other than ``cpu``.)"""
+    m = re.fullmatch(r"cpu|cuda(?::(\d+))?|mps", device) if isinstance(device, str) else None
+    if m is None:
+        raise BadInput(f"--device: unknown {device!r}; use cpu, cuda, cuda:N or mps")
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise BadInput("--device mps: Apple's MPS backend is not available here "
+                           "(torch.backends.mps.is_available() is False); use --device cpu"
+                           + (" or cuda" if torch.cuda.is_available() else ""))
+        return device
+    if not torch.cuda.is_available():
+        raise BadInput(f"--device {device}: no CUDA device is available here; use --device cpu")
+    n = torch.cuda.device_count()
+    if m.group(1) is not None and int(m.group(1)) >= n:
+        raise BadInput(f"--device {device}: this machine has {n} CUDA device{'s' if n != 1 else ''} "
+                       f"(cuda:0{f' … cuda:{n - 1}' if n > 1 else ''}); use one of those or --device cuda")
+    return device
+
+
+def check_finite(value: Any, what: str) -> Any:
+    """``value`` if it holds no NaN or infinite float (a float, or a list/tuple of them); otherwise :class:`BadInput`
+    naming ``what`` (e.g. "mitigation 'wen' parameter lr")."""
+    items = value if isinstance(value, (list, tuple)) else (value,)
+    for v in items:
+        if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral) and not math.isfinite(v):
+            raise BadInput(f"{what}: must be a finite number, got {v!r}; give a finite value")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ strict JSON
+def _non_finite_token(f: float) -> str:
+    return "NaN" if f != f else ("+inf" if f > 0 else "-inf")
+
+
+def make_finite(obj: Any, path: str = "") -> tuple[Any, dict[str, str]]:
+    """``obj`` with every NaN / ±Infinity float replaced by ``None`` (dicts and lists in place; tuples become lists),
+    and ``{JSON pointer (RFC 6901): "NaN" | "+inf" | "-inf"}`` of what was replaced. A dict whose ``value`` was
+    replaced (a metric record) also gets ``"non_finite": token`` (the leaderboard reads both; see
+    :mod:`memobench.leaderboard`)."""
+    found: dict[str, str] = {}
+
+    def fix(x: Any, where: str) -> Any:
+        if isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral):
+            f = float(x)
+            if not math.isfinite(f):
+                found[where] = _non_finite_token(f)
+                return None
+            return x
+        if isinstance(x, dict):
+            v = x.get("value")
+            for k in list(x):
+                x[k] = fix(x[k], f"{where}/{str(k).replace('~', '~0').replace('/', '~1')}")
+            if v is not None and x.get("value") is None and "non_finite" not in x:
+                x["non_finite"] = _non_finite_token(float(v))
+            return x
+        if isinstance(x, list):
+            for i, v in enumerate(x):
+                x[i] = fix(v, f"{where}/{i}")
+            return x
+        if isinstance(x, tuple):
+            return [fix(v, f"{where}/{i}") for i, v in enumerate(x)]
+        return x
+
+    return fix(obj, path), found
+
+
+def dumps_strict(obj: Any, **kw: Any) -> str:
+    """``json.dumps(obj, allow_nan=False, **kw)``: strict JSON (RFC 8259 has no NaN or Infinity).
+
+    A non-finite float becomes ``null`` and the reason is recorded (:func:`make_finite`): when ``obj`` is a dict, in
+    ``obj["non_finite_values"]`` (JSON pointer -> "NaN" / "+inf" / "-inf", merged with any already there), so a
+    reader can tell a non-finite value from a missing one. ``obj`` is changed in place (dicts, lists), so the
+    caller's copy equals what was written."""
+    obj, found = make_finite(obj)
+    if found and isinstance(obj, dict):
+        old = obj.get("non_finite_values")
+        obj["non_finite_values"] = {**(old if isinstance(old, dict) else {}), **found}
+    return json.dumps(obj, allow_nan=False, **kw)
+
+
 def validate(cfg: RunConfig) -> None:
     def pos_int(name: str, v: Any, allow_none: bool = True) -> None:
         if v is None and allow_none:
@@ -156,8 +258,9 @@ def validate(cfg: RunConfig) -> None:
     for n in ("limit", "utility_limit", "num_inference_steps", "height", "width"):
         pos_int(n, getattr(cfg, n))
     pos_int("batch_size", cfg.batch_size, allow_none=False)
-    if cfg.guidance_scale is not None and (not isinstance(cfg.guidance_scale, (int, float)) or cfg.guidance_scale < 0):
-        raise BadInput(f"guidance-scale: must be a number ≥ 0, got {cfg.guidance_scale!r}")
+    g = cfg.guidance_scale
+    if g is not None and (not isinstance(g, (int, float)) or isinstance(g, bool) or not math.isfinite(g) or g < 0):
+        raise BadInput(f"--guidance (guidance_scale): must be a finite number ≥ 0, got {g!r}; e.g. --guidance 7.5")
     for n in ("height", "width"):
         v = getattr(cfg, n)
         if v is not None and v % 8:
@@ -170,8 +273,7 @@ def validate(cfg: RunConfig) -> None:
             raise BadInput(f"--dtype {d}: half precision runs on a GPU only; add --device cuda, or use --dtype fp32 "
                            "on CPU")
         cfg.dtype = d
-    if not isinstance(cfg.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?|mps", cfg.device):
-        raise BadInput(f"--device: unknown {cfg.device!r}; use cpu, cuda or cuda:N")
+    check_device(cfg.device)
     for n in ("model_params", "prompt_params", "mitigation_params", "attack_params", "metric_params"):
         if not isinstance(getattr(cfg, n), dict):
             raise BadInput(f"{n}: must be a mapping")

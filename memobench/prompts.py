@@ -1,7 +1,10 @@
 """Prompt files given on the command line (``--prompts my_prompts.txt``) as a prompt set.
 
 Formats: ``.txt`` (one prompt per non-empty line), ``.csv`` (a ``prompt``/``caption``/``text`` column; optional
-``id``, ``mem_type``, ``reference`` = path of the training image), ``.jsonl`` (objects with the same keys).
+``id``, ``mem_type``, ``reference`` = path of the training image), ``.jsonl`` (objects with the same keys). UTF-8,
+with or without a byte-order mark (stripped: it is never part of a prompt or a column name). A ``reference`` path
+(absolute, or relative to the prompt file's folder) must be an image PIL can decode: checked when the file is read,
+before any generation.
 """
 
 from __future__ import annotations
@@ -35,6 +38,23 @@ def _row_prompt(row: dict, i: int, where: str, option: str) -> Prompt:
                   reference_ids=(str(ref),) if ref else ())
 
 
+def _check_reference(prompt: Prompt, base: Path, where: str, option: str) -> None:
+    """Each reference of ``prompt`` (a path, relative to ``base``) is a file PIL decodes; else one-line BadInput."""
+    for ref in prompt.reference_ids:
+        rp = Path(ref) if Path(ref).is_absolute() else base / ref
+        if not rp.is_file():
+            raise BadInput(f"{option}: {where}: reference {ref!r} not found ({rp}); fix the path (relative to the "
+                           "prompt file's folder) or leave the reference empty")
+        try:
+            from .cache import read_png
+
+            read_png(rp)  # what scoring does with it later: decode to RGB
+        except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, …
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BadInput(f"{option}: {where}: reference {ref!r} is not a readable image ({why}); give the path of "
+                           "a PNG/JPEG training image or leave the reference empty") from None
+
+
 def read_prompt_file(path: str | Path, option: str = "--prompts", accepts_names: bool = True) -> list[Prompt]:
     """Prompts of a .txt (one per line), .csv or .jsonl file; errors name ``option``, the input that gave ``path``
     (``accepts_names``: whether that input also takes a prompt-set name, which the not-found hint then offers)."""
@@ -43,7 +63,7 @@ def read_prompt_file(path: str | Path, option: str = "--prompts", accepts_names:
         alt = " or a prompt-set name" if accepts_names else ""
         raise BadInput(f"{option}: file not found: {p}; give an existing .txt/.csv/.jsonl file{alt}")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # a leading byte-order mark is dropped (any of the three formats)
     except UnicodeDecodeError:
         raise BadInput(f"{option}: {p} is not UTF-8 text; save it as UTF-8") from None
     out: list[Prompt] = []
@@ -60,6 +80,7 @@ def read_prompt_file(path: str | Path, option: str = "--prompts", accepts_names:
             if not isinstance(row, dict):
                 raise BadInput(f"{option}: {p} line {n}: expected a JSON object with a 'prompt' key")
             out.append(_row_prompt(row, len(out), f"{p} line {n}", option))
+            _check_reference(out[-1], p.parent, f"{p} line {n}", option)
     elif p.suffix == ".csv":
         try:
             dialect = csv.Sniffer().sniff(text[:4096], delimiters=",;\t")
@@ -70,6 +91,7 @@ def read_prompt_file(path: str | Path, option: str = "--prompts", accepts_names:
             raise BadInput(f"{option}: {p} has no 'prompt' (or caption/text) column; header: {reader.fieldnames}")
         for n, row in enumerate(reader, 2):
             out.append(_row_prompt(row, len(out), f"{p} line {n}", option))
+            _check_reference(out[-1], p.parent, f"{p} line {n}", option)
     else:
         raise BadInput(f"{option}: unsupported file type {p.suffix!r}; use .txt, .csv or .jsonl")
     if not out:

@@ -15,6 +15,7 @@ one warning line and is listed by ``memobench plugins``. Environment switches:
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import functools
 import importlib.util
@@ -122,6 +123,33 @@ def _validate_name(name: object, cls: type) -> str:
     return name
 
 
+def _kind_bases() -> dict[str, type]:
+    from . import api
+
+    return {"model": api.ModelPlugin, "prompt_set": api.PromptSet, "mitigation": api.Mitigation,
+            "attack": api.Attack, "metric": api.Metric}
+
+
+def _check_class(cls: object, kind: str, plugin_name: str) -> None:
+    """A registered ``kind`` is a class derived from that kind's base in :mod:`memobench.api` with a dataclass
+    ``Params``; otherwise one-line :class:`PluginError` naming the plugin and the fault. (Its ``name``, and those of
+    its aliases, are checked next by :func:`_validate_name`: non-empty, no surrounding spaces, no path separator.)"""
+    label = kind.replace("_", " ")
+    base = _kind_bases()[kind]
+    what = (f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls))[:200]
+    where = f"plugin {plugin_name} registers {what} as {'an' if label[0] in 'aeiou' else 'a'} {label}"
+    if not isinstance(cls, type):
+        raise PluginError(f"{where}, but it is not a class; register a subclass of memobench.api.{base.__name__}")
+    if not issubclass(cls, base):
+        raise PluginError(f"{where}, but it does not derive from memobench.api.{base.__name__}; subclass it (or "
+                          f"register it under the hook of its own kind)")
+    params = getattr(cls, "Params", None)
+    if not (isinstance(params, type) and dataclasses.is_dataclass(params)):
+        got = "a plain class" if isinstance(params, type) else repr(params)[:60]
+        raise PluginError(f"{where}, but its 'Params' is not a dataclass ({got}); declare '@dataclass class "
+                          "Params: ...' (empty when it takes no parameters)")
+
+
 def _tracing() -> bool:
     return os.environ.get("MEMOBENCH_TRACE_PLUGINS", "") not in ("", "0")
 
@@ -152,6 +180,7 @@ def _call_plugin_hooks(reg: Registry, plugin: object, plugin_name: str, dist: st
             def register(cls, aliases=(), _kind=kind):
                 caller = sys._getframe(1)  # where register() was called: the origin of a class made by type()
                 fallback = f"{caller.f_code.co_filename}:{caller.f_lineno}"
+                _check_class(cls, _kind, plugin_name)
                 for nm in (getattr(cls, "name", None), *aliases):
                     nm = _validate_name(nm, cls)
                     if nm in reg.entries[_kind]:

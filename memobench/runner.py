@@ -37,7 +37,7 @@ from . import __version__
 from .api import Attack, AttackOutput, Conditioning, Context, Metric, MetricValue, Mitigation, ModelPlugin, Prompt, \
     PromptSet, Sample
 from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_write_text, default_cache_dir, key_of
-from .config import BadInput, RunConfig, validate
+from .config import BadInput, RunConfig, dumps_strict, validate
 from .distributed import ProcessGroup, Shard, assign_units
 from .progress import ProgressReporter
 from .registry import Registry, UnknownPluginError, get_registry
@@ -405,7 +405,8 @@ class Runner:
         result_path = run_dir / f"{run_id}.json"
         samples_path = run_dir / f"{run_id}.samples.jsonl"
         rows = [_sample_row(s, per_sample) for s in samples]
-        atomic_write_text(samples_path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+        # strict JSON (here and in the result): a NaN / ±Infinity is written as null and recorded in "non_finite"
+        atomic_write_text(samples_path, "".join(dumps_strict(r, sort_keys=True) + "\n" for r in rows))
         result["samples_file"] = samples_path.name
         grid = None
         try:
@@ -421,7 +422,7 @@ class Runner:
         except Exception as e:  # the grid is a convenience; never lose the result over it
             errors.append(f"grid: {type(e).__name__}: {e}")
             grid = None
-        atomic_write_text(result_path, json.dumps(result, indent=1, sort_keys=True, default=str))
+        atomic_write_text(result_path, dumps_strict(result, indent=1, sort_keys=True, default=str))
         return RunOutcome(result, result_path, samples_path, grid, errors)
 
     # ------------------------------------------------------------------------------------------- execution

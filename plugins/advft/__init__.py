@@ -73,7 +73,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-from memobench.api import Context, Mitigation, Prompt
+from memobench.api import BadInput, Context, Mitigation, Prompt
 from memobench.hookspecs import hookimpl
 
 __all__ = ["AdversarialFineTuning"]
@@ -105,7 +105,7 @@ def surrogate_params(spec: str) -> dict:
     try:
         return parse_kv([x for x in spec.split(";") if x.strip()], "advft parameter surrogate_params")
     except BadInput as e:
-        raise ValueError(str(e)) from None
+        raise BadInput(str(e)) from None
 
 
 def _sha256_state(state: dict) -> str:
@@ -156,12 +156,12 @@ class AdversarialFineTuning(Mitigation):
         p = self.params
         inits = [x.strip() for x in p.inits.split(",") if x.strip()]
         if p.epochs < 0 or p.steps_per_epoch < 0 or p.regular_batch < 0 or p.n_regular < 0:
-            raise ValueError("advft: epochs, steps_per_epoch, regular_batch and n_regular must be ≥ 0")
+            raise BadInput("advft: epochs, steps_per_epoch, regular_batch and n_regular must be ≥ 0")
         surrogate_params(p.surrogate_params)  # a malformed spec fails before any work
         if p.surrogate_tries < 1:
-            raise ValueError(f"advft: surrogate_tries must be ≥ 1, not {p.surrogate_tries}")
+            raise BadInput(f"advft: surrogate_tries must be ≥ 1, not {p.surrogate_tries}")
         if not inits:
-            raise ValueError("advft: inits is empty; use e.g. 'prompt,gaussian'")
+            raise BadInput("advft: inits is empty; use e.g. 'prompt,gaussian'")
         return inits
 
     def _regular_pairs(self, model, ctx: Context):
@@ -170,8 +170,8 @@ class AdversarialFineTuning(Mitigation):
         p = self.params
         name = p.regular_prompts or (ctx.settings or {}).get("model_prompt_sets", {}).get("regular", "")
         if not name:
-            raise ValueError("advft: the model names no 'regular' prompt set; pass --mitigation-param "
-                             "regular_prompts=<prompt set with reference images>")
+            raise BadInput("advft: the model names no 'regular' prompt set; pass --mitigation-param "
+                           "regular_prompts=<prompt set with reference images>")
         ps = ctx.plugin("prompt_set", name)
         texts, lats = [], []
         for q in ps.prompts(ctx)[: p.n_regular]:
@@ -181,7 +181,7 @@ class AdversarialFineTuning(Mitigation):
                     texts.append(q.text)
                     lats.append(model.encode_image(img).float())
         if p.regular_batch and not lats:
-            raise ValueError(f"advft: prompt set '{name}' has no reference images to use as regular pairs")
+            raise BadInput(f"advft: prompt set '{name}' has no reference images to use as regular pairs")
         return name, texts, (torch.cat(lats) if lats else None)
 
     def _surrogates(self, model, prompts, ctx: Context):
@@ -189,13 +189,13 @@ class AdversarialFineTuning(Mitigation):
         try:
             sur = ctx.plugin("mitigation", p.surrogate, surrogate_params(p.surrogate_params))
         except ValueError as e:
-            raise ValueError(f"advft: surrogate_params {p.surrogate_params!r} do not fit surrogate={p.surrogate!r} "
-                             f"({e}); pass surrogate_params='' for its defaults") from e
+            raise BadInput(f"advft: surrogate_params {p.surrogate_params!r} do not fit surrogate={p.surrogate!r} "
+                           f"({e}); pass surrogate_params='' for its defaults") from e
         if getattr(sur, "kind", None) not in ("weights", "none"):
             # the surrogate is generated inside sur.apply(); an inference-kind mitigation (wen, rta, rna) acts on the
             # conditioning instead and would silently leave the surrogate unmitigated
-            raise ValueError(f"advft: surrogate={p.surrogate!r} is a {getattr(sur, 'kind', '?')!r}-kind mitigation; "
-                             "use a weight-editing one (surrogate=nemo or surrogate=wanda)")
+            raise BadInput(f"advft: surrogate={p.surrogate!r} is a {getattr(sur, 'kind', '?')!r}-kind mitigation; "
+                           "use a weight-editing one (surrogate=nemo or surrogate=wanda)")
         sur.fit(model, prompts, ctx)
         g = (ctx.settings or {}).get("generation", {})
         steps, scale = int(g.get("num_inference_steps", 50)), float(g.get("guidance_scale", 7.5))
@@ -237,7 +237,7 @@ class AdversarialFineTuning(Mitigation):
             self._report["file"] = str(path)
             return
         if not targets:
-            raise ValueError("advft: none of the target prompts has a training image to attack")
+            raise BadInput("advft: none of the target prompts has a training image to attack")
         p = self.params
         t0 = time.time()
         reg_name, reg_texts, reg_z = self._regular_pairs(model, ctx)

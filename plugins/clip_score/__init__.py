@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from memobench import stats
-from memobench.api import Context, Metric, MetricInfo, MetricValue, Sample
+from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
 from memobench.data import check_pin, download_file
 from memobench.hookspecs import hookimpl
 from memobench.sscd import file_sha256
@@ -268,7 +268,7 @@ class ClipScore(Metric):
         try:
             return VARIANTS[self.params.variant]
         except KeyError:
-            raise ValueError(f"unknown CLIP score variant {self.params.variant!r}; valid: {', '.join(VARIANTS)}") \
+            raise BadInput(f"unknown CLIP score variant {self.params.variant!r}; valid: {', '.join(VARIANTS)}") \
                 from None
 
     def settings(self) -> dict:

@@ -53,7 +53,7 @@ import contextlib
 import hashlib
 from dataclasses import dataclass
 
-from memobench.api import Attack, AttackOutput, Conditioning
+from memobench.api import Attack, AttackOutput, BadInput, Conditioning
 from memobench.hookspecs import hookimpl
 
 INITS = ("prompt", "gaussian", "nonmem")
@@ -105,16 +105,16 @@ class DoRIAttack(Attack):
     def _check(self, model) -> None:
         p = self.params
         if p.init not in INITS:
-            raise ValueError(f"dori: init must be one of {', '.join(INITS)}, not {p.init!r}")
+            raise BadInput(f"dori: init must be one of {', '.join(INITS)}, not {p.init!r}")
         if p.latent not in ("mean", "sample"):
-            raise ValueError(f"dori: latent must be 'mean' or 'sample', not {p.latent!r}")
+            raise BadInput(f"dori: latent must be 'mean' or 'sample', not {p.latent!r}")
         if p.objective not in ("native", "eps"):
-            raise ValueError(f"dori: objective must be 'native' or 'eps', not {p.objective!r}")
+            raise BadInput(f"dori: objective must be 'native' or 'eps', not {p.objective!r}")
         if p.steps < 0 or p.batch < 1:
-            raise ValueError("dori: steps must be ≥ 0 and batch ≥ 1")
+            raise BadInput("dori: steps must be ≥ 0 and batch ≥ 1")
         T = int(model.scheduler.config.num_train_timesteps)
         if not 0 <= p.t_min <= p.t_max < T:
-            raise ValueError(f"dori: need 0 ≤ t_min ≤ t_max < {T}, got {p.t_min}..{p.t_max}")
+            raise BadInput(f"dori: need 0 ≤ t_min ≤ t_max < {T}, got {p.t_min}..{p.t_max}")
 
     def initial_embedding(self, model, prompt, gen):
         """y^(0) (1×77×d, fp32) for the configured ``init``."""
@@ -134,7 +134,7 @@ class DoRIAttack(Attack):
         p = self.params
         self._check(model)
         if reference is None:
-            raise ValueError(f"dori: prompt {prompt.id} has no reference (training) image")
+            raise BadInput(f"dori: prompt {prompt.id} has no reference (training) image")
         device, dtype = model.device, model.dtype
         gseed = generator_seed(prompt.sha256, p.seed)
         gen = torch.Generator().manual_seed(gseed)

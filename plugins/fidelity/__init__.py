@@ -69,7 +69,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from memobench.api import Context, Metric, MetricInfo, MetricValue, Sample
+from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
 from memobench.cache import atomic_write_bytes, key_of
 from memobench.data import COCO_MANIFEST, check_pin, download_file
 from memobench.hookspecs import hookimpl
@@ -265,8 +265,8 @@ class Fidelity(Metric):
         from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
         if fe not in FEATURE_EXTRACTORS_REGISTRY:
-            raise ValueError(f"fidelity feature_extractor {fe!r} is not registered with torch-fidelity; valid: auto, "
-                             f"{INCEPTION}, sscd, {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
+            raise BadInput(f"fidelity feature_extractor {fe!r} is not registered with torch-fidelity; valid: auto, "
+                           f"{INCEPTION}, sscd, {', '.join(sorted(FEATURE_EXTRACTORS_REGISTRY))}")
         path = p.weights_path or None
         if path and not Path(path).is_file():
             raise FidelityUnavailable(f"weights_path {path} does not exist")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memobench.api import ModelPlugin
+from memobench.api import BadInput, ModelPlugin
 from memobench.hookspecs import hookimpl
 
 _SD1_METRICS = ["mr", "sscd_orig"]
@@ -46,7 +46,7 @@ class _HubModel(ModelPlugin):
 
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.params.dtype)
         if dtype is None:
-            raise ValueError(f"model '{self.name}' parameter dtype: use float32, float16 or bfloat16")
+            raise BadInput(f"model '{self.name}' parameter dtype: use float32, float16 or bfloat16")
         return DiffusionModel.from_pretrained(self.params.path or self.hub_id, revision=self.params.revision or None,
                                               offline=ctx.offline, device=ctx.device, dtype=dtype,
                                               sha256=self.params.sha256 or None)
@@ -80,7 +80,7 @@ class SDAny(_HubModel):
 
     def load(self, ctx):
         if not self.params.path:
-            raise ValueError("model 'sd' needs --model-param path=<folder or hub id>")
+            raise BadInput("model 'sd' needs --model-param path=<folder or hub id>")
         return super().load(ctx)
 
 

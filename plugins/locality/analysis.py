@@ -147,6 +147,8 @@ class LocalityParams:
         for k, allowed in choices.items():
             if getattr(self, k) not in allowed:
                 raise ValueError(f"locality {k}: {getattr(self, k)!r} not in {allowed}")
+        if self.guidance_scale is not None and not 0.0 <= self.guidance_scale < float("inf"):  # NaN fails too
+            raise ValueError(f"--guidance: a finite number ≥ 0, got {self.guidance_scale}")
         if not -1.0 <= self.threshold <= 1.0:
             raise ValueError(f"--threshold: an SSCD cosine in [-1, 1], got {self.threshold}")
         if not 0.0 <= self.min_success_rate <= 1.0:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from memobench import stats
-from memobench.api import Context, Metric, MetricInfo, MetricValue, Sample
+from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
 from memobench.hookspecs import hookimpl
 from memobench.sscd import SSCD, SSCDUnavailableError, get_preset, image_digest, jpeg_roundtrip
 
@@ -258,7 +258,7 @@ class MemorizationRate(_SSCDMetric):
     def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
         p, pre = self.params, get_preset(self.params.preset)
         if p.level not in ("mean", "gen", "any"):
-            raise ValueError(f"mr level must be mean, gen or any, not {p.level!r}")
+            raise BadInput(f"mr level must be mean, gen or any, not {p.level!r}")
         ref_reduce, tau = _resolve(p.ref_reduce, pre.ref_reduce), float(p.threshold)
         keys = ["mr", "mr_gen", "mr_mean", "mr_any"]
         try:

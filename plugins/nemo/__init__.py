@@ -79,7 +79,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from memobench.api import Context, Mitigation, Prompt, params_dict
+from memobench.api import BadInput, Context, Mitigation, Prompt, params_dict
 from memobench.hookspecs import hookimpl
 
 __all__ = [
@@ -96,7 +96,7 @@ def _parse_blocks(blocks: str | Sequence[str]) -> tuple[str, ...]:
     parts = [b.strip() for b in (blocks.split(",") if isinstance(blocks, str) else blocks) if b.strip()]
     bad = sorted(set(parts) - set(_BLOCKS))
     if bad or not parts:
-        raise ValueError(f"blocks: {bad or parts!r} not in {_BLOCKS}; e.g. 'down,mid'")
+        raise BadInput(f"blocks: {bad or parts!r} not in {_BLOCKS}; e.g. 'down,mid'")
     return tuple(b for b in _BLOCKS if b in parts)  # forward order regardless of how they were listed
 
 
@@ -134,7 +134,7 @@ def value_layers(unet, blocks: str | Sequence[str] = "down,mid") -> list[tuple[s
                              "call unet.unfuse_qkv_projections() first: hooks on attn2.to_v would never fire")
         out.append((f"{prefix}.attn2.to_v", attn2.to_v))
     if not out:
-        raise ValueError("nemo: the UNet has no cross-attention value layers (attn2.to_v) in the selected blocks")
+        raise BadInput("nemo: the UNet has no cross-attention value layers (attn2.to_v) in the selected blocks")
     return out
 
 
@@ -203,7 +203,7 @@ def activation_stats(model, layers, texts: Sequence[str], batch_size: int = 32) 
     """Per-neuron mean and (unbiased) standard deviation of a^l over ``texts`` (NeMo
     ``1_compute_activations_statistics.py``)."""
     if len(texts) < 2:
-        raise ValueError(f"nemo: activation statistics need at least 2 non-memorized prompts, got {len(texts)}")
+        raise BadInput(f"nemo: activation statistics need at least 2 non-memorized prompts, got {len(texts)}")
     acts = prompt_activations(model, layers, texts, batch_size)
     return [a.mean(dim=0) for a in acts], [a.std(dim=0) for a in acts]
 
@@ -259,12 +259,12 @@ def ms_ssim(x, y, kernel_size: int = 11, betas: Sequence[float] = (0.33, 0.33, 0
             while n > 0 and size < msssim_min_size(n, kernel_size):
                 n -= 1
             if n == 0:
-                raise ValueError(f"nemo: latent planes of {size}px are too small for MS-SSIM with kernel "
-                                 f"{kernel_size} even at one scale; use small_latent='upsample'")
+                raise BadInput(f"nemo: latent planes of {size}px are too small for MS-SSIM with kernel "
+                               f"{kernel_size} even at one scale; use small_latent='upsample'")
             betas = betas[:n]
         else:
-            raise ValueError(f"nemo: MS-SSIM with kernel {kernel_size} and {len(betas)} scales needs planes of at "
-                             f"least {need}px, got {size}px; set small_latent='upsample' or 'fewer_scales'")
+            raise BadInput(f"nemo: MS-SSIM with kernel {kernel_size} and {len(betas)} scales needs planes of at "
+                           f"least {need}px, got {size}px; set small_latent='upsample' or 'fewer_scales'")
     with torch.no_grad():
         return msssim(x, y, reduction="none", kernel_size=kernel_size, betas=betas)
 
@@ -275,7 +275,7 @@ def max_pairwise_ms_ssim(deltas, **kw):
 
     n = deltas.shape[0]
     if n < 2:
-        raise ValueError("nemo: the seed filter needs at least 2 samples per prompt")
+        raise BadInput("nemo: the seed filter needs at least 2 samples per prompt")
     pairs = torch.combinations(torch.arange(n), r=2)
     s = ms_ssim(deltas[pairs[:, 0]], deltas[pairs[:, 1]], **kw)
     return torch.stack([s[(pairs == g).any(dim=1)].max() for g in range(n)])
@@ -458,10 +458,10 @@ class NeMo(Mitigation):
                        "blocking": ("per_prompt", "union"), "utility_blocking": ("union", "none")}
             for k, allowed in choices.items():
                 if getattr(self, k) not in allowed:
-                    raise ValueError(f"mitigation 'nemo' parameter {k}: {getattr(self, k)!r} not in {allowed}")
+                    raise BadInput(f"mitigation 'nemo' parameter {k}: {getattr(self, k)!r} not in {allowed}")
             _parse_blocks(self.blocks)
             if self.samples_per_prompt < 2:
-                raise ValueError("mitigation 'nemo' parameter samples_per_prompt: at least 2 (seed filter)")
+                raise BadInput("mitigation 'nemo' parameter samples_per_prompt: at least 2 (seed filter)")
             self.msssim_betas = tuple(float(b) for b in self.msssim_betas)
 
     def __init__(self, params: Any = None, **overrides: Any):
@@ -476,9 +476,9 @@ class NeMo(Mitigation):
         if not src:
             raw = (ctx.settings or {}).get("nonmem_prompts")
             if not raw:
-                raise ValueError("mitigation 'nemo': no non-memorized prompts for the activation statistics; pass "
-                                 "--mitigation-param stats_prompts=<prompt file or prompt-set name> (NeMo used 50k "
-                                 "held-out LAION prompts) or set ctx.settings['nonmem_prompts']")
+                raise BadInput("mitigation 'nemo': no non-memorized prompts for the activation statistics; pass "
+                               "--mitigation-param stats_prompts=<prompt file or prompt-set name> (NeMo used 50k "
+                               "held-out LAION prompts) or set ctx.settings['nonmem_prompts']")
             texts = [p.text if isinstance(p, Prompt) else str(p) for p in raw]
             label = "ctx.settings['nonmem_prompts']"
         elif Path(src).is_file():
@@ -663,10 +663,10 @@ class NeMo(Mitigation):
         out = {}
         for r in recs:
             if "refined" not in r or "prompt" not in r:
-                raise ValueError(f"nemo: {path}: every record needs 'prompt' and 'refined' (see NeMo.export)")
+                raise BadInput(f"nemo: {path}: every record needs 'prompt' and 'refined' (see NeMo.export)")
             if len(r["refined"]) != len(self._layers):
-                raise ValueError(f"nemo: {path}: {len(r['refined'])} layers in the file, the model has "
-                                 f"{len(self._layers)}")
+                raise BadInput(f"nemo: {path}: {len(r['refined'])} layers in the file, the model has "
+                               f"{len(self._layers)}")
             out[hashlib.sha256(r["prompt"].encode("utf-8")).hexdigest()] = r
         return out
 

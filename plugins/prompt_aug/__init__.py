@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from memobench.api import Conditioning, Mitigation
+from memobench.api import BadInput, Conditioning, Mitigation
 from memobench.hookspecs import hookimpl
 
 
@@ -79,7 +79,7 @@ class _PromptAugmentation(Mitigation):
 
     def condition(self, model, prompt, cond, latents, ctx):
         if self.params.n_tokens < 0:
-            raise ValueError(f"{self.name}: n_tokens must be ≥ 0")
+            raise BadInput(f"{self.name}: n_tokens must be ≥ 0")
         if cond.text is None:
             return Conditioning(cond.prompt_embeds, cond.negative_prompt_embeds, text=None,
                                 trace={**(cond.trace or {}), self.name: {

@@ -35,7 +35,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from memobench.api import ModelPlugin
+from memobench.api import BadInput, ModelPlugin
 from memobench.hookspecs import hookimpl
 
 ARCHS = ("sd14", "sd2")
@@ -92,9 +92,9 @@ def build_pipeline(arch: str = "sd14", size: str = "full", seed: int = 0, tokeni
     from memobench.tokenizer import load_sd_tokenizer
 
     if arch not in ARCHS:
-        raise ValueError(f"model 'sd-random' parameter arch: {arch!r} is not one of {', '.join(ARCHS)}")
+        raise BadInput(f"model 'sd-random' parameter arch: {arch!r} is not one of {', '.join(ARCHS)}")
     if size not in SIZES:
-        raise ValueError(f"model 'sd-random' parameter size: {size!r} is not one of {', '.join(SIZES)}")
+        raise BadInput(f"model 'sd-random' parameter size: {size!r} is not one of {', '.join(SIZES)}")
     torch.manual_seed(int(seed))
     with torch.device(device):
         unet = UNet2DConditionModel(**_unet_config(arch, size))
@@ -144,10 +144,10 @@ class SDRandom(ModelPlugin):
     def __init__(self, params=None, **kw):
         super().__init__(params, **kw)
         if self.params.arch not in ARCHS:
-            raise ValueError(f"model 'sd-random' parameter arch: {self.params.arch!r} is not one of {', '.join(ARCHS)}")
+            raise BadInput(f"model 'sd-random' parameter arch: {self.params.arch!r} is not one of {', '.join(ARCHS)}")
         if self.params.size not in SIZES:
-            raise ValueError(f"model 'sd-random' parameter size: {self.params.size!r} is not one of "
-                             f"{', '.join(SIZES)}")
+            raise BadInput(f"model 'sd-random' parameter size: {self.params.size!r} is not one of "
+                           f"{', '.join(SIZES)}")
 
     def load(self, ctx):
         import torch

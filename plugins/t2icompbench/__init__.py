@@ -87,7 +87,7 @@ from typing import ClassVar
 import numpy as np
 
 from memobench import stats
-from memobench.api import Context, Metric, MetricInfo, MetricValue, Sample
+from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
 from memobench.data import DataError, fetch
 from memobench.hookspecs import hookimpl
 
@@ -120,7 +120,7 @@ class CommonParams:
 
     def __post_init__(self):
         if self.batch_size < 1:
-            raise ValueError(f"metric 't2icompbench' parameter batch_size must be ≥ 1, got {self.batch_size}")
+            raise BadInput(f"metric 't2icompbench' parameter batch_size must be ≥ 1, got {self.batch_size}")
 
 
 @dataclass
@@ -133,10 +133,10 @@ class BlipParams(CommonParams):
     def __post_init__(self):
         super().__post_init__()
         if self.question_token not in ("enc", "cls"):
-            raise ValueError(f"metric 't2icompbench' parameter question_token must be enc or cls, "
-                             f"got {self.question_token!r}")
+            raise BadInput(f"metric 't2icompbench' parameter question_token must be enc or cls, "
+                           f"got {self.question_token!r}")
         if self.np_num < 1 or self.blip_image_size < 1:
-            raise ValueError("metric 't2icompbench' parameters np_num and blip_image_size must be ≥ 1")
+            raise BadInput("metric 't2icompbench' parameters np_num and blip_image_size must be ≥ 1")
 
 
 @dataclass
@@ -153,8 +153,8 @@ class DetectorParams(CommonParams):
     def __post_init__(self):
         super().__post_init__()
         if not (0.0 <= self.detector_threshold < 1.0 and 0.0 < self.nms_iou <= 1.0):
-            raise ValueError("metric 't2icompbench' parameters: detector_threshold must be in [0, 1) and nms_iou in "
-                             f"(0, 1], got {self.detector_threshold} and {self.nms_iou}")
+            raise BadInput("metric 't2icompbench' parameters: detector_threshold must be in [0, 1) and nms_iou in "
+                           f"(0, 1], got {self.detector_threshold} and {self.nms_iou}")
 
 
 @dataclass

@@ -500,16 +500,20 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
     as a CPU run and differs from it only by floating-point rounding. It is not part of the recipe: a run may resume
     on another device.
     """
+    from memobench.config import BadInput, check_finite
+
     r = {**RECIPE, **(recipe or {})}
     for k, allowed in (("prediction_type", ("epsilon", "v_prediction")), ("loss_weighting", ("eps", "v"))):
         if r[k] not in allowed:  # checked before any work: the UNet phase would only fail after the VAE phase
-            raise ValueError(f"recipe {k} must be one of {', '.join(allowed)}, not {r[k]!r}")
+            raise BadInput(f"recipe {k} must be one of {', '.join(allowed)}, not {r[k]!r}")
+    for k, v in r.items():
+        check_finite(v, f"--recipe-param {k}")
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     rj = work / "recipe.json"
     if rj.exists() and json.loads(rj.read_text()) != r:
-        raise ValueError(f"{work} holds a run with another recipe; use a fresh --work-dir or the same recipe")
+        raise BadInput(f"{work} holds a run with another recipe; use a fresh --work-dir or the same recipe")
     _atomic(lambda p: Path(p).write_text(json.dumps(r, indent=1)), rj)
     t0 = time.time()
     if not (work / "general_pool.npy").exists():

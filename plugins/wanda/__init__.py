@@ -59,7 +59,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
-from memobench.api import Context, Mitigation, Prompt
+from memobench.api import BadInput, Context, Mitigation, Prompt
 from memobench.hookspecs import hookimpl
 
 __all__ = ["Wanda", "Wanda10", "ffn_layers", "column_sq_sums", "wanda_step_mask", "wanda_mask", "prune_weights"]
@@ -92,10 +92,10 @@ def ffn_layers(unet, layers: str = "all") -> list[tuple[str, Any]]:
     try:
         idx = [int(x) for x in str(layers).split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"wanda parameter layers: {layers!r}; use 'all' or comma-separated indices") from None
+        raise BadInput(f"wanda parameter layers: {layers!r}; use 'all' or comma-separated indices") from None
     bad = [i for i in idx if not 0 <= i < len(out)]
     if bad:
-        raise ValueError(f"wanda parameter layers: indices {bad} out of range 0..{len(out) - 1}")
+        raise BadInput(f"wanda parameter layers: indices {bad} out of range 0..{len(out) - 1}")
     return [out[i] for i in sorted(set(idx))]
 
 
@@ -240,12 +240,12 @@ class Wanda(Mitigation):
 
         def __post_init__(self):
             if not 0.0 <= self.skill_ratio <= 1.0:
-                raise ValueError(f"mitigation 'wanda' parameter skill_ratio: {self.skill_ratio} not in [0, 1]")
+                raise BadInput(f"mitigation 'wanda' parameter skill_ratio: {self.skill_ratio} not in [0, 1]")
             if self.timesteps < 1:
-                raise ValueError("mitigation 'wanda' parameter timesteps: at least 1")
+                raise BadInput("mitigation 'wanda' parameter timesteps: at least 1")
             if self.timesteps > self.num_inference_steps:
-                raise ValueError(f"mitigation 'wanda' parameter timesteps: {self.timesteps} > num_inference_steps "
-                                 f"{self.num_inference_steps}")
+                raise BadInput(f"mitigation 'wanda' parameter timesteps: {self.timesteps} > num_inference_steps "
+                               f"{self.num_inference_steps}")
 
     def __init__(self, params: Any = None, **overrides: Any):
         super().__init__(params, **overrides)

@@ -56,7 +56,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from memobench.api import Conditioning, Mitigation
+from memobench.api import BadInput, Conditioning, Mitigation
 from memobench.hookspecs import hookimpl
 
 #: Named configurations of the reference code (METHODS §1.2, §9 #10).
@@ -105,19 +105,19 @@ class WenMitigation(Mitigation):
         try:
             return replace(cls.Params(), **PRESETS[name])
         except KeyError:
-            raise ValueError(f"wen: unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
+            raise BadInput(f"wen: unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
 
     def condition(self, model, prompt, cond, latents, ctx):
         import torch
 
         p = self.params
         if p.max_iters < 0:
-            raise ValueError("wen: max_iters must be ≥ 0")
+            raise BadInput("wen: max_iters must be ≥ 0")
         gen = dict((ctx.settings or {}).get("generation") or {}) if ctx is not None else {}
         n_steps = int(gen.get("num_inference_steps", 50))
         w = float(gen.get("guidance_scale", 7.5))
         if not 0 <= p.target_step < n_steps:
-            raise ValueError(f"wen: target_step {p.target_step} outside the {n_steps} denoising steps")
+            raise BadInput(f"wen: target_step {p.target_step} outside the {n_steps} denoising steps")
         dtype, device = model.dtype, model.device
         G = latents.shape[0]
         e_p = cond.prompt_embeds.detach().to(device)
