@@ -20,8 +20,10 @@ This module imports neither torch nor diffusers at import time.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal
 
@@ -87,16 +89,88 @@ class AttackOutput:
 
 @dataclass
 class Sample:
-    """One generated image with everything a metric needs."""
+    """One generated image with everything a metric needs.
+
+    ``image``, ``baseline_image`` and ``references`` are either held (``Sample(image=array, ...)``, as plugins and
+    tests build them) or *streamed*: given as ``image_loader`` / ``baseline_loader`` / ``references_loader``
+    (callables returning the array / the list), they are loaded anew on every access and never kept by the sample.
+    The runner builds streamed samples (each access decodes one PNG from the image cache and checks its sha256), so
+    a metric holds only the images it is working on: read ``s.image`` once into a local, process samples in batches
+    (:meth:`images` gives a lazy sequence for batch loops) and keep features, not pixels. ``has_baseline_image``
+    answers without loading; :meth:`replace` copies without loading (``dataclasses.replace`` would load the images
+    and keep them in the copy).
+    """
 
     sample_key: str
     prompt: Prompt
     seed: int
-    image: "np.ndarray"  # H×W×3 uint8
-    references: list  # list of H×W×3 uint8 arrays (may be empty: missing ground truth)
+    image: "np.ndarray | None" = None  # H×W×3 uint8
+    references: list = None  # type: ignore[assignment]  # H×W×3 uint8 arrays (empty: missing ground truth)
     role: str = "target"  # "target" (attacked/mitigated prompt) or a utility role
     baseline_image: "np.ndarray | None" = None  # unmitigated image with the same seed (SSCD_gen)
     extra: dict = field(default_factory=dict)
+    image_loader: "Callable[[], np.ndarray] | None" = field(default=None, repr=False, compare=False)
+    baseline_loader: "Callable[[], np.ndarray] | None" = field(default=None, repr=False, compare=False)
+    references_loader: "Callable[[], list] | None" = field(default=None, repr=False, compare=False)
+
+    @property
+    def has_baseline_image(self) -> bool:
+        """Whether a baseline image is held or can be loaded (without loading it)."""
+        return self.__dict__.get("_baseline_image") is not None or self.baseline_loader is not None
+
+    def replace(self, **changes: Any) -> "Sample":
+        """A shallow copy with ``changes`` applied; streamed images stay streamed (nothing is loaded)."""
+        out = copy.copy(self)
+        for k, v in changes.items():
+            if k not in _SAMPLE_FIELDS:
+                raise TypeError(f"Sample has no field {k!r}")
+            setattr(out, k, v)
+        return out
+
+    @staticmethod
+    def images(samples: "Sequence[Sample]") -> "Sequence[np.ndarray]":
+        """``[s.image for s in samples]`` as a lazy sequence: indexing or slicing loads only those images (for
+        batch loops such as ``for i in range(0, len(imgs), bs): batch = imgs[i:i + bs]``)."""
+        return _SampleImages(list(samples))
+
+
+def _streamed(name: str, loader: str, default: Callable[[], Any]) -> property:
+    """A :class:`Sample` attribute held in ``_<name>`` or, when that is None, loaded from ``<loader>`` on access."""
+    slot = f"_{name}"
+
+    def get(self):
+        v = self.__dict__.get(slot)
+        if v is None:
+            load = self.__dict__.get(loader)
+            return load() if load is not None else default()
+        return v
+
+    def set_(self, v):
+        self.__dict__[slot] = v
+
+    return property(get, set_, doc=f"``{name}``: held, or loaded from ``{loader}`` on each access (not kept)")
+
+
+# after @dataclass has read the defaults: the three image attributes become properties backed by their loaders
+Sample.image = _streamed("image", "image_loader", lambda: None)  # type: ignore[assignment]
+Sample.baseline_image = _streamed("baseline_image", "baseline_loader", lambda: None)  # type: ignore[assignment]
+Sample.references = _streamed("references", "references_loader", list)  # type: ignore[assignment]
+_SAMPLE_FIELDS = frozenset(f.name for f in dataclasses.fields(Sample))
+
+
+class _SampleImages(Sequence):
+    """The images of samples, loaded on indexing (see :meth:`Sample.images`)."""
+
+    def __init__(self, samples: list):
+        self._samples = samples
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [s.image for s in self._samples[i]]
+        return self._samples[i].image
 
 
 @dataclass(frozen=True)

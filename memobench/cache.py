@@ -160,12 +160,38 @@ class ImageCache:
                              "`memobench cache clear`")
         return data
 
+    def check(self, key: str) -> dict:
+        """The cheap check of an entry that :meth:`has` found, without reading its PNG: the sidecar parses and records
+        an image sha256, and the PNG is not empty. Returns the sidecar. (The PNG's bytes are checked against that
+        sha256 whenever the image is read, by :meth:`get`; :meth:`verify` does it now.)"""
+        png, side = self.paths(key)
+        meta = self.meta(key)
+        sha = meta.get("image_sha256") if isinstance(meta, dict) else None
+        if not isinstance(sha, str) or len(sha) != 64:
+            raise CacheError(f"corrupt cache entry {side}: no image_sha256 recorded; delete it or run "
+                             "`memobench cache clear`")
+        try:
+            size = png.stat().st_size
+        except OSError as e:
+            raise CacheError(f"corrupt cache entry {png}: {e}; delete it or run `memobench cache clear`") from None
+        if size == 0:
+            raise CacheError(f"corrupt cache entry {png}: empty file; delete it or run `memobench cache clear`")
+        return meta
+
     def verify(self, key: str) -> None:
         """Raise :class:`CacheError` unless the entry's PNG matches the sha256 recorded in its sidecar."""
         self._checked_bytes(key)
 
     def get(self, key: str) -> np.ndarray:
-        return read_png(io.BytesIO(self._checked_bytes(key)))
+        """The image, decoded from its PNG after checking the bytes against the sidecar's sha256 (a one-line
+        :class:`CacheError` naming the file otherwise)."""
+        data = self._checked_bytes(key)
+        try:
+            return read_png(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 - matching hash but undecodable: written corrupt
+            png, _ = self.paths(key)
+            raise CacheError(f"corrupt cache entry {png}: cannot decode ({type(e).__name__}); delete it or run "
+                             "`memobench cache clear`") from None
 
 
 class TensorCache:

@@ -17,9 +17,11 @@ result is the same whatever the number of shards.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -277,8 +279,8 @@ class Runner:
                     jobs.append(Job(role, p, s, self._sample_key(model_ident, p, s, self.mitigation, None)))
         unique = {j.key for j in jobs}
         cached = {k for k in unique if self.images.has(k)}
-        for k in cached:  # a corrupt entry fails the run now, not after everything else has been generated
-            self.images.verify(k)
+        for k in cached:  # cheap: a missing/corrupt sidecar or an empty PNG fails the run now; the PNG's sha256 is
+            self.images.check(k)  # checked whenever the image is read (scoring, grid), never all of them up front
         log(f"[memobench] cached {len(cached)}, remaining {len(unique) - len(cached)} "
             f"(model {cfg.model}, prompts {self.prompt_set.name} ×{len(prompts)}, mitigation {self.mitigation.name}, "
             f"attack {self.attack.name}, seeds {len(self.seeds)})")
@@ -341,7 +343,7 @@ class Runner:
         for m in self.metrics:
             subsets = [(metrics_out, [s for s in samples if s.role in m.roles], "")]
             if self.paired and "target" in m.roles:  # the same metric over the mitigation-alone generations
-                subsets.append((metrics_no_attack, [dataclasses.replace(s, role="target") for s in samples
+                subsets.append((metrics_no_attack, [s.replace(role="target") for s in samples
                                                     if s.role == "mitigated"], " (no attack)"))
             for dest, subset, label in subsets:
                 try:
@@ -404,10 +406,6 @@ class Runner:
         }
         result_path = run_dir / f"{run_id}.json"
         samples_path = run_dir / f"{run_id}.samples.jsonl"
-        rows = [_sample_row(s, per_sample) for s in samples]
-        # strict JSON (here and in the result): a NaN / ±Infinity is written as null and recorded in "non_finite"
-        atomic_write_text(samples_path, "".join(dumps_strict(r, sort_keys=True) + "\n" for r in rows))
-        result["samples_file"] = samples_path.name
         grid = None
         try:
             grid = run_dir / f"{run_id}.grid.png"
@@ -419,9 +417,15 @@ class Runner:
                 write_grid([s for s in samples if s.role == "mitigated"], g2, scores=per_sample.get("sscd_orig"),
                            title=f"mitigation {self.mitigation.name}, no attack")
                 result["grid_without_attack_file"] = g2.name
+        except CacheError:  # a corrupt image found when the grid reads it fails the run like anywhere else
+            raise
         except Exception as e:  # the grid is a convenience; never lose the result over it
             errors.append(f"grid: {type(e).__name__}: {e}")
             grid = None
+        rows = [_sample_row(s, per_sample) for s in samples]
+        # strict JSON (here and in the result): a NaN / ±Infinity is written as null and recorded in "non_finite"
+        atomic_write_text(samples_path, "".join(dumps_strict(r, sort_keys=True) + "\n" for r in rows))
+        result["samples_file"] = samples_path.name
         atomic_write_text(result_path, dumps_strict(result, indent=1, sort_keys=True, default=str))
         return RunOutcome(result, result_path, samples_path, grid, errors)
 
@@ -669,7 +673,12 @@ class Runner:
         return out
 
     def _load_samples(self, jobs: list[Job], prompts: list[Prompt], ctx: Context, errors: list[str]) -> list[Sample]:
-        refs: dict[str, list[np.ndarray]] = {}
+        """The run's samples, *streamed*: each holds loaders, not pixels (:class:`memobench.api.Sample`). An image
+        (and its baseline) is decoded from the cache, sha256-checked, when a metric or the grid reads it and is not
+        kept; a prompt's reference images are loaded about once per prompt and kept while they fit in a bounded
+        store (:class:`_ReferenceStore`). Memory is then a batch of images plus features, whatever the number of
+        samples."""
+        refs = _ReferenceStore()
         baseline = {(j.prompt.id, j.seed): j.key for j in jobs if j.role == "baseline"}
         if not baseline and self.needs_baseline:
             baseline = {(j.prompt.id, j.seed): j.key for j in jobs if j.role == "target"}
@@ -680,18 +689,47 @@ class Runner:
             if not self.images.has(j.key):
                 continue  # recorded as an error by the phase that skipped it
             if j.role in ("target", "mitigated"):
-                if j.prompt.id not in refs:
-                    refs[j.prompt.id] = self._reference(j.prompt, ctx)
-                r = refs[j.prompt.id]
+                ref_loader = functools.partial(refs.get, ("target", j.prompt.id),
+                                               functools.partial(self._reference, j.prompt, ctx))
             else:
-                ps = self.utility_sets[j.role]
-                r = [x for rid in j.prompt.reference_ids if (x := ps.reference_image(j.prompt, rid, ctx)) is not None]
+                ref_loader = functools.partial(refs.get, (j.role, j.prompt.id),
+                                               functools.partial(self._utility_references, j.role, j.prompt, ctx))
             bkey = baseline.get((j.prompt.id, j.seed)) if j.role in ("target", "mitigated") else None
-            out.append(Sample(sample_key=j.key, prompt=j.prompt, seed=j.seed, image=self.images.get(j.key),
-                              references=r, role=j.role,
-                              baseline_image=self.images.get(bkey) if bkey and self.images.has(bkey) else None,
+            out.append(Sample(sample_key=j.key, prompt=j.prompt, seed=j.seed, role=j.role,
+                              image_loader=functools.partial(self.images.get, j.key),
+                              references_loader=ref_loader,
+                              baseline_loader=(functools.partial(self.images.get, bkey)
+                                               if bkey and self.images.has(bkey) else None),
                               extra={"image_sha256": self.images.meta(j.key)["image_sha256"]}))
         return out
+
+    def _utility_references(self, role: str, prompt: Prompt, ctx: Context) -> list[np.ndarray]:
+        ps = self.utility_sets[role]
+        return [x for rid in prompt.reference_ids if (x := ps.reference_image(prompt, rid, ctx)) is not None]
+
+
+class _ReferenceStore:
+    """Reference images by prompt, loaded on first use and kept while they fit in ``max_bytes`` (least recently used
+    prompts dropped first; the prompt just loaded is always kept). Metrics visit samples prompt by prompt, so a
+    prompt's references are loaded about once, and memory stays bounded whatever the number of prompts."""
+
+    def __init__(self, max_bytes: int = 128 << 20):
+        self.max_bytes = max_bytes
+        self._lists: collections.OrderedDict = collections.OrderedDict()  # key -> (list, bytes)
+        self._bytes = 0
+
+    def get(self, key: tuple, load) -> list:
+        if key in self._lists:
+            self._lists.move_to_end(key)
+            return self._lists[key][0]
+        refs = load()
+        size = sum(int(getattr(r, "nbytes", 0)) for r in refs)
+        self._lists[key] = (refs, size)
+        self._bytes += size
+        while self._bytes > self.max_bytes and len(self._lists) > 1:
+            _, (_, b) = self._lists.popitem(last=False)
+            self._bytes -= b
+        return refs
 
 
 def _metric_record(m: Metric, mv: MetricValue) -> dict:

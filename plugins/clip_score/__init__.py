@@ -434,7 +434,8 @@ class ClipScore(Metric):
         ordered = sorted(samples, key=lambda s: (s.prompt.id, s.seed, s.sample_key))
         texts = list(dict.fromkeys(s.prompt.text for s in ordered))
         with ctx.task(f"{self.name} ({self.variant.name})", len(ordered)):
-            img_f, txt_f = self.features(model, preprocess, tokenizer, [s.image for s in ordered], texts,
+            # a lazy sequence: features() reads one batch of images at a time (features kept, pixels dropped)
+            img_f, txt_f = self.features(model, preprocess, tokenizer, Sample.images(ordered), texts,
                                          str(ctx.device or "cpu"))
         t_index = {t: i for i, t in enumerate(texts)}
         cos = raw_cosine(img_f, txt_f[[t_index[s.prompt.text] for s in ordered]])

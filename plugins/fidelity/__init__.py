@@ -4,7 +4,8 @@ One registered metric, ``fidelity`` (``roles = ("utility",)``), computes both di
 ``torch_fidelity.calculate_metrics`` (FID: Heusel et al., NeurIPS 2017; KID: Bińkowski et al., ICLR 2018) between
 
 * the generated images of the utility prompt set, passed **in memory** as a ``torch.utils.data.Dataset`` of uint8 CHW
-  tensors (sorted by ``sample_key``; no temp-folder copies, CONVENTIONS §11), and
+  tensors (sorted by ``sample_key``; no temp-folder copies, CONVENTIONS §11; each image is read when torch-fidelity's
+  loader asks for its batch, so only a batch of pixels is held), and
 * the reference images: the union of ``Sample.references`` of those samples, deduplicated by content hash
   (:func:`memobench.sscd.image_digest`) and ordered by it, or — with the ``reference_dir`` parameter — every image file
   (png/jpg/jpeg/webp/bmp, not recursive, deduplicated by file sha256) of a folder of real images (e.g. the COCO-2014 val
@@ -59,6 +60,7 @@ This module imports neither torch nor torch-fidelity at import time.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import re
@@ -155,6 +157,14 @@ def _check_plain_state_dict(path: Path, sha: str) -> None:
             f"{type(e).__name__}); torch-fidelity would unpickle it with weights_only=False, so it is refused"
         ) from None
     _SAFE_WEIGHTS.add(sha)
+
+
+def _sample_image(s: Sample) -> np.ndarray:
+    return s.image  # type: ignore[return-value]
+
+
+def _nth_reference(s: Sample, i: int) -> np.ndarray:
+    return s.references[i]
 
 
 # ---------------------------------------------------------------------------------------------- the metric
@@ -302,9 +312,9 @@ class Fidelity(Metric):
         refs: dict[str, Any] = {}  # digest -> a loader of the image (streamed samples: the pixels are not kept)
         n_listed = 0
         for s in samples:
-            for r in s.references or []:
+            for i, r in enumerate(s.references or []):
                 n_listed += 1
-                refs.setdefault(image_digest(r), r)
+                refs.setdefault(image_digest(r), functools.partial(_nth_reference, s, i))
         if not refs:
             raise FidelityUnavailable("no reference images: the utility samples carry no Sample.references and "
                                       "no reference_dir is set")
@@ -406,7 +416,8 @@ class Fidelity(Metric):
             memo.preload(*cached)
 
         kid_size = min(int(p.kid_subset_size), n_gen, n_ref)
-        gen_ds = _torch.ImageDataset([s.image for s in gens], p.image_size, p.resample)
+        # loaders, not pixels: torch-fidelity's DataLoader reads a batch at a time (features kept, images dropped)
+        gen_ds = _torch.ImageDataset([functools.partial(_sample_image, s) for s in gens], p.image_size, p.resample)
         ref_ds = _torch.ImageDataset(refs, p.image_size, p.resample)
         with ctx.task(f"{self.name}: {ids[0]}/{ids[1]} ({n_gen} gen, {n_ref} ref)", None):
             # Inception weights are always a verified local file here (memobench downloads them itself), so

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -62,12 +62,14 @@ def tensor_key(t: torch.Tensor) -> str:
 
 
 class ImageDataset(Dataset):
-    """uint8 CHW tensors from in-memory arrays or image files (no copies on disk).
+    """uint8 CHW tensors from in-memory arrays, image files or loaders (callables returning an array), decoded per
+    item (no copies on disk).
 
     ``keys[i]`` is filled with :func:`tensor_key` of item ``i`` when it is produced (torch-fidelity is called with
     ``save_cpu_ram=True``, i.e. a DataLoader without worker processes, so the side effect is visible here)."""
 
-    def __init__(self, items: Sequence[np.ndarray | str | Path], size: int, resample: str = "bicubic"):
+    def __init__(self, items: Sequence[np.ndarray | str | Path | Callable[[], np.ndarray]], size: int,
+                 resample: str = "bicubic"):
         if resample not in _RESAMPLE:
             raise ValueError(f"unknown resample {resample!r}; valid: {', '.join(_RESAMPLE)}")
         self.items = list(items)
@@ -80,6 +82,8 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         item = self.items[i]
+        if callable(item):  # a loader (e.g. of a streamed Sample's image): decoded now, not kept
+            item = item()
         if isinstance(item, (str, Path)):
             with Image.open(item) as im:
                 item = np.asarray(im.convert("RGB"))

@@ -13,7 +13,8 @@ aggregates with :mod:`memobench.stats`. Common behaviour:
   and on all prompts otherwise (``"all"`` forces that); ``extra["headline_group"]`` records which.
 * ``per_sample`` maps ``sample_key`` to the per-generation number; ``extra["per_prompt"]`` maps ``prompt.id`` to the
   per-prompt number, so every aggregate can be recomputed.
-* Each distinct image (by content hash) is embedded once per ``compute`` call.
+* Each distinct image (by content hash) is embedded once per ``compute`` call. Images are read a batch at a time
+  (the runner's samples load them from the image cache on access): vectors are kept, pixels dropped.
 * ``jpeg_roundtrip=True`` passes generated images through a PIL JPEG round trip (quality 75) first, as NeMo's scripts
   score JPEG files (METHODS §3.2 note).
 * When the SSCD weights cannot be loaded (e.g. a TorchScript checkpoint missing in offline mode), the metric returns
@@ -33,8 +34,9 @@ Local TorchScript files can also be named per checkpoint in the run settings:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +71,56 @@ class EmbeddingCache:
             for d, f in zip(todo, feats):
                 self._vectors[d] = f.astype(np.float64)
 
+    def add_stream(self, items: Iterable[tuple[Any, Callable[[], np.ndarray]]]) -> dict[Any, str]:
+        """Embed images that are loaded one at a time: ``items`` yields ``(key, load)``. Each image is loaded,
+        hashed and, if new, queued; a full queue (the embedder's ``batch_size`` images of one preprocessed shape) is
+        embedded and its pixels dropped, so at most a batch of images is held. The batches are those of
+        :meth:`add` over the same images in the same order, so the vectors are the same as one ``add`` call.
+        Returns ``{key: digest}`` for keys that are not None (look vectors up with :meth:`vector`)."""
+        bs = int(getattr(self.embedder, "batch_size", 0) or 64)
+        queues: dict[Any, dict[str, np.ndarray]] = {}  # preprocessed shape -> digest -> image, first-seen order
+        out: dict[Any, str] = {}
+        for key, load in items:
+            im = load()
+            d = image_digest(im)
+            if key is not None:
+                out[key] = d
+            if d in self._vectors:
+                continue
+            q = queues.setdefault(self._batch_shape(im), {})
+            if d in q:  # equal bytes: the same shape, hence the same queue
+                continue
+            q[d] = im
+            if len(q) >= bs:
+                self._embed_queue(q)
+        for q in queues.values():
+            self._embed_queue(q)
+        return out
+
+    def _embed_queue(self, queue: dict[str, np.ndarray]) -> None:
+        if queue:
+            feats = np.asarray(self.embedder.embed(list(queue.values())))
+            for d, f in zip(queue, feats):
+                self._vectors[d] = f.astype(np.float64)
+            queue.clear()
+
+    def _batch_shape(self, image: np.ndarray) -> Any:
+        """The shape an SSCD embedder batches ``image`` under (its preset's resize and crop); one group otherwise."""
+        pre = getattr(self.embedder, "preset", None)
+        resize = getattr(pre, "resize", None)
+        if resize is None:
+            return None
+        if getattr(pre, "center_crop", None):
+            return (pre.center_crop, pre.center_crop)
+        if isinstance(resize, int):
+            from memobench.sscd import _short_side_size
+
+            return _short_side_size(image.shape[0], image.shape[1], resize)
+        return tuple(resize)
+
+    def vector(self, digest: str) -> np.ndarray:
+        return self._vectors[digest]
+
     def __call__(self, image: np.ndarray) -> np.ndarray:
         return self._vectors[image_digest(image)]
 
@@ -84,13 +136,18 @@ def _by_prompt(samples: Sequence[Sample]) -> dict[str, list[Sample]]:
     return {pid: sorted(ss, key=lambda s: s.seed) for pid, ss in groups.items()}
 
 
-def _unique_refs(samples: Sequence[Sample]) -> list[np.ndarray]:
-    """The distinct reference images of a prompt (union over its samples, by content hash)."""
-    seen: dict[str, np.ndarray] = {}
+def _ref_loaders(samples: Sequence[Sample]) -> dict[str, Callable[[], np.ndarray]]:
+    """The distinct reference images of a prompt (union over its samples, by content hash, first-seen order) as
+    ``{digest: load}``; the pixels are not kept (streamed samples load their references on access)."""
+    seen: dict[str, Callable[[], np.ndarray]] = {}
     for s in samples:
-        for r in s.references or []:
-            seen.setdefault(image_digest(r), r)
-    return list(seen.values())
+        for i, r in enumerate(s.references or []):
+            seen.setdefault(image_digest(r), functools.partial(_nth_reference, s, i))
+    return seen
+
+
+def _nth_reference(s: Sample, i: int) -> np.ndarray:
+    return s.references[i]
 
 
 def _resolve(value: str, preset_value: str) -> str:
@@ -156,6 +213,10 @@ class _SSCDMetric(Metric):
     def _gen_image(self, image: np.ndarray) -> np.ndarray:
         return jpeg_roundtrip(image) if self.params.jpeg_roundtrip else image
 
+    def _gen_loader(self, s: Sample, baseline: bool = False) -> Callable[[], np.ndarray]:
+        """Loads (streamed samples: decodes) the generation, or its baseline, when the embedding stream asks."""
+        return lambda: self._gen_image(s.baseline_image if baseline else s.image)  # type: ignore[arg-type]
+
     def _unavailable(self, keys: Sequence[str], reason: str) -> dict[str, MetricValue]:
         impl = {"name": "sscd", "preset": self.params.preset, "backend": self.params.backend}
         return {k: MetricValue(value=None, n=0, impl=impl, extra={"n_missing_ref": None}, unavailable=reason)
@@ -172,18 +233,19 @@ class _SSCDMetric(Metric):
         """s_{p,g} per prompt as ``[(sample_key, s), ...]`` (seed order), labels, missing prompts, impl, cache."""
         by_prompt = _by_prompt(samples)
         labels = {pid: ss[0].prompt.mem_type for pid, ss in by_prompt.items()}
-        refs = {pid: _unique_refs(ss) for pid, ss in by_prompt.items()}
+        refs = {pid: _ref_loaders(ss) for pid, ss in by_prompt.items()}
         missing = {pid: labels[pid] for pid in by_prompt if not refs[pid]}
         cache, impl = self._setup(ctx)
-        gens = {s.sample_key: self._gen_image(s.image) for pid in by_prompt if pid not in missing
-                for s in by_prompt[pid]}
-        cache.add(list(gens.values()) + [r for pid in refs for r in refs[pid]])
+        # streamed: generations, then references, a batch at a time (features kept, pixels dropped)
+        gens = cache.add_stream(itertools.chain(
+            ((s.sample_key, self._gen_loader(s)) for pid in by_prompt if pid not in missing for s in by_prompt[pid]),
+            ((None, load) for pid in refs for load in refs[pid].values())))
         scores: dict[str, list[tuple[str, float]]] = {}
         for pid, ss in by_prompt.items():
             if pid in missing:
                 continue
-            r = np.stack([cache(x) for x in refs[pid]])
-            scores[pid] = [(s.sample_key, stats.reduce(r @ cache(gens[s.sample_key]), ref_reduce))  # type: ignore
+            r = np.stack([cache.vector(d) for d in refs[pid]])
+            scores[pid] = [(s.sample_key, stats.reduce(r @ cache.vector(gens[s.sample_key]), ref_reduce))  # type: ignore
                            for s in ss]
         return scores, {p: labels[p] for p in scores}, missing, impl, cache
 
@@ -302,17 +364,17 @@ class SSCDGen(_SSCDMetric):
 
     def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
         p = self.params
-        with_base = [s for s in samples if s.baseline_image is not None]
+        with_base = [s for s in samples if s.has_baseline_image]
         n_missing_base = len(samples) - len(with_base)
         try:
             cache, impl = self._setup(ctx)
         except SSCDUnavailableError as e:
             return self._unavailable([self.name], str(e))
         by_prompt = _by_prompt(with_base)
-        pairs = {s.sample_key: (self._gen_image(s.image), self._gen_image(s.baseline_image))  # type: ignore[arg-type]
-                 for s in with_base}
-        cache.add([im for pair in pairs.values() for im in pair])
-        per_sample = {k: float(cache(a) @ cache(b)) for k, (a, b) in pairs.items()}
+        digests = cache.add_stream(((s.sample_key, which), self._gen_loader(s, which == "base"))
+                                   for s in with_base for which in ("gen", "base"))
+        per_sample = {s.sample_key: float(cache.vector(digests[s.sample_key, "gen"])
+                                          @ cache.vector(digests[s.sample_key, "base"])) for s in with_base}
         pp = {pid: stats.reduce([per_sample[s.sample_key] for s in ss], p.gen_reduce)  # type: ignore[arg-type]
               for pid, ss in by_prompt.items()}
         labels = {pid: ss[0].prompt.mem_type for pid, ss in by_prompt.items()}
@@ -348,12 +410,11 @@ class Diversity(_SSCDMetric):
         by_prompt = _by_prompt(samples)
         single = [pid for pid, ss in by_prompt.items() if len(ss) < 2]
         by_prompt = {pid: ss for pid, ss in by_prompt.items() if len(ss) >= 2}
-        gens = {s.sample_key: self._gen_image(s.image) for ss in by_prompt.values() for s in ss}
-        cache.add(list(gens.values()))
+        gens = cache.add_stream((s.sample_key, self._gen_loader(s)) for ss in by_prompt.values() for s in ss)
         pp: dict[str, float] = {}
         per_sample: dict[str, float] = {}
         for pid, ss in by_prompt.items():
-            f = np.stack([cache(gens[s.sample_key]) for s in ss])
+            f = np.stack([cache.vector(gens[s.sample_key]) for s in ss])
             sim = f @ f.T
             pp[pid] = float(np.median([sim[i, j] for i, j in itertools.combinations(range(len(ss)), 2)]))
             for i, s in enumerate(ss):

@@ -303,7 +303,7 @@ class T2ICompBenchMetric(Metric):
         """METHODS §5.3 A per image (the BLIP-VQA noun-phrase product) and the questions asked per prompt id."""
         questions = {s.prompt.text: S.blip_questions(nlp(s.prompt.text), self.params.np_num) for s in samples}
         blip = self._blip(ctx, impl)
-        probs = blip.yes_probabilities([s.image for s in samples], [questions[s.prompt.text] for s in samples])
+        probs = blip.yes_probabilities(Sample.images(samples), [questions[s.prompt.text] for s in samples])
         asked = {s.prompt.id: [q for q in questions[s.prompt.text] if q] for s in samples}
         return [S.blip_image_score(p, self.params.compat) for p in probs], asked
 
@@ -421,7 +421,8 @@ class Spatial3DMetric(T2ICompBenchMetric):
         for s in samples:
             o1, o2, loc, dets, frame = self._located_objects(s, nlp, det, S.locality_3d)
             parsed[s.prompt.id] = {"obj1": o1, "obj2": o2, "locality": loc}
-            dmap = S.depth_to_frame(depth.predict(s.image), s.image.shape[:2], frame, p.compat)
+            img = s.image  # streamed samples decode on every access: once here
+            dmap = S.depth_to_frame(depth.predict(img), img.shape[:2], frame, p.compat)
             scores.append(S.spatial_3d_score(dets, o1, o2, loc, dmap, p.compat, p.iou_threshold_3d))
         return scores, {"parsed": parsed}
 
@@ -458,7 +459,7 @@ class NonSpatialMetric(T2ICompBenchMetric):
     Params = ClipParams
 
     def score(self, samples, ctx, impl):
-        cos = self._clip_cosines(ctx, impl, [s.image for s in samples], [s.prompt.text for s in samples])
+        cos = self._clip_cosines(ctx, impl, Sample.images(samples), [s.prompt.text for s in samples])
         return [float(c) for c in cos], {"text": "the prompt"}
 
 
@@ -479,7 +480,7 @@ class ComplexMetric(T2ICompBenchMetric):
         impl["kind_files"] = {f"complex_val_{k}.txt": T2I_COMPLEX_PARTS_SHA256[k] for k in ("spatial", "action")}
         nlp = self._nlp(impl)
         attribute, _ = self._attribute_scores(samples, ctx, impl, nlp)
-        action = self._clip_cosines(ctx, impl, [s.image for s in samples],
+        action = self._clip_cosines(ctx, impl, Sample.images(samples),
                                     [S.remove_adjectives(nlp(s.prompt.text)) for s in samples])
         det = self._detector(ctx, impl)
         scores, parts, kinds = [], {}, {}
