@@ -93,6 +93,10 @@ def run(
     limit: int = typer.Option(None, "--limit", help="Only the first N prompts (smoke test; marked partial)."),
     steps: int = typer.Option(None, "--steps", help="Denoising steps (default: the model's)."),
     guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (default: model's)."),
+    height: int = typer.Option(None, "--height", help="Image height in pixels, a multiple of 8 (default: the "
+                               "model's). One resolution for the whole run: generation and every plugin's image "
+                               "encoding, detection latents and statistics."),
+    width: int = typer.Option(None, "--width", help="Image width in pixels, a multiple of 8 (default: the model's)."),
     batch_size: int = typer.Option(None, "--batch-size", help="Images per UNet batch (does not enter cache keys)."),
     shard: str = typer.Option(None, "--shard", help="I/N: generate only part I of N (0-based) into the cache and "
                               "write no result (job arrays, no process group); then `memobench aggregate` with the "
@@ -130,7 +134,7 @@ def run(
     cfg = config_from_dict(data)
     flags = {"mitigation": mitigation, "attack": attack, "model": model, "limit": limit,
              "num_inference_steps": steps, "guidance_scale": guidance, "batch_size": batch_size, "dtype": dtype,
-             "device": device}
+             "device": device, "height": height, "width": width}
     for k, v in flags.items():
         if v is not None:
             setattr(cfg, k, v)

@@ -363,10 +363,13 @@ class DiffusionModel:
         img = self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
         return (img / 2 + 0.5).clamp(0, 1)
 
-    def encode_image(self, image: np.ndarray, sample: bool = False,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """H×W×3 uint8 (resized/centre-cropped to the model resolution) → scaled latent (1×C×h×w)."""
-        x = torch.from_numpy(to_model_resolution(image, self.resolution)).permute(2, 0, 1)[None].float()
+    def encode_image(self, image: np.ndarray, sample: bool = False, generator: torch.Generator | None = None,
+                     height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """H×W×3 uint8 → scaled latent (1×C×h×w). The image is centre-cropped to the aspect ratio of
+        ``height``×``width`` and resized to it (default: the model resolution, square; pass the run's generation
+        size, :func:`generation_size`, so that the latent has the size the run denoises)."""
+        size = (height or self.resolution, width or self.resolution)
+        x = torch.from_numpy(to_size(image, *size)).permute(2, 0, 1)[None].float()
         x = (x / 127.5 - 1.0).to(self.device, self.dtype)
         with torch.no_grad():
             dist = self.vae.encode(x).latent_dist
@@ -411,6 +414,40 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+def generation_size(model: "DiffusionModel", ctx=None) -> tuple[int, int]:
+    """(height, width) in pixels of the run's generation: ``ctx.settings["generation"]`` (the runner puts the
+    resolved ``--height/--width`` or the model plugin's defaults there), else the model's native resolution.
+    Plugins that encode images or draw latents outside the runner's generation loop use it so that every part of
+    a run works at one resolution."""
+    g = dict(((getattr(ctx, "settings", None) or {}).get("generation")) or {})
+    return int(g.get("height") or model.resolution), int(g.get("width") or model.resolution)
+
+
+def is_native_size(model: "DiffusionModel", size: tuple[int, int]) -> bool:
+    """Whether ``size`` (height, width) is the model's native square resolution."""
+    return tuple(int(v) for v in size) == (model.resolution, model.resolution)
+
+
+def to_size(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Centre-crop to the aspect ratio width/height and resize (bicubic, antialiased) to height×width, RGB uint8;
+    for a square size exactly :func:`to_model_resolution`."""
+    if height == width:
+        return to_model_resolution(image, height)
+    from PIL import Image
+
+    a = np.asarray(image)
+    if a.ndim == 2:
+        a = np.stack([a] * 3, -1)
+    a = a[..., :3]
+    h, w = a.shape[:2]
+    ch, cw = (h, round(h * width / height)) if w * height >= h * width else (round(w * height / width), w)
+    ch, cw = max(1, min(h, ch)), max(1, min(w, cw))
+    a = a[(h - ch) // 2:(h - ch) // 2 + ch, (w - cw) // 2:(w - cw) // 2 + cw]
+    if (ch, cw) != (height, width):
+        a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((width, height), Image.BICUBIC))
+    return a.astype(np.uint8)
 
 
 def to_model_resolution(image: np.ndarray, res: int) -> np.ndarray:

@@ -156,9 +156,11 @@ def test_wen_loss_is_one_joint_norm(model, ctx, latents):
     b = torch.zeros_like(a)
     assert float(joint_noise_norm(a, b)) == pytest.approx(math.sqrt(16 * 9 + 16 * 16))
     assert float(joint_noise_norm(a, b)) != pytest.approx((math.sqrt(16 * 9) + math.sqrt(16 * 16)) / 2)
-    # the plugin's first evaluation equals sqrt(Σ_g ‖ε_c^g − ε_u^g‖²) computed image by image
+    # the plugin's first evaluation equals sqrt(Σ_g ‖ε_c^g − ε_u^g‖²) computed image by image (loss_norm "joint":
+    # the raw norm; the default "reference" rescales it to the reference's tensor size, tests/test_issue25_plugins.py)
     cond = _cond(model)
-    tr = WenMitigation(target_loss=0.0, max_iters=1).condition(model, PROMPT, cond, latents, ctx).trace["wen"]
+    tr = WenMitigation(target_loss=0.0, max_iters=1, loss_norm="joint").condition(
+        model, PROMPT, cond, latents, ctx).trace["wen"]
     t0 = model.timesteps(5)[0]
     hand = _hand_loss(model, cond.prompt_embeds, cond.negative_prompt_embeds, latents, t0)
     assert tr["losses"][0] == pytest.approx(hand, rel=1e-4)

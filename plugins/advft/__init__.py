@@ -16,11 +16,11 @@ shipped embedded ``tiny`` model), as DoRI's default ``objective = "native"`` doe
 Algorithm (``fit``), per run, over all target prompts of the run:
 
 1. Surrogates: fit the ``surrogate`` mitigation (default ``nemo``, with ``surrogate_params``) on the targets; for each target generate an image
-   with that mitigation active from the original prompt (the model's default sampler), seeds ``surrogate_seed``,
+   with that mitigation active from the original prompt (the run's sampler and size), seeds ``surrogate_seed``,
    ``surrogate_seed + 1``, … up to ``surrogate_tries`` draws, and keep the first whose SSCD to the training image
    (max over its reference images; offline SSCD, preset ``dori2026``) is ≤ ``surrogate_max_sscd``; if none is, keep
    the draw with the lowest SSCD and flag it ``replica`` in the report. Encode it (VAE posterior mean × scaling
-   factor) to z̃. [CHOICE] METHODS §7.5 describes the surrogate as "same semantics, different pixels" [DERIVED]; a
+   factor, at the run's generation size) to z̃. [CHOICE] METHODS §7.5 describes the surrogate as "same semantics, different pixels" [DERIVED]; a
    pruned model that still replicates the photo would hand advft the memorized image itself as its target, which
    teaches the model nothing (session 10 on a v-prediction ``tiny``: exactly the 5 prompts whose seed-1000 surrogate
    was a replica stayed at MR 1.0 under advft + DoRI). ``surrogate_tries = 1`` is the single draw of earlier
@@ -32,10 +32,64 @@ Algorithm (``fit``), per run, over all target prompts of the run:
 2. For each of ``epochs`` epochs: run the registered ``dori`` attack (§7.4: Adam, lr 0.1, ``dori_steps`` 50, batch 8)
    against the current weights once per init in ``inits`` for every target (the DoRI seed changes with the epoch,
    so the embeddings are diverse); then ``steps_per_epoch`` AdamW steps on **all UNet parameters** (a LoRA variant
-   failed in the paper) minimising L_Adv over every collected (y_adv, z̃) pair plus L_DM over ``regular_batch``
-   regular pairs (caption dropped to "" with probability ``uncond_prob``, which keeps classifier-free guidance).
-3. The fine-tuned UNet is the artifact: one safetensors file keyed by model identity, parameters and the target
-   prompts; ``apply`` swaps the UNet's parameter storage for it (zero-copy) and restores the original on exit.
+   failed in the paper; ``train_params`` selects a subset, see Memory) minimising L_Adv over every collected
+   (y_adv, z̃) pair plus L_DM over ``regular_batch`` regular pairs (caption dropped to "" with probability
+   ``uncond_prob``, which keeps classifier-free guidance).
+3. The fine-tuned UNet (its trained tensors) is the artifact: one safetensors file keyed by model identity,
+   parameters, the target prompts and (when not the model's native one) the generation size; ``apply`` swaps the
+   UNet's parameter storage for it (zero-copy) and restores the original on exit.
+
+Resolution: surrogates, regular pairs (encoded at the run's size) and hence DoRI and every fine-tuning step work at
+the run's generation size (``ctx.settings["generation"]``, :func:`memobench.model.generation_size`; ``memobench run
+--height/--width``), the resolution at which the fine-tuned model is then used.
+
+Memory (issue 25, defect 9). Full AdamW over SD v1.4's 859.5 M UNet parameters needs, besides the model, the
+gradients (3.20 GiB in fp32) and two moments (6.40 GiB). Version 4 also kept two clones of all UNet weights (the
+original, to restore it, and the fine-tuned state, 3.20 GiB each) plus the serialised artifact (3.20 GiB) while the
+optimiser was still alive. Now:
+
+* one copy of the trained parameters' original values (``original_copy``): ``"cpu"`` (host memory; no GPU memory
+  on a GPU run) or ``"disk"`` (a temporary safetensors file under the cache directory, deleted after the fit; no
+  memory while training); ``"auto"`` (default) = ``"disk"`` when the model is on the CPU, else ``"cpu"``. The
+  fine-tuned state *is* the trained parameter tensors (no clone); the optimiser and gradients are freed before the
+  artifact is serialised;
+* ``train_params``: ``"all"`` (default, the paper), ``"attn"`` (self + cross attention projections, 93.5 M = 10.9 %
+  on SD v1.4) or ``"xattn"`` (cross attention ``attn2`` only, 44.0 M = 5.1 %, the text pathway DoRI's embeddings
+  enter through) — gradients and moments for the subset only; the artifact holds the subset;
+* ``optimizer``: ``"adamw"`` (torch's default AdamW: for-loop on CPU, multi-tensor on CUDA, whose temporaries are the
+  size of the parameters) or ``"adamw_fused"`` (torch's fused kernel, no such temporaries). 8-bit optimisers are not
+  offered: bitsandbytes is CUDA-only and not a memobench dependency, so no test here could run it;
+* half-precision models (``--dtype fp16/bf16``) train through an fp32 master copy of the trained parameters (the
+  optimiser's parameters; moments fp32), see :class:`_MasterStep`: the forward/backward pass runs in half precision,
+  fp32 gradients exist for one chunk of parameters at a time, fp16 uses a dynamic loss scale. With a default fp32
+  model (every CPU run, the shipped ``tiny``) the steps are the same operations as version 4's, and its results are
+  unchanged.
+
+Measured peak RSS at SD v1.4 size on the CPU (``memobench_plugins.sd_random`` full-size SD v1.4 with random weights;
+one target, one DoRI run of one step at batch 1, one fine-tuning step on 1 adversarial + 1 regular pair, 256×256
+px; ``OMP_NUM_THREADS=2``; ``ru_maxrss``), command::
+
+    OMP_NUM_THREADS=2 python -m memobench_plugins.advft.memcheck [--dtype bf16] [--code FILE] [--param K=V]
+
+* this version, fp32, defaults (``train_params=all``, ``original_copy`` auto → disk): **15.39 GiB** peak (model
+  alone 4.96 GiB; fit 115 s);
+* version 4 (``git show 850c8f9:plugins/advft/__init__.py``, the code before this change, passed with ``--code``):
+  not measurable in fp32 on the 23 GiB machine this ran on (it would not fit); in **bf16** (``--dtype bf16``)
+  **14.10 GiB** peak (model 2.97 GiB). Its weight-proportional part (14.10 − 2.97 = 11.13 GiB) doubles in fp32:
+  4.96 + 2 × 11.13 ≈ **27 GiB** (estimate), consistent with the out-of-memory failure on a 24 GB machine that issue
+  25 reports.
+
+Estimates (not measured; 859.5 M UNet parameters, fp32 text encoder 0.46 GiB and VAE 0.31 GiB):
+
+* this version, fp32 with ``original_copy=cpu`` on a CPU run: 15.4 + 3.2 ≈ 18.6 GiB;
+* this version, bf16/fp16 on the CPU (RSS): model 2.97 + half gradients 1.60 + fp32 master 3.20 + moments 6.40 +
+  one gradient chunk 0.25 ≈ 14.4 GiB + activations ≈ 15 GiB;
+* GPU memory with the original copy in host memory (``auto``): fp32 3.97 (UNet, text encoder, VAE) + 3.20 + 6.40 ≈
+  13.6 GiB + activations; bf16/fp16 1.99 + 1.60 + 3.20 + 6.40 + 0.25 ≈ 13.4 GiB + activations (half-size
+  activations) — master weights and fp32 moments cost what fp32 training costs, the gain is in activations and
+  speed; version 4 on a GPU needed ≈ 20 GiB + activations in fp32;
+* ``train_params=xattn`` / ``attn``: gradients + moments ≈ 0.49 / 1.05 GiB instead of 9.6 GiB (fp32), i.e. ≈ 6 GiB
+  peak on the CPU in fp32 (activations for the full backward pass remain).
 
 Choices where METHODS is [UNPUBLISHED] (each a ``Params`` field, recorded in every result):
 
@@ -69,8 +123,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 from memobench.api import BadInput, Context, Mitigation, Prompt
@@ -106,6 +162,138 @@ def surrogate_params(spec: str) -> dict:
         return parse_kv([x for x in spec.split(";") if x.strip()], "advft parameter surrogate_params")
     except BadInput as e:
         raise BadInput(str(e)) from None
+
+
+TRAIN_PARAMS = ("all", "attn", "xattn")
+OPTIMIZERS = ("adamw", "adamw_fused")
+ORIGINAL_COPIES = ("auto", "cpu", "disk")
+
+
+def trainable_parameters(unet, which: str = "all") -> list:
+    """``(name, Parameter)`` of the UNet parameters advft fine-tunes, in ``named_parameters`` order: ``"all"`` (the
+    paper), ``"attn"`` (every transformer attention projection, self and cross: ``.attn1.`` / ``.attn2.``) or
+    ``"xattn"`` (the cross-attention projections ``.attn2.`` only, the text pathway)."""
+    if which not in TRAIN_PARAMS:
+        raise BadInput(f"advft: train_params must be one of {', '.join(TRAIN_PARAMS)}, not {which!r}")
+    named = list(unet.named_parameters())
+    if which == "attn":
+        named = [(n, q) for n, q in named if ".attn1." in n or ".attn2." in n]
+    elif which == "xattn":
+        named = [(n, q) for n, q in named if ".attn2." in n]
+    if not named:
+        raise BadInput(f"advft: train_params={which!r} selects no UNet parameter of this model")
+    return named
+
+
+class _OriginalCopy:
+    """The one copy of the trained parameters' original values that fine-tuning keeps, to give them back afterwards:
+    in CPU memory (``"cpu"``; on a GPU run this costs no GPU memory) or in a temporary safetensors file under the
+    cache directory (``"disk"``; nothing in memory while training). :meth:`restore` makes the parameters point at
+    original tensors again and returns the trained tensors they held (no copy of the trained values is made)."""
+
+    def __init__(self, mode: str, named: list, tmp_dir):
+        import os
+
+        from safetensors.torch import save_file
+
+        self.mode, self.path = mode, None
+        if mode == "cpu":
+            self.tensors = {n: q.detach().to("cpu", copy=True) for n, q in named}
+        else:
+            tmp_dir.mkdir(parents=True, exist_ok=True)
+            self.path = tmp_dir / f"advft-original-{os.getpid()}-{id(self)}.safetensors"
+            save_file({n: q.detach().cpu().contiguous() for n, q in named}, str(self.path))
+            self.tensors = None
+
+    def restore(self, named: list) -> dict:
+        import torch
+
+        trained = {}
+        if self.mode == "cpu":
+            for n, q in named:
+                trained[n] = q.data
+                q.data = self.tensors[n].to(q.device, q.dtype)  # zero-copy on a CPU model
+            self.tensors = None
+            return trained
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            for n, q in named:
+                trained[n] = q.data
+                with torch.no_grad():
+                    q.data = f.get_tensor(n).to(q.device, q.dtype)
+        return trained
+
+    def close(self) -> None:
+        if self.path is not None and self.path.exists():
+            self.path.unlink()
+
+
+class _MasterStep:
+    """One optimiser step of a half-precision model through its fp32 master copy (``masters``, the optimiser's
+    parameters), with the gradient-norm clip of the fp32 path, without ever holding fp32 gradients of all parameters
+    at once: the global norm is taken from the half-precision gradients (accumulated in fp32); then, one parameter
+    at a time, its gradient is cast to fp32 (unscaled and clipped) into its master and the half-precision gradient
+    is dropped; the optimiser steps the masters that hold a gradient (AdamW skips parameters without one; its update
+    is elementwise, so this is the same step as one over all), their gradients are dropped and the half-precision
+    parameters take the new master values (in chunks of ``CHUNK_BYTES`` of fp32 gradient). fp16 uses a dynamic loss
+    scale (initial 2^16, halved and the step skipped on an inf/NaN gradient, doubled after 2000 good steps, as
+    ``torch.amp.GradScaler``); bf16 needs none (scale 1)."""
+
+    CHUNK_BYTES = 1 << 28
+
+    def __init__(self, params, masters, opt, fp16: bool):
+        self.params, self.masters, self.opt, self.fp16 = params, masters, opt, fp16
+        self.scale = 2.0 ** 16 if fp16 else 1.0
+        self.good = 0
+        self.skipped = 0
+
+    def __call__(self, max_norm: float) -> None:
+        import torch
+
+        sq = None
+        for q in self.params:
+            if q.grad is not None:
+                v = q.grad.float().pow(2).sum()
+                sq = v if sq is None else sq + v
+        if sq is None:
+            return
+        norm = float(sq.sqrt()) / self.scale
+        if not math.isfinite(norm):  # fp16 overflow: skip the step, lower the scale
+            for q in self.params:
+                q.grad = None
+            self.scale /= 2
+            self.good = 0
+            self.skipped += 1
+            return
+        coef = min(1.0, max_norm / (norm + 1e-6)) / self.scale  # torch.nn.utils.clip_grad_norm_'s rule
+        chunk, size = [], 0
+
+        def flush():
+            self.opt.step()
+            with torch.no_grad():
+                for m, q in chunk:
+                    m.grad = None
+                    q.copy_(m)
+            chunk.clear()
+
+        for m, q in zip(self.masters, self.params):
+            if q.grad is None:
+                continue
+            m.grad = q.grad.float().mul_(coef)
+            q.grad = None
+            chunk.append((m, q))
+            size += m.numel() * 4
+            if size >= self.CHUNK_BYTES:  # a few hundred MB of fp32 gradients at a time
+                flush()
+                size = 0
+        if chunk:
+            flush()
+        if self.fp16:
+            self.good += 1
+            if self.good >= 2000:
+                self.scale *= 2
+                self.good = 0
 
 
 def _sha256_state(state: dict) -> str:
@@ -145,6 +333,9 @@ class AdversarialFineTuning(Mitigation):
         surrogate_tries: int = 10  # [CHOICE] seeds surrogate_seed … + tries − 1, until one is not a replica
         surrogate_max_sscd: float = 0.5  # [CHOICE] above this SSCD to the training image a surrogate is a copy (DCR τ)
         seed: int = 0  # seeds the fine-tuning draws and (with the epoch) the DoRI runs
+        train_params: str = "all"  # [PAPER] all UNet parameters; "attn" | "xattn": subsets that fit smaller memory
+        optimizer: str = "adamw"  # "adamw" (torch's default AdamW) | "adamw_fused" (torch's fused kernel)
+        original_copy: str = "auto"  # where the original weights wait: "cpu" | "disk" | "auto" (disk on a CPU run)
 
     def __init__(self, params=None, **kw):
         super().__init__(params, **kw)
@@ -162,6 +353,13 @@ class AdversarialFineTuning(Mitigation):
             raise BadInput(f"advft: surrogate_tries must be ≥ 1, not {p.surrogate_tries}")
         if not inits:
             raise BadInput("advft: inits is empty; use e.g. 'prompt,gaussian'")
+        if p.train_params not in TRAIN_PARAMS:
+            raise BadInput(f"advft: train_params must be one of {', '.join(TRAIN_PARAMS)}, not {p.train_params!r}")
+        if p.optimizer not in OPTIMIZERS:
+            raise BadInput(f"advft: optimizer must be one of {', '.join(OPTIMIZERS)}, not {p.optimizer!r}")
+        if p.original_copy not in ORIGINAL_COPIES:
+            raise BadInput(f"advft: original_copy must be one of {', '.join(ORIGINAL_COPIES)}, not "
+                           f"{p.original_copy!r}")
         return inits
 
     def _regular_pairs(self, model, ctx: Context):
@@ -173,13 +371,16 @@ class AdversarialFineTuning(Mitigation):
             raise BadInput("advft: the model names no 'regular' prompt set; pass --mitigation-param "
                            "regular_prompts=<prompt set with reference images>")
         ps = ctx.plugin("prompt_set", name)
+        from memobench.model import generation_size
+
+        height, width = generation_size(model, ctx)
         texts, lats = [], []
         for q in ps.prompts(ctx)[: p.n_regular]:
             for rid in q.reference_ids[:1]:
                 img = ps.reference_image(q, rid, ctx)
                 if img is not None:
                     texts.append(q.text)
-                    lats.append(model.encode_image(img).float())
+                    lats.append(model.encode_image(img, height=height, width=width).float())
         if p.regular_batch and not lats:
             raise BadInput(f"advft: prompt set '{name}' has no reference images to use as regular pairs")
         return name, texts, (torch.cat(lats) if lats else None)
@@ -199,7 +400,10 @@ class AdversarialFineTuning(Mitigation):
         sur.fit(model, prompts, ctx)
         g = (ctx.settings or {}).get("generation", {})
         steps, scale = int(g.get("num_inference_steps", 50)), float(g.get("guidance_scale", 7.5))
+        from memobench.model import generation_size
         from memobench.sscd import SSCD
+
+        height, width = generation_size(model, ctx)
 
         sscd = SSCD()
         z, chosen = {}, {}
@@ -210,11 +414,11 @@ class AdversarialFineTuning(Mitigation):
                 def draw(seed, q=q):
                     with sur.apply(model, q, ctx):
                         return model.generate(model.encode_prompt(q.text), model.empty_embedding(), [seed], steps,
-                                              scale)[0]
+                                              scale, height=height, width=width)[0]
 
                 img, chosen[q.id] = choose_surrogate(draw, lambda im: float((sscd.embed([im]) @ f_refs.T).max()),
                                                      p.surrogate_seed, p.surrogate_tries, p.surrogate_max_sscd)
-                z[q.id] = model.encode_image(img).float()
+                z[q.id] = model.encode_image(img, height=height, width=width).float()
                 adv()
         return z, {"surrogate": sur.identity(), "surrogate_sscd_impl": sscd.impl, "surrogates": chosen,
                    "surrogate_sscd_to_original": {k: v["sscd"] for k, v in chosen.items()},
@@ -226,9 +430,13 @@ class AdversarialFineTuning(Mitigation):
 
         from memobench.cache import atomic_write_text, key_of, write_once_bytes
 
+        from memobench.model import generation_size, is_native_size
+
         inits = self._check()
         targets = [q for q in prompts if ctx.reference_images(q)]
-        path = ctx.artifact_path(self, "unet", key_of([q.sha256 for q in targets]))
+        size = generation_size(model, ctx)  # surrogates, regular pairs and fine-tuning at the run's resolution
+        size_part = () if is_native_size(model, size) else (f"{size[0]}x{size[1]}",)
+        path = ctx.artifact_path(self, "unet", key_of([q.sha256 for q in targets]), *size_part)
         meta_path = path.with_suffix(".json")
         if path.exists():
             st = load_file(str(path))
@@ -246,12 +454,27 @@ class AdversarialFineTuning(Mitigation):
         z_sur, sur_info = self._surrogates(model, targets, ctx)
 
         unet = model.unet
-        original = {n: q.detach().clone() for n, q in unet.named_parameters()}
-        params = list(unet.parameters())
-        flags = [q.requires_grad for q in params]
+        all_named = list(unet.named_parameters())
+        named = trainable_parameters(unet, p.train_params)
+        params = [q for _, q in named]
+        flags = [q.requires_grad for _, q in all_named]
+        sha_original = _sha256_state({n: q for n, q in all_named})
+        half = model.dtype in (torch.float16, torch.bfloat16)
+        mode = p.original_copy
+        if mode == "auto":
+            mode = "disk" if model.device.type == "cpu" else "cpu"
+        # one copy of the original values of the trained parameters (CPU memory or a temporary file), never two
+        original = _OriginalCopy(mode, named, Path(ctx.cache_dir) / "tmp")
+        for _, q in all_named:
+            q.requires_grad_(False)
         for q in params:
             q.requires_grad_(True)
-        opt = torch.optim.AdamW(params, lr=p.lr, weight_decay=0.0)
+        # half-precision models train through an fp32 master copy of the trained parameters (the optimizer's
+        # parameters; AdamW's moments are fp32 too); fp32 models train their parameters directly
+        masters = [q.detach().float().clone() for q in params] if half else params
+        opt = torch.optim.AdamW(masters, lr=p.lr, weight_decay=0.0,
+                                **({"fused": True} if p.optimizer == "adamw_fused" else {}))
+        master_step = _MasterStep(params, masters, opt, fp16=model.dtype == torch.float16) if half else None
         gen = torch.Generator().manual_seed(p.seed)
         T = int(model.scheduler.config.num_train_timesteps)
         history = []
@@ -277,7 +500,7 @@ class AdversarialFineTuning(Mitigation):
                             dori_loss.append(float(curve[-1]))
                             advance()
                     Y, Z = torch.cat(y_adv), torch.cat(z_adv)
-                    # 2. fine-tune all UNet parameters on L_Adv + L_DM
+                    # 2. fine-tune the selected UNet parameters (default: all) on L_Adv + L_DM
                     unet.train()
                     losses = []
                     for _ in range(p.steps_per_epoch):
@@ -297,29 +520,44 @@ class AdversarialFineTuning(Mitigation):
                             l_dm = model.diffusion_loss(zr, epr, tr, er)
                             loss = loss + l_dm
                         opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(params, 1.0)
-                        opt.step()
+                        if master_step is None:
+                            loss.backward()
+                            torch.nn.utils.clip_grad_norm_(params, 1.0)
+                            opt.step()
+                        else:
+                            (loss * master_step.scale).backward()
+                            master_step(1.0)
                         losses.append([float(l_adv.detach()), float(l_dm.detach())])
                         advance()
                     history.append({"epoch": ep, "dori_final_loss": dori_loss, "n_adv": len(Y),
                                     "l_adv_mean": sum(x[0] for x in losses) / max(1, len(losses)),
                                     "l_dm_mean": sum(x[1] for x in losses) / max(1, len(losses)),
                                     "losses": losses})
-            self._state = {n: q.detach().clone() for n, q in unet.named_parameters()}
         finally:  # the model object is shared by the whole run: always give back the original weights
-            with torch.no_grad():
-                for n, q in unet.named_parameters():
-                    q.copy_(original[n])
-            for q, f in zip(params, flags):
+            opt.zero_grad(set_to_none=True)
+            skipped = master_step.skipped if master_step is not None else 0
+            del opt, masters, master_step
+            for q in params:
                 q.grad = None
-                q.requires_grad_(f)
             unet.train(was_training)
+            try:
+                # the parameters point at the original values again; the trained tensors move into the state
+                state = original.restore(named)
+            finally:
+                original.close()
+                for (_, q), f in zip(all_named, flags):
+                    q.requires_grad_(f)
+        self._state = {n: v.detach() for n, v in state.items()}
+        full = {n: self._state.get(n, q) for n, q in all_named}
         self._report = {
             "targets": [q.id for q in targets], "regular_prompts": reg_name, "n_regular_pairs": len(reg_texts),
             **sur_info, "history": history, "fit_seconds": time.time() - t0,
-            "unet_sha256_original": _sha256_state(original), "unet_sha256_finetuned": _sha256_state(self._state),
+            "unet_sha256_original": sha_original, "unet_sha256_finetuned": _sha256_state(full),
+            "train_params": p.train_params, "n_trained_parameters": int(sum(q.numel() for q in params)),
+            "optimizer": p.optimizer, "master_dtype": "float32", "model_dtype": str(model.dtype).replace("torch.", ""),
+            "original_copy": mode, "size": list(size), "fp16_skipped_steps": skipped,
         }
+        del full
         # processes of a sharded run (--shard) may fine-tune at the same time: the first complete file wins, and
         # every process then applies the weights on disk
         if write_once_bytes(path, save({k: v.detach().cpu().contiguous() for k, v in self._state.items()})):
@@ -336,11 +574,13 @@ class AdversarialFineTuning(Mitigation):
             raise RuntimeError("mitigation 'advft': fit() must run before apply()")
         saved = {}
         try:
-            for n, q in model.unet.named_parameters():
-                if n not in self._state or self._state[n].shape != q.shape:
+            named = dict(model.unet.named_parameters())
+            for n, t in self._state.items():  # all UNet parameters, or the train_params subset
+                if n not in named or named[n].shape != t.shape:
                     raise RuntimeError(f"mitigation 'advft': fine-tuned weights do not match the model at {n}")
-                saved[n] = q.data
-                q.data = self._state[n]
+            for n, t in self._state.items():
+                saved[n] = named[n].data
+                named[n].data = t
             yield
         finally:
             for n, q in model.unet.named_parameters():

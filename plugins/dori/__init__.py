@@ -13,9 +13,12 @@ z_mem the VAE latent of the target's training image x_mem::
     y_adv = argmin_y  E_{t ~ U{0..999}, ε ~ N(0, I)} ‖ ε − ε_θM( √ᾱ_t·z_mem + √(1−ᾱ_t)·ε , t , y ) ‖²      (§7.4)
 
 1. All model parameters frozen (``requires_grad`` restored afterwards); y is the only trainable tensor.
-2. z_mem ← ``model.encode_image(x_mem)``: resize/centre-crop to the model resolution, scale to [−1, 1], VAE
-   posterior **mean** × scaling factor (0.18215 for SD-1) — ``latent = "mean"`` ([UNPUBLISHED]; ``"sample"`` draws
-   from the posterior with the attack generator instead).
+2. z_mem ← ``model.encode_image(x_mem)``: centre-crop and resize to the run's generation size
+   (``ctx.settings["generation"]`` height/width, :func:`memobench.model.generation_size`; the model's native
+   resolution without a run context), scale to [−1, 1], VAE posterior **mean** × scaling factor (0.18215 for
+   SD-1) — ``latent = "mean"`` ([UNPUBLISHED]; ``"sample"`` draws from the posterior with the attack generator
+   instead). METHODS §7.4 writes 512 for SD-1.4, which is its generation size: the embedding is optimised on
+   latents of the size it then conditions (a 256-px run attacks at 32×32 latents, not at the native 64×64).
 3. y ← initialisation ``init``: ``"prompt"`` (default; the target prompt's embedding e_p), ``"gaussian"`` (N(0, I)
    of shape 1×77×d, drawn from the attack generator) or ``"nonmem"`` (the embedding of the non-memorized prompt
    ``init_prompt``). Adam(lr = 0.1) on y, in fp32.
@@ -135,14 +138,17 @@ class DoRIAttack(Attack):
         self._check(model)
         if reference is None:
             raise BadInput(f"dori: prompt {prompt.id} has no reference (training) image")
+        from memobench.model import generation_size
+
         device, dtype = model.device, model.dtype
         gseed = generator_seed(prompt.sha256, p.seed)
         gen = torch.Generator().manual_seed(gseed)
+        height, width = generation_size(model, ctx)
 
         if p.latent == "sample":
-            z = model.encode_image(reference, sample=True, generator=gen)
+            z = model.encode_image(reference, sample=True, generator=gen, height=height, width=width)
         else:
-            z = model.encode_image(reference)
+            z = model.encode_image(reference, height=height, width=width)
         z = z.detach().to(device, torch.float32)
         e_p = model.encode_prompt(prompt.text).float()
         y_init = self.initial_embedding(model, prompt, gen).detach()
@@ -183,6 +189,7 @@ class DoRIAttack(Attack):
             "y_init_minus_prompt_norm": float((y_init - e_p).norm()),
             "y_adv_sha256": hashlib.sha256(y_adv.cpu().contiguous().numpy().tobytes()).hexdigest(),
             "precision": "fp32 embedding and loss; UNet in " + str(dtype).replace("torch.", ""),
+            "latent_shape": list(z.shape),
         }
         return AttackOutput(Conditioning(y_adv, model.empty_embedding(), text=None), trace=trace,
                             tensors={"y_init": y_init.cpu()})

@@ -18,7 +18,10 @@ What it does
   ``ctx.artifact_path``. OOD score z = |a - μ| / σ (the code's absolute value, §9 #3).
 * **Memorization score** (§7.1.3): δ_g(y, B) = ε_θ(x_T^(g), t_1, e_y | B blocked) - x_T^(g) for ``samples_per_prompt``
   initial latents of seed ``seed``, evaluated at the *second* DDIM timestep on the unchanged initial latent (§9 #2),
-  without CFG; each (sample, channel) plane is min-max normalised. Similarity = torchmetrics' functional multi-scale
+  without CFG; each (sample, channel) plane is min-max normalised. The latents have the run's generation size
+  (``ctx.settings["generation"]`` height/width, :func:`memobench.model.generation_size`; the model's native size
+  without a run context), so that neurons are localized on the latents the run denoises (NeMo: 64×64 latents of
+  512-px SD-1.4 generations). A non-native size enters the cache key of the neuron sets. Similarity = torchmetrics' functional multi-scale
   SSIM (kernel 11, betas (0.33, 0.33, 0.33), other arguments default) (§9 #1).
 * **Seed filter** K = {g : max_{g'≠g} MS-SSIM(δ_g, δ_g') > τ_pair}; K = ∅ ⇒ not memorized, no neurons.
 * **Initial selection** (§7.1.4 step 3; §9 #4): θ from ``theta_init`` down by ``theta_step``, top-k growing by one per
@@ -44,8 +47,8 @@ Choices where METHODS is silent or marked [UNPUBLISHED] (each a ``Params`` field
   ``stats_file`` may name a safetensors file with ``mean.<l>`` / ``std.<l>`` tensors (l = 0-based layer index)
   computed elsewhere.
 * ``small_latent`` ("upsample" | "fewer_scales" | "error"): torchmetrics' MS-SSIM with kernel 11 and 3 scales needs
-  latent planes of at least 44×44; SD-1.4's are 64×64 and are never changed. Smaller latents (the embedded ``tiny``
-  model: 16×16) are, by default, nearest-neighbour upsampled by the smallest integer factor f with
+  latent planes of at least 44×44; SD-1.4's at 512 px are 64×64 and are never changed. Smaller latents (the
+  embedded ``tiny`` model: 16×16; SD-1.4 at 256 px: 32×32) are, by default, nearest-neighbour upsampled by the smallest integer factor f with
   f·size ≥ ``upsample_to`` (64, SD-1.4's latent size). Integer nearest upsampling replicates every latent value into
   an f×f block, so the coarsest of the 3 scales (two 2×2 average poolings) sees the original plane exactly when
   f = 4. "fewer_scales" instead drops scales (betas truncated) until the size is valid; "error" refuses.
@@ -62,6 +65,11 @@ Choices where METHODS is silent or marked [UNPUBLISHED] (each a ``Params`` field
   stored order.
 * ``theta_min`` also serves as the stop value (the code compares θ with the literal 1, the ``--min_theta`` default);
   ``k_max`` = 1280 is the code's literal (SD-1.4's widest layer).
+* θ schedule robust to float steps: θ_i = θ_init − i·Δθ is computed from the step count i, and the loop stops
+  once θ has reached θ_min (i = ⌈(θ_init − θ_min)/Δθ⌉), not on float equality. The reference's ``theta == 1``
+  test holds only for steps exactly representable in binary (0.25, 0.5): with Δθ = 0.2 or 0.1 its θ never equals
+  1 and the loop runs on to k = 1280, up to 80× more candidate sets than the 16 / 20 / 40 of Δθ = 0.25 / 0.2 /
+  0.1 (θ = 5 … θ_min + Δθ). Identical schedules for the defaults (and advft's θ_min = 0).
 * Constant δ planes (max = min) would divide by zero in the reference; here they map to 0.
 * ``neurons_file``: an exported neuron-set JSON (:meth:`NeMo.export`) whose sets are used for the prompts it contains
   (matched by prompt text) instead of localizing them again.
@@ -305,7 +313,7 @@ def noise_differences(model, embeds, latents, t, guidance_scale: float = 0.0, au
 def theta_k_schedule(theta_init: float = 5.0, theta_step: float = 0.25, theta_min: float = 1.0, k_init: int = 0,
                      k_max: int = 1280, use_theta: bool = True, use_top_k: bool = True) -> list[tuple[float, int]]:
     """The (θ, k) candidates the initial selection evaluates when every candidate fails (16 with the defaults:
-    θ = 5 … 1.25, k = 0 … 15)."""
+    θ = 5 … 1.25, k = 0 … 15; 20 with Δθ = 0.2: θ = 5 … 1.2; 40 with Δθ = 0.1: θ = 5 … 1.1)."""
     out = []
     initial_selection(None, None, None, lambda sets: 1.0, threshold=-math.inf, theta_init=theta_init,
                       theta_step=theta_step, theta_min=theta_min, k_init=k_init, k_max=k_max, use_theta=use_theta,
@@ -330,7 +338,24 @@ def initial_selection(activations, means, stds, score: Callable, threshold: floa
     candidate sets are not built (``sets`` = the (θ, k) pair), which :func:`theta_k_schedule` uses.
     Returns ``{sets, score, tau_ref, theta, k, n_candidates}``.
     """
-    theta = theta_init if use_theta else math.inf
+    # θ is counted in whole steps: θ_i = θ_init − i·Δθ, computed from i (never by repeated subtraction), and it has
+    # reached θ_min at step i_min = ⌈(θ_init − θ_min)/Δθ⌉ (with a 1e-9 tolerance on the quotient). The reference
+    # decrements a float and stops on θ == θ_min exactly, which holds for Δθ = 0.25 but never for 0.2 or 0.1
+    # (5 − 0.2 − … ends at 0.9999999999999978): its loop then runs on to k = k_max (1280 candidate sets instead of
+    # 20 or 40). For steps that divide θ_init − θ_min this is the reference's schedule exactly (θ values rounded to
+    # 12 decimals); otherwise the last θ evaluated is the smallest one above θ_min.
+    if use_theta:
+        if not theta_step > 0:
+            raise BadInput(f"nemo: theta_step must be > 0, got {theta_step}")
+        i_min = max(0, math.ceil((theta_init - theta_min) / theta_step - 1e-9))
+    else:
+        i_min = -1  # θ = ∞ never reaches θ_min
+    i = 0
+
+    def theta_at(i: int) -> float:
+        return round(theta_init - i * theta_step, 12) if use_theta else math.inf
+
+    theta = theta_at(0)
     k = k_init if use_top_k else 0
     tau_ref = refinement_threshold
     n = 0
@@ -340,16 +365,17 @@ def initial_selection(activations, means, stds, score: Callable, threshold: floa
         n += 1
         if _trace is not None:
             _trace.append((theta, k, s))
-        last_theta, last_k = theta, k
+        last_theta, last_k, last_i = theta, k, i
         if s > threshold:
-            if theta > theta_min and use_theta:
-                theta = theta - theta_step
+            if use_theta and i < i_min:  # θ > θ_min: one step down
+                i += 1
+                theta = theta_at(i)
             if use_top_k:
                 k += 1
-            if (theta, k) == (last_theta, last_k):  # neither θ nor k can move (both ablated): the loop would spin
+            if (i, k) == (last_i, last_k):  # neither θ nor k can move (both ablated): the loop would spin
                 tau_ref = s
                 break
-        if theta == theta_min or k >= k_max:
+        if (use_theta and i >= i_min) or k >= k_max:  # θ has reached θ_min, or k its cap
             tau_ref = s
             break
         if s <= threshold:
@@ -469,6 +495,7 @@ class NeMo(Mitigation):
         self._records: dict[str, dict] | None = None  # prompt sha256 -> record
         self._layers: list[tuple[str, int]] = []
         self._files: dict[str, str] = {}
+        self._size: tuple[int, int] | None = None  # (height, width) of the detection latents of the last fit
 
     # ------------------------------------------------------------------------------------------- fit
     def _stats_texts(self, ctx: Context) -> tuple[list[str], str]:
@@ -528,21 +555,27 @@ class NeMo(Mitigation):
                                  f"{mod.out_features}")
         return [m.float() for m in means], [s.float() for s in stds]
 
-    def _latents(self, model):
+    def _latents(self, model, size: tuple[int, int] | None = None):
+        """The G detection latents x_T^(g) at ``size`` (height, width in pixels; default the model's native)."""
         import torch
 
         p = self.params
+        h, w = size or (model.resolution, model.resolution)
         if p.latent_rule == "nemo":
-            shape = (p.samples_per_prompt, *model.latent_shape())
+            shape = (p.samples_per_prompt, *model.latent_shape(h, w))
             lat = torch.randn(shape, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float32)
             return (lat * model.scheduler.init_noise_sigma).to(model.device, model.dtype)
-        return model.initial_latents(list(range(p.seed, p.seed + p.samples_per_prompt)))
+        return model.initial_latents(list(range(p.seed, p.seed + p.samples_per_prompt)), h, w)
 
-    def _selection_ident(self, stats_key: str) -> _Ident:
+    def _selection_ident(self, stats_key: str, model=None, size: tuple[int, int] | None = None) -> _Ident:
+        from memobench.model import is_native_size
+
         d = params_dict(self.params)
         for k in ("blocking", "utility_blocking", "neurons_file"):
             d.pop(k)
         d["stats"] = stats_key
+        if size is not None and model is not None and not is_native_size(model, size):
+            d["size"] = [int(v) for v in size]  # the native size keeps the keys of earlier versions
         return _Ident(self.name, self.version, d)
 
     def localize(self, model, prompt_text: str, layers, means, stds, latents, t) -> dict:
@@ -594,9 +627,13 @@ class NeMo(Mitigation):
     def fit(self, model, prompts: list[Prompt], ctx: Context) -> None:
         from memobench.cache import key_of, write_once_bytes
 
+        from memobench.model import generation_size
+
         p = self.params
         layers = value_layers(model.unet, p.blocks)
         self._layers = [(n, int(m.out_features)) for n, m in layers]
+        size = generation_size(model, ctx)  # detection latents at the run's resolution
+        self._size = size
         given = self._load_neurons_file(p.neurons_file) if p.neurons_file else {}
         todo = [q for q in prompts if q.sha256 not in given]
         records: dict[str, dict] = {}
@@ -604,8 +641,8 @@ class NeMo(Mitigation):
         if todo:
             means, stds = self._statistics(model, layers, ctx)
             stats_key = key_of([[round(float(v), 7) for v in m] for m in means + stds])
-            ident = self._selection_ident(stats_key)
-            latents = self._latents(model)
+            ident = self._selection_ident(stats_key, model, size)
+            latents = self._latents(model, size)
             t = model.timesteps(p.num_inference_steps)[p.timestep_index]
         with ctx.task(f"nemo: localize neurons ({len(prompts)} prompts)", len(prompts)) as advance:
             for q in prompts:
@@ -643,15 +680,18 @@ class NeMo(Mitigation):
         and ``initial``: one list of neuron indices per layer of :meth:`layers`; ``memorized``; scores). Nothing is
         written to the cache or to the fitted sets; the statistics are computed (or read from the cache) once per
         instance and model."""
+        from memobench.model import generation_size
+
         p = self.params
         layers = self.layers(model)
+        size = generation_size(model, ctx)
         state = getattr(self, "_embedding_state", None)
-        if state is None or state[0] is not model:
+        if state is None or state[0] is not model or state[5] != size:
             means, stds = self._statistics(model, layers, ctx)
             t = model.timesteps(p.num_inference_steps)[p.timestep_index]
-            state = (model, means, stds, self._latents(model), t)
+            state = (model, means, stds, self._latents(model, size), t, size)
             self._embedding_state = state
-        _, means, stds, latents, t = state
+        _, means, stds, latents, t, _ = state
         return self.localize_embedding(model, prompt_embeds, layers, means, stds, latents, t, label=label)
 
     # ------------------------------------------------------------------------------------------- neuron sets
@@ -749,6 +789,7 @@ class NeMo(Mitigation):
             "hook": "forward hook on attn2.to_v returning out * mask (both CFG halves, every step)",
             "stats": {**getattr(self, "_stats_source", {}), "file": self._files.get("stats")},
             "neurons_file": self._files.get("neurons"),
+            "detection_size": list(getattr(self, "_size", ()) or ()) or None,
             # whether the initial selection met its criterion M(B) <= initial_threshold (METHODS §7.1.4 step 3b) or
             # ran out of (θ, k) candidates and fell back to the last set with τ_ref = its score (step 3d); None for
             # prompts without a seed set and for records from a neurons file that lacks the scores

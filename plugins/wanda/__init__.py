@@ -38,9 +38,12 @@ Choices where METHODS is silent or marked [UNPUBLISHED] (each a ``Params`` field
   group's mask; prompts that were not fitted (utility prompts, ``mem_type`` None, ``prompt`` None) with the union of
   all group masks (with one group: the mask itself, i.e. "the pruned model").
 * Sampling for the statistics: ``num_inference_steps`` 50 and ``guidance_scale`` 7.5 (the diffusers pipeline
-  defaults ConceptPrune relies on), ``seed`` 0, the model's default resolution, negative prompt "". The initial
-  latent comes from memobench's per-image CPU generator (``torch.Generator().manual_seed(seed)``), not from
-  ConceptPrune's global-RNG pipeline call.
+  defaults ConceptPrune relies on), ``seed`` 0, negative prompt "", at the run's generation size
+  (``ctx.settings["generation"]`` height/width, :func:`memobench.model.generation_size`; ConceptPrune samples at
+  the pipeline's default, SD's native 512 px, which is also where its masks are used): the activation statistics
+  come from the resolution at which the pruned model generates. A non-native size enters the masks' cache key.
+  The initial latent comes from memobench's per-image CPU generator (``torch.Generator().manual_seed(seed)``), not
+  from ConceptPrune's global-RNG pipeline call.
 * Precision: ConceptPrune ran the pipeline in fp16 and normalised rows in fp16 on the CPU; here the UNet runs in the
   model's dtype and normalisation/accumulation is in float32.
 * Ties in the per-row top-k are broken by a stable descending sort (lower column index first); ConceptPrune's
@@ -119,10 +122,12 @@ class _Stop(Exception):
 
 
 def column_sq_sums(model, layers, texts: Sequence[str], timesteps: int, num_inference_steps: int,
-                   guidance_scale: float, seed: int, batch_size: int = 8, embeds=None) -> list[list]:
+                   guidance_scale: float, seed: int, batch_size: int = 8, embeds=None,
+                   size: tuple[int, int] | None = None) -> list[list]:
     """Σ over rows of x_rj² with every input row x_r of ``ff.net.2`` L2-normalised (both CFG halves, all spatial
     tokens, all ``texts``), per denoising step t < ``timesteps`` and layer: ``out[t][l]`` (float32, length 4C).
-    ``embeds`` (N×77×d), when given, replaces the encoded ``texts`` (conditioning embeddings that are not texts)."""
+    ``embeds`` (N×77×d), when given, replaces the encoded ``texts`` (conditioning embeddings that are not texts).
+    ``size``: (height, width) in pixels of the sampling runs (default: the model's native resolution)."""
     import torch
 
     sums = [[torch.zeros(int(m.in_features), dtype=torch.float32, device=model.device) for _, m in layers]
@@ -153,7 +158,7 @@ def column_sq_sums(model, layers, texts: Sequence[str], timesteps: int, num_infe
                 pe = model.encode_prompt(list(texts[i: i + batch_size]))
             else:
                 pe = embeds[i: i + batch_size].to(model.device, model.dtype)
-            lat = model.initial_latents([seed] * int(pe.shape[0]))
+            lat = model.initial_latents([seed] * int(pe.shape[0]), *(size or (None, None)))
             try:
                 with torch.no_grad():
                     model.denoise(pe, model.empty_embedding(), lat, num_inference_steps, guidance_scale,
@@ -253,6 +258,7 @@ class Wanda(Mitigation):
         self._by_prompt: dict[str, int] = {}
         self._union: dict | None = None
         self._layers: list[tuple[str, tuple[int, int]]] = []
+        self._size: tuple[int, int] | None = None  # (height, width) of the statistics runs of the last fit
 
     def fit(self, model, prompts: list[Prompt], ctx: Context) -> None:
         import torch
@@ -260,19 +266,25 @@ class Wanda(Mitigation):
 
         from memobench.cache import key_of, write_once_bytes
 
+        from memobench.model import generation_size, is_native_size
+
         p = self.params
         layers = ffn_layers(model.unet, p.layers)
         self._layers = [(n, tuple(m.weight.shape)) for n, m in layers]
         g = p.group_size if p.group_size > 0 else max(1, len(prompts))
         groups = [prompts[i: i + g] for i in range(0, len(prompts), g)]
         bs = int((ctx.settings or {}).get("batch_size") or 8)
+        size = generation_size(model, ctx)  # statistics at the run's resolution
+        self._size = size
         run = dict(timesteps=p.timesteps, num_inference_steps=p.num_inference_steps,
-                   guidance_scale=p.guidance_scale, seed=p.seed)
+                   guidance_scale=p.guidance_scale, seed=p.seed, size=size)
+        # a non-native size enters the masks' cache key (the native size keeps the keys of earlier versions)
+        size_part = () if is_native_size(model, size) else (f"{size[0]}x{size[1]}",)
         base = None
         self._groups, self._by_prompt = [], {}
         with ctx.task(f"wanda: masks ({len(prompts)} prompts, {len(groups)} group(s))", len(prompts)) as advance:
             for gi, grp in enumerate(groups):
-                path = ctx.artifact_path(self, "masks", key_of([q.sha256 for q in grp]))
+                path = ctx.artifact_path(self, "masks", key_of([q.sha256 for q in grp]), *size_part)
                 if path.exists():
                     t = load_file(str(path))
                     masks = {n: t[f"mask.{n}"] for n, _ in layers}
@@ -313,21 +325,29 @@ class Wanda(Mitigation):
         return ffn_layers(model.unet, self.params.layers)
 
     def embedding_masks(self, model, prompt_embeds, layers: Sequence[tuple[str, Any]] | None = None,
-                        skill_ratio: float | dict | None = None) -> dict:
+                        skill_ratio: float | dict | None = None, size: tuple[int, int] | None = None,
+                        ctx: Context | None = None) -> dict:
         """Wanda masks (METHODS §7.3 steps 2-5) with one conditioning embedding (1×77×d, e.g. a DoRI adversarial
         embedding) as the target, against ``base_prompt``: what :meth:`fit` computes for a group of one prompt, with
         the embedding in place of the encoded prompt text. ``layers``: the ``(name, Linear)`` pairs to score (default:
         this mitigation's ``ff.net.2`` layers); the statistic hooks any Linear's input, so ConceptPrune's other
         ``hook_module`` choices (e.g. the ``attn2.to_v`` value projections) work too. ``skill_ratio``: a float or
-        ``{layer name: float}`` in place of ``params.skill_ratio``. Returns ``{layer name: bool mask shaped like the
-        weight}``; the fitted masks and :meth:`apply` are untouched. The base statistics are memoised per layer list.
+        ``{layer name: float}`` in place of ``params.skill_ratio``. ``size``: (height, width) of the sampling runs;
+        default the run's generation size when ``ctx`` is given, else the size of the last :meth:`fit` (the run's),
+        else the model's native one. Returns ``{layer name: bool mask shaped like the weight}``; the fitted masks and
+        :meth:`apply` are untouched. The base statistics are memoised per layer list and size.
         """
         p = self.params
         layers = list(layers) if layers is not None else self.layers(model)
+        if size is None and ctx is not None:
+            from memobench.model import generation_size
+
+            size = generation_size(model, ctx)
+        size = tuple(size or self._size or (model.resolution, model.resolution))
         run = dict(timesteps=p.timesteps, num_inference_steps=p.num_inference_steps,
-                   guidance_scale=p.guidance_scale, seed=p.seed)
+                   guidance_scale=p.guidance_scale, seed=p.seed, size=size)
         memo = self.__dict__.setdefault("_embedding_base", {})
-        key = tuple(n for n, _ in layers)
+        key = (tuple(n for n, _ in layers), size)
         if key not in memo or memo[key][0] is not model:
             memo[key] = (model, column_sq_sums(model, layers, [p.base_prompt], batch_size=1, **run))
         base = memo[key][1]
@@ -378,6 +398,7 @@ class Wanda(Mitigation):
             "per_group_pruned": [int(sum(int(m.sum()) for m in g["masks"].values())) for g in self._groups],
             "mask_sha256": [g["mask_sha256"] for g in self._groups],
             "layers_sha256_original": self._original_sha, "layers_sha256_pruned_union": self._pruned_sha,
+            "statistics_size": list(self._size) if self._size else None,
             "edit": "weight Parameter swapped for where(mask, 0, W) inside apply(); original restored on exit",
         }
 

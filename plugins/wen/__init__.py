@@ -13,7 +13,8 @@ Registers the mitigation ``wen`` (``kind = "inference"``). For one prompt with G
 1. e* ← copy of the conditional embedding e_p (1×77×d), fp32, trainable; AdamW(lr = 0.05, weight decay 0.01).
 2. Up to ``max_iters`` (10) times, at the target denoising step s (``target_step`` 0, t_s = t_0 = 981 for 50 DDIM
    steps): one UNet pass on the G latents with conditioning [e_∅ × G, e* × G] → ε_u, ε_c;
-   L = ‖ε_c − ε_u‖₂ as **one** norm over the whole G×C×h×w tensor (not a per-image mean);
+   L = ‖ε_c − ε_u‖₂ as **one** norm over the whole G×C×h×w tensor (not a per-image mean), expressed on the
+   reference's tensor size (``loss_norm``, below);
    if L ≤ ``target_loss`` stop (checked *before* the update); otherwise the gradient of L w.r.t. e*, with the
    gradient of token position 0 (BOS) zeroed, and one optimiser step.
 3. Generation then uses ``prompt_embeds = e*`` with the same latents; the unconditional embedding stays e_∅.
@@ -22,8 +23,24 @@ Faithful to the reference code (METHODS §0.2):
 
 * lr 0.05 is the ``inference_mem.py`` CLI value (``aug_prompt``'s own default 0.1 is never used, §9 #9).
 * ``target_loss`` 3 is the README "ours" command (preset ``wen2024``); MemBench runs it with 5 (preset
-  ``membench``: ``--mitigation-param target_loss=5``, or ``Wen(Wen.preset("membench"))``). The threshold depends
-  on G because the norm is joint over the G images (§7.2).
+  ``membench``: ``--mitigation-param target_loss=5``, or ``Wen(Wen.preset("membench"))``).
+* The threshold's scale (``loss_norm``). In the reference, ``aug_prompt`` takes ``torch.norm(noise_pred_text,
+  p=2)`` of the whole (G, 4, h, w) tensor, with G = ``num_images_per_prompt`` = 4 (``inference_mem.py`` default,
+  unchanged by the README command) and h = w = 64 (``height``/``width`` default to ``unet.config.sample_size`` ×
+  ``vae_scale_factor`` = 512 px on SD v1.4): ``target_loss`` 3 was set for a norm over N_ref = 4 × 4×64×64 =
+  65,536 elements. A joint norm grows with √(number of elements), so the same threshold on the runner's G
+  (all of a prompt's seeds: 10 under ``nemo2024``) or at another resolution would be a different, stricter or
+  looser, criterion. ``loss_norm = "reference"`` (default) therefore evaluates
+
+      L = ‖ε_c − ε_u‖₂ · √(N_ref / N),      N = G·C·h·w of the run's tensor,
+
+  i.e. √N_ref times the root-mean-square of the difference: the reference's own joint norm when the run has its
+  shape (G = 4, 4×64×64 latents: the factor is exactly 1 and L is the reference's L bit for bit), and otherwise
+  the value that norm takes in expectation for the same per-element difference (mean over all G images of the
+  per-image squared norm, scaled to 4 images of 4×64×64). ``reference_images`` (4) and ``reference_latent``
+  ("4x64x64") name the reference's shape. ``loss_norm = "joint"`` is the raw joint norm over whatever the runner
+  passes (version 1's behaviour). The factor scales L, its gradient and the proximity mix alike; the trace
+  records it (``loss_scale``) and every listed loss is the scaled L that is compared with the target.
 * AdamW's decoupled weight decay acts on the *whole* e*, so the BOS row, whose gradient is zero (hence whose Adam
   update is zero), still shrinks by the factor (1 − lr·weight_decay) per update, exactly as in the reference
   code; with ``weight_decay=0`` the BOS row is left bit-identical.
@@ -54,6 +71,7 @@ memobench choices where the reference is silent or differs by necessity (all rec
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from memobench.api import BadInput, Conditioning, Mitigation
@@ -71,11 +89,33 @@ def joint_noise_norm(eps_cond, eps_uncond):
     return (eps_cond.float() - eps_uncond.float()).flatten().norm(p=2)
 
 
+def reference_elements(shape: str) -> int:
+    """Number of elements of a ``"CxHxW"`` latent shape (e.g. "4x64x64" → 16384)."""
+    try:
+        dims = [int(v) for v in str(shape).lower().split("x")]
+    except ValueError:
+        dims = []
+    if len(dims) != 3 or min(dims) < 1:
+        raise BadInput(f"mitigation 'wen' parameter reference_latent: {shape!r}; use CxHxW, e.g. 4x64x64")
+    return dims[0] * dims[1] * dims[2]
+
+
+def loss_scale(numel: int, loss_norm: str = "reference", reference_images: int = 4,
+               reference_latent: str = "4x64x64") -> float:
+    """The factor √(N_ref / N) that puts a joint norm over ``numel`` elements on the reference's scale
+    (N_ref = ``reference_images`` × C·h·w of ``reference_latent``); exactly 1.0 for ``loss_norm = "joint"`` or
+    when N = N_ref."""
+    if loss_norm == "joint":
+        return 1.0
+    n_ref = int(reference_images) * reference_elements(reference_latent)
+    return 1.0 if n_ref == int(numel) else math.sqrt(n_ref / int(numel))
+
+
 class WenMitigation(Mitigation):
     """Wen et al. (ICLR 2024): optimise the prompt embedding until ‖ε(x_T, e*) − ε(x_T, e_∅)‖ ≤ target."""
 
     name = "wen"
-    version = "1"
+    version = "2"  # 2: loss_norm "reference" (the threshold's scale is the reference's G = 4 at 512 px)
     kind = "inference"
 
     @dataclass
@@ -88,6 +128,17 @@ class WenMitigation(Mitigation):
         zero_bos_grad: bool = True  # the reference zeroes the gradient of token position 0
         proximity_epsilon: float = -1.0  # aug_prompt optim_epsilon; < 0 = off (the reference's None, default)
         proximity_alpha: float = 0.5  # aug_prompt alpha (only with proximity_epsilon ≥ 0)
+        loss_norm: str = "reference"  # "reference": L on the reference's G×C×h×w (below) | "joint": raw norm
+        reference_images: int = 4  # inference_mem.py --num_images_per_prompt (the G target_loss was set for)
+        reference_latent: str = "4x64x64"  # C×h×w of one reference latent: SD v1.4 at 512×512
+
+        def __post_init__(self):
+            if self.loss_norm not in ("reference", "joint"):
+                raise BadInput(f"mitigation 'wen' parameter loss_norm: {self.loss_norm!r} not in "
+                               "('reference', 'joint')")
+            if self.reference_images < 1:
+                raise BadInput("mitigation 'wen' parameter reference_images: at least 1")
+            reference_elements(self.reference_latent)  # a malformed shape fails here
 
     def __init__(self, params=None, **overrides):
         super().__init__(params, **overrides)
@@ -146,11 +197,14 @@ class WenMitigation(Mitigation):
             losses: list[float] = []
             updates = 0
             reached = False
+            scale = loss_scale(x.numel(), p.loss_norm, p.reference_images, p.reference_latent)
             for _ in range(p.max_iters):
                 emb = torch.cat([e_u.expand(G, -1, -1), e_star.to(dtype).expand(G, -1, -1)])
                 out = model.eps(x_in, t_s, emb)
                 eu, ec = out.chunk(2)
                 loss = joint_noise_norm(ec, eu)
+                if scale != 1.0:
+                    loss = loss * scale
                 loss_item = float(loss.detach())
                 losses.append(loss_item)
                 if p.proximity_epsilon >= 0:
@@ -177,6 +231,7 @@ class WenMitigation(Mitigation):
             "initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "reached_target": reached, "target_loss": p.target_loss, "target_step": p.target_step,
             "timestep": int(t_s), "num_images": int(G), "lr": p.lr, "weight_decay": p.weight_decay,
+            "loss_norm": p.loss_norm, "loss_scale": scale, "latent_shape": list(x.shape),
             "embedding_shift_l2": float((e_out - e_init).norm()),
         }
         return Conditioning(e_out.to(dtype), cond.negative_prompt_embeds, text=cond.text,
