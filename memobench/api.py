@@ -35,11 +35,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 # a plugin raises BadInput for a bad parameter value or missing user input (one line naming the input and the fix:
 # exit code 2 on the command line); any other exception is an error of the plugin or of memobench (exit code 1)
-from .config import BadInput, check_finite  # noqa: E402
+from .config import BadInput, check_device, check_finite  # noqa: E402
 
 __all__ = [
     "Prompt", "Conditioning", "AttackOutput", "Sample", "MetricInfo", "MetricValue", "Context",
-    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "params_dict", "BadInput",
+    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "params_dict", "BadInput", "check_device",
 ]
 
 

@@ -81,6 +81,9 @@ def register(app: typer.Typer) -> None:
         """Detection benchmark: AUC, ACC, TPR@1%FPR and calibrated thresholds on memorized vs non-memorized prompts.
 
         Writes a result JSON and a ROC PNG; the thresholds are stored per model for `memobench explain`."""
+        from memobench.api import check_device
+
+        device = check_device(device)
         from .bench import check_prompt_source, make_detector, open_session, run_detect, split_detector_params
 
         names = list(dict.fromkeys(detector or ["wen"]))
@@ -159,6 +162,9 @@ def register(app: typer.Typer) -> None:
 
         Prints a token table, writes a PNG (tokens shaded by significance next to the generated images) and a JSON,
         and reports what removing / replacing the top token does to the statistic and the SSCD."""
+        from memobench.api import check_device
+
+        device = check_device(device)
         from memobench.runner import check_output_dir
 
         from .explain import Explainer, render_png

@@ -704,7 +704,7 @@ def _size_bound(a, b, empty: float) -> float:
 def select_embedding(model, ctx, nemo, wanda, layers, ratios: dict, label: str, emb) -> dict:
     """NeMo's neuron sets and Wanda's masks (``layers``, per-layer ``ratios``) for one conditioning embedding."""
     rec = nemo.select_for_embedding(model, emb, ctx, label=label)
-    masks = wanda.embedding_masks(model, emb, layers=layers, skill_ratio=ratios)
+    masks = wanda.embedding_masks(model, emb, layers=layers, skill_ratio=ratios, ctx=ctx)  # at the run's size, as NeMo
     return {"label": label, "nemo": rec, "wanda": {n: m.cpu().numpy() for n, m in masks.items()}}
 
 

@@ -113,6 +113,9 @@ def register(app: typer.Typer) -> None:
         Runs DoRI from N Gaussian inits, scores each result by SSCD, compares the spread of the embeddings with
         non-memorized prompt embeddings, and measures activation discrepancy and NeMo/Wanda selection agreement
         per layer (METHODS §7.4, locality diagnostics)."""
+        from memobench.api import check_device
+
+        device = check_device(device)
         from .analysis import LocalityParams
 
         t_start = time.time()

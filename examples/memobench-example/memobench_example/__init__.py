@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from memobench.api import Conditioning, Mitigation
+from memobench.api import BadInput, Conditioning, Mitigation
 from memobench.hookspecs import hookimpl
 
 __version__ = "0.1.0"
@@ -39,7 +39,7 @@ class ExampleNoise(Mitigation):
 
         def __post_init__(self):
             if self.scale < 0:
-                raise ValueError(f"mitigation 'example-noise' parameter scale must be ≥ 0, got {self.scale}")
+                raise BadInput(f"mitigation 'example-noise' parameter scale must be ≥ 0, got {self.scale}")
 
     def noise_seed(self, prompt_text: str) -> int:
         digest = hashlib.sha256(f"{self.params.seed}:{prompt_text}".encode("utf-8")).hexdigest()
