@@ -214,8 +214,10 @@ class Runner:
             "prompt_sha256": prompt.sha256, "seed": int(seed),
         })
 
-    def _attack_key(self, model_ident: dict, prompt: Prompt, ref_sha: str | None) -> str:
-        return attack_key(model_ident, self.mitigation, self.attack, prompt, ref_sha)
+    def _attack_key(self, model, model_ident: dict, prompt: Prompt, ref_sha: str | None) -> str:
+        size = (int(self.generation["height"]), int(self.generation["width"]))
+        return attack_key(model_ident, self.mitigation, self.attack, prompt, ref_sha,
+                          size=None if size == (model.resolution, model.resolution) else size)
 
     # ------------------------------------------------------------------------------------------- run
     def run(self, dry_run: bool = False, aggregate: bool = False) -> RunOutcome | ShardOutcome | dict:
@@ -529,7 +531,7 @@ class Runner:
                 return None
             ref = refs[0]
         ref_sha = image_sha256(ref) if ref is not None else None
-        key = self._attack_key(model_ident, prompt, ref_sha)
+        key = self._attack_key(model, model_ident, prompt, ref_sha)
         tensors, _, _ = cached_attack(self.attack_cache, key, self.attack, model, prompt, ref, ctx)
         cond = Conditioning(tensors["prompt_embeds"].to(model.device, model.dtype),
                             tensors["negative_prompt_embeds"].to(model.device, model.dtype), text=None)
@@ -549,7 +551,7 @@ class Runner:
                     errors.append(f"attack {self.attack.name}: prompt {p.id} has no reference image; skipped")
                     continue
                 ref_sha = image_sha256(refs[0])
-            key = self._attack_key(model_ident, p, ref_sha)
+            key = self._attack_key(model, model_ident, p, ref_sha)
             if not self.attack_cache.has(key):
                 errors.append(f"attack {self.attack.name}: prompt {p.id}: no attack output in the cache ({key[:16]})")
                 continue
@@ -767,13 +769,18 @@ def _jsonable_trace(trace: dict) -> dict:
 
 
 def attack_key(model_ident: dict, mitigation: Mitigation | None, attack: Attack, prompt: Prompt,
-               ref_sha: str | None) -> str:
+               ref_sha: str | None, size: tuple[int, int] | None = None) -> str:
     """Cache key of one attack output: the model, the mitigation it attacked (None = no mitigation), the attack
-    (with its params), the target prompt and its reference image. The Runner and analyses such as
-    ``memobench analyze locality`` share these entries."""
-    return key_of({"schema": CACHE_SCHEMA, "model": model_ident,
-                   "mitigation": None if mitigation is None or mitigation.kind == "none" else mitigation.identity(),
-                   "attack": attack.identity(), "prompt_sha256": prompt.sha256, "reference": ref_sha})
+    (with its params), the target prompt and its reference image, and the (height, width) the attack encoded the
+    image at when that is not the model's native resolution (``None``: native; keys of native-size runs are the
+    same as before sizes existed). The Runner and analyses such as ``memobench analyze locality`` share these
+    entries."""
+    rec = {"schema": CACHE_SCHEMA, "model": model_ident,
+           "mitigation": None if mitigation is None or mitigation.kind == "none" else mitigation.identity(),
+           "attack": attack.identity(), "prompt_sha256": prompt.sha256, "reference": ref_sha}
+    if size is not None:
+        rec["size"] = [int(size[0]), int(size[1])]
+    return key_of(rec)
 
 
 def cached_attack(cache: TensorCache, key: str, attack: Attack, model, prompt: Prompt, reference, ctx: Context

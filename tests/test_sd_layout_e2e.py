@@ -121,3 +121,18 @@ def test_sd_random_weights_seeded_and_identified(tmp_path):
     assert a.identity()["revision_or_sha256"] != c.identity()["revision_or_sha256"]
     with pytest.raises(ValueError, match="arch"):
         cls(cls.make_params({"arch": "sd3"}))
+
+
+def test_attack_cache_is_per_resolution(tmp_path, shapes, capsys):
+    """DoRI encodes the training image at the run's size: a 128-px run must not reuse the 64-px run's embedding."""
+    global SIZE
+    a = _run(tmp_path, "sd14", "none", "dori", capsys)
+    old, SIZE = SIZE, 128
+    try:
+        shapes["unet_sample"].clear()
+        b = _run(tmp_path, "sd14", "none", "dori", capsys)  # same cache folder
+    finally:
+        SIZE = old
+    (pa,) = a["attack_traces"]
+    assert a["attack_traces"][pa]["attack_key"] != b["attack_traces"][pa]["attack_key"]
+    assert (4, 16, 16) in shapes["unet_sample"]  # the attack ran again, at 16×16 latents
