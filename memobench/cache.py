@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,31 @@ class CacheError(Exception):
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MEMOBENCH_CACHE_DIR", Path.home() / ".cache" / "memobench"))
+
+
+# A folder memobench uses as its cache holds this marker; ``cache clear`` deletes only inside a marked folder, and there
+# only memobench's own sections and files (never another program's folders that share the directory).
+MARKER = ".memobench-cache"
+SECTIONS = ("images", "attacks", "artifacts", "data", "sscd", "fidelity", "tmp", "sd-random-tokenizer")
+SECTION_FILES = ("weights_sha.json", "sd-random-identity.json")
+
+
+def mark_cache_dir(root: str | Path) -> Path:
+    """Create ``root`` if needed and write the memobench marker in it (once)."""
+    root = Path(root)
+    marker = root / MARKER
+    if not marker.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            atomic_write_text(marker, json.dumps({"memobench_cache": True, "schema": CACHE_SCHEMA,
+                                                  "sections": list(SECTIONS)}, sort_keys=True) + "\n")
+        except OSError:
+            pass  # read-only cache: nothing to clear later either
+    return root
+
+
+def is_memobench_cache(root: str | Path) -> bool:
+    return (Path(root) / MARKER).is_file()
 
 
 def canonical_json(obj: Any) -> str:
@@ -123,7 +149,7 @@ class ImageCache:
     """Generated images keyed by sample key."""
 
     def __init__(self, root: str | Path):
-        self.root = Path(root) / "images"
+        self.root = mark_cache_dir(root) / "images"
 
     def paths(self, key: str) -> tuple[Path, Path]:
         d = self.root / key[:2]
@@ -141,12 +167,16 @@ class ImageCache:
         atomic_write_text(side, json.dumps({**meta, "sample_key": key, "image_sha256": digest}, sort_keys=True))
         return digest
 
+    def _fix(self, key: str) -> str:
+        png, side = self.paths(key)
+        return f"delete this one entry ({png} and {side}) and re-run: it is regenerated"
+
     def meta(self, key: str) -> dict:
         _, side = self.paths(key)
         try:
             return json.loads(side.read_text())
         except (OSError, ValueError) as e:
-            raise CacheError(f"corrupt cache entry {side}: {e}; delete it or run `memobench cache clear`") from None
+            raise CacheError(f"corrupt cache entry {side}: {e}; {self._fix(key)}") from None
 
     def _checked_bytes(self, key: str) -> bytes:
         png, _ = self.paths(key)
@@ -154,10 +184,9 @@ class ImageCache:
         try:
             data = png.read_bytes()
         except OSError as e:
-            raise CacheError(f"corrupt cache entry {png}: {e}; delete it or run `memobench cache clear`") from None
+            raise CacheError(f"corrupt cache entry {png}: {e}; {self._fix(key)}") from None
         if sha256_bytes(data) != meta.get("image_sha256"):
-            raise CacheError(f"corrupt cache entry {png}: sha256 differs from its sidecar; delete it or run "
-                             "`memobench cache clear`")
+            raise CacheError(f"corrupt cache entry {png}: sha256 differs from its sidecar; {self._fix(key)}")
         return data
 
     def check(self, key: str) -> dict:
@@ -168,14 +197,13 @@ class ImageCache:
         meta = self.meta(key)
         sha = meta.get("image_sha256") if isinstance(meta, dict) else None
         if not isinstance(sha, str) or len(sha) != 64:
-            raise CacheError(f"corrupt cache entry {side}: no image_sha256 recorded; delete it or run "
-                             "`memobench cache clear`")
+            raise CacheError(f"corrupt cache entry {side}: no image_sha256 recorded; {self._fix(key)}")
         try:
             size = png.stat().st_size
         except OSError as e:
-            raise CacheError(f"corrupt cache entry {png}: {e}; delete it or run `memobench cache clear`") from None
+            raise CacheError(f"corrupt cache entry {png}: {e}; {self._fix(key)}") from None
         if size == 0:
-            raise CacheError(f"corrupt cache entry {png}: empty file; delete it or run `memobench cache clear`")
+            raise CacheError(f"corrupt cache entry {png}: empty file; {self._fix(key)}")
         return meta
 
     def verify(self, key: str) -> None:
@@ -190,15 +218,15 @@ class ImageCache:
             return read_png(io.BytesIO(data))
         except Exception as e:  # noqa: BLE001 - matching hash but undecodable: written corrupt
             png, _ = self.paths(key)
-            raise CacheError(f"corrupt cache entry {png}: cannot decode ({type(e).__name__}); delete it or run "
-                             "`memobench cache clear`") from None
+            raise CacheError(f"corrupt cache entry {png}: cannot decode ({type(e).__name__}); "
+                             f"{self._fix(key)}") from None
 
 
 class TensorCache:
     """Safetensors blobs (attack outputs, fitted artifacts) with a JSON sidecar."""
 
     def __init__(self, root: str | Path, kind: str):
-        self.root = Path(root) / kind
+        self.root = mark_cache_dir(root) / kind
 
     def paths(self, key: str) -> tuple[Path, Path]:
         d = self.root / key[:2]
@@ -220,14 +248,14 @@ class TensorCache:
         from safetensors.torch import load
 
         a, b = self.paths(key)
+        fix = f"delete this one entry ({a} and {b}) and re-run: it is recomputed"
         try:
             meta = json.loads(b.read_text())
             data = a.read_bytes()
         except (OSError, ValueError) as e:
-            raise CacheError(f"corrupt cache entry {a}: {e}; delete it or run `memobench cache clear`") from None
+            raise CacheError(f"corrupt cache entry {a}: {e}; {fix}") from None
         if sha256_bytes(data) != meta.get("sha256"):
-            raise CacheError(f"corrupt cache entry {a}: sha256 differs from its sidecar; delete it or run "
-                             "`memobench cache clear`")
+            raise CacheError(f"corrupt cache entry {a}: sha256 differs from its sidecar; {fix}")
         return load(data), meta
 
 
@@ -235,7 +263,7 @@ def artifact_path(cache_dir: str | Path, model_id: str, plugin: Any, parts: tupl
     """Path of a plugin artifact keyed by model identity + plugin name/version/params + ``parts``."""
     ident = plugin.identity() if hasattr(plugin, "identity") else {"name": str(plugin)}
     key = key_of({"schema": CACHE_SCHEMA, "model": model_id, "plugin": ident, "parts": list(parts)})
-    p = Path(cache_dir) / "artifacts" / ident["name"] / f"{key}{suffix}"
+    p = mark_cache_dir(cache_dir) / "artifacts" / ident["name"] / f"{key}{suffix}"
     p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
@@ -251,11 +279,68 @@ def cache_info(cache_dir: str | Path) -> dict:
 
 
 def cache_clear(cache_dir: str | Path, section: str | None = None) -> int:
+    """Delete memobench's sections (all, or ``section``) of a memobench cache folder; returns the number of files.
+    A folder without memobench's marker is refused (:class:`CacheError`): nothing of another program is deleted, and
+    in a marked folder only :data:`SECTIONS` and :data:`SECTION_FILES` are."""
     root = Path(cache_dir)
-    targets = [root / section] if section else [p for p in root.iterdir() if p.is_dir()] if root.exists() else []
+    if not root.exists():
+        return 0
+    if not is_memobench_cache(root):
+        raise CacheError(f"--cache-dir {root}: not a memobench cache (no {MARKER} marker); nothing deleted. Point "
+                         "--cache-dir at memobench's cache, or delete that folder yourself")
+    if section is not None and section not in SECTIONS:
+        raise CacheError(f"--section: unknown section {section!r}; use one of {', '.join(SECTIONS)}")
     n = 0
-    for t in targets:
-        if t.exists():
+    for name in ([section] if section else list(SECTIONS)):
+        t = root / name
+        if t.is_dir():
             n += sum(1 for f in t.rglob("*") if f.is_file())
             shutil.rmtree(t)
+    if section is None:
+        for name in SECTION_FILES:
+            f = root / name
+            if f.is_file():
+                f.unlink()
+                n += 1
     return n
+
+
+_TMP_NAME = re.compile(r"^\..+\.tmp(\d+)$")
+
+
+def clean_stale_tmp(root: str | Path, min_age_s: float = 3600.0) -> int:
+    """Delete the temporary files of atomic writes (``.<name>.tmp<pid>``) that a killed process left under ``root``:
+    those whose process is not running here and that are older than ``min_age_s`` (a write never takes that long, so
+    a writer on another machine sharing the folder is never disturbed). Returns how many were deleted."""
+    import time
+
+    root = Path(root)
+    if not root.is_dir():
+        return 0
+    now, n = time.time(), 0
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            m = _TMP_NAME.match(name)
+            if not m:
+                continue
+            p = Path(dirpath) / name
+            try:
+                if now - p.stat().st_mtime < min_age_s or _pid_alive(int(m.group(1))):
+                    continue
+                p.unlink()
+                n += 1
+            except OSError:
+                continue
+    return n
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True

@@ -428,15 +428,23 @@ def cache_info_cmd(cache_dir: Path = typer.Option(None, "--cache-dir", help="Cac
 
 @cache_app.command("clear")
 def cache_clear_cmd(
-    cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache directory."),
-    section: str = typer.Option(None, "--section", help="images | attacks | artifacts (default: all)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Cache directory (default: $MEMOBENCH_CACHE_DIR or "
+                                   "~/.cache/memobench). Only a folder memobench created (it holds a "
+                                   ".memobench-cache marker) is cleared, and there only memobench's own sections."),
+    section: str = typer.Option(None, "--section", help="One of: images, attacks, artifacts, data, sscd, fidelity, "
+                                "tmp, sd-random-tokenizer (default: all of them)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
 ):
-    """Delete cached images, attack outputs and artifacts."""
+    """Delete memobench's cached images, attack outputs, artifacts and downloads (nothing else in the folder)."""
+    from .cache import SECTIONS, is_memobench_cache
+
     d = cache_dir or default_cache_dir()
-    if section and section not in ("images", "attacks", "artifacts", "data", "sscd"):
-        raise BadInput(f"--section: unknown section {section!r}; use images, attacks, artifacts, data or sscd")
-    if not yes and not typer.confirm(f"delete {section or 'everything'} under {d}?"):
+    if section and section not in SECTIONS:
+        raise BadInput(f"--section: unknown section {section!r}; use one of {', '.join(SECTIONS)}")
+    if d.exists() and not is_memobench_cache(d):
+        raise BadInput(f"--cache-dir {d}: not a memobench cache (no .memobench-cache marker); nothing deleted. Point "
+                       "--cache-dir at memobench's cache, or delete that folder yourself")
+    if not yes and not typer.confirm(f"delete memobench's {section or 'sections'} under {d}?"):
         raise typer.Exit(1)
     n = cache_clear(d, section)
     typer.echo(f"deleted {n} files from {d}")

@@ -38,7 +38,8 @@ import torch
 from . import __version__
 from .api import Attack, AttackOutput, Conditioning, Context, Metric, MetricValue, Mitigation, ModelPlugin, Prompt, \
     PromptSet, Sample
-from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_write_text, default_cache_dir, key_of
+from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_write_text, clean_stale_tmp, \
+    default_cache_dir, key_of
 from .config import BadInput, RunConfig, dumps_strict, validate
 from .distributed import ProcessGroup, Shard, assign_units
 from .progress import ProgressReporter
@@ -231,6 +232,8 @@ class Runner:
             raise BadInput(f"aggregate: runs in one process over the whole run, not as {shard.describe()}; drop "
                            "--shard and start it without torchrun / accelerate launch")
         out_root = check_output_dir(cfg.output_dir)
+        for d in (self.cache_dir, out_root):  # temporary files that a killed run left behind (atomic writes)
+            clean_stale_tmp(d)
         device = self._device()
         t_start = time.time()
         timing: dict[str, float] = {}

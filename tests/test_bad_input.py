@@ -149,7 +149,9 @@ def test_corrupt_cache_entry(tmp_path, tiny_args, cli_inproc):
         _check(rc, out, lines[-1] if lines else "", needles)
 
     png.write_bytes(png_bytes(255 - read_png(png)))  # a valid PNG, but not the one the sidecar records
-    _check_read(*cli_inproc(args), [f"corrupt cache entry {png}", "sha256", "cache clear"])
+    # the message names the one entry to delete (the PNG and its sidecar), not the whole cache
+    _check_read(*cli_inproc(args), [f"corrupt cache entry {png}", "sha256", "delete this one entry",
+                                    str(png.with_suffix(".json"))])
 
     png.write_bytes(good[: len(good) // 2])  # truncated
     _check_read(*cli_inproc(args), [f"corrupt cache entry {png}"])
