@@ -653,6 +653,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if os.environ.get("MEMOBENCH_DEBUG", "") not in ("", "0"):
             raise  # the full traceback (exit code 1)
+        from .boundary import PluginFailure
+
+        if isinstance(e, PluginFailure):  # names the plugin, its hook and the exception
+            print(f"error: {_one_line(e)} (a fault of that plugin, not of your input; rerun with MEMOBENCH_DEBUG=1 "
+                  "for the traceback)", file=sys.stderr)
+            return 1
         # not bad input: a fault of memobench or of a plugin. One line, exit code 1; the traceback on request
         first = str(e).strip().splitlines()[0][:500] if str(e).strip() else "(no message)"
         print(f"error: internal error: {type(e).__name__}: {first} (not a problem with your input; rerun with "

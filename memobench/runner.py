@@ -35,13 +35,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, boundary
 from .api import Attack, AttackOutput, Conditioning, Context, Metric, MetricValue, Mitigation, ModelPlugin, Prompt, \
     PromptSet, Sample
 from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_write_text, clean_stale_tmp, \
     default_cache_dir, key_of
 from .config import BadInput, RunConfig, dumps_strict, validate
 from .distributed import ProcessGroup, Shard, assign_units
+from .model import DiffusionModel
 from .progress import ProgressReporter
 from .registry import Registry, UnknownPluginError, get_registry
 
@@ -248,18 +249,20 @@ class Runner:
         if nonmem and nonmem in self.reg.entries["prompt_set"]:
             try:  # e.g. NeMo's activation statistics are computed over the model's non-memorized prompts
                 ctx.settings["nonmem_prompts"] = [p.text for p in _instantiate(self.reg, "prompt_set", nonmem, {})
-                                                  .prompts(ctx)]
+                                                  .prompts(ctx)]  # optional: failures recorded below
                 ctx.settings["nonmem_prompt_set"] = nonmem
             except Exception as e:  # data not available offline: plugins that need it say so themselves
                 ctx.settings["nonmem_prompts_error"] = f"{type(e).__name__}: {e}"
-        all_prompts = self.prompt_set.prompts(ctx)
+        all_prompts = boundary.call(self.prompt_set, "prompts", self.prompt_set.prompts, ctx, expect=list)
         prompts = all_prompts[: cfg.limit] if cfg.limit else all_prompts
         if not prompts:
             raise BadInput(f"--prompts: prompt set '{self.prompt_set.name}' is empty")
-        utility = {role: s.prompts(ctx)[: cfg.utility_limit or None] for role, s in self.utility_sets.items()}
+        utility = {role: boundary.call(s, "prompts", s.prompts, ctx, expect=list)[: cfg.utility_limit or None]
+                   for role, s in self.utility_sets.items()}
         timing["prompts_s"] = time.time() - t
         t = time.time()
-        model = self._cast(self.model_plugin.load(ctx))
+        model = self._cast(boundary.call(self.model_plugin, "load", self.model_plugin.load, ctx,
+                                         expect=DiffusionModel))
         model_ident = model.identity()
         ctx.model_id = key_of(model_ident)
         timing["load_s"] = time.time() - t
@@ -352,11 +355,15 @@ class Runner:
                                                     if s.role == "mitigated"], " (no attack)"))
             for dest, subset, label in subsets:
                 try:
-                    vals = m.compute(subset, ctx)
+                    vals = boundary.call(m, "compute", m.compute, subset, ctx, expect=dict)
+                    bad = [k for k, v in vals.items() if not isinstance(v, MetricValue)]
+                    if bad:
+                        raise boundary.PluginFailure(m, "compute", f"returned {type(vals[bad[0]]).__name__} for "
+                                                     f"{bad[0]!r}, expected MetricValue")
                 except (BadInput, UnknownPluginError, CacheError):
                     raise
-                except Exception as e:  # a metric failure is recorded, the rest of the run survives
-                    errors.append(f"metric {m.name}{label}: {type(e).__name__}: {e}")
+                except boundary.PluginFailure as e:  # a metric failure is recorded, the rest of the run survives
+                    errors.append(f"{e}{label}")
                     continue
                 for name, mv in vals.items():
                     if dest is metrics_no_attack and "target" not in m.roles:
@@ -480,18 +487,18 @@ class Runner:
         if shard.sharded and getattr(m, "fit_per_prompt", False):
             mine = [p for p in prompts if ("target", p.id) in owned_units]
             if mine:
-                m.fit(model, mine, ctx)
+                boundary.call(m, "fit", m.fit, model, mine, ctx)
             if group is not None:
                 group.barrier("fit")
-            m.fit(model, prompts, ctx)
+            boundary.call(m, "fit", m.fit, model, prompts, ctx)
         elif group is not None:
             if shard.rank == 0:
-                m.fit(model, prompts, ctx)
+                boundary.call(m, "fit", m.fit, model, prompts, ctx)
             group.barrier("fit")
             if shard.rank != 0:
-                m.fit(model, prompts, ctx)
+                boundary.call(m, "fit", m.fit, model, prompts, ctx)
         else:
-            m.fit(model, prompts, ctx)
+            boundary.call(m, "fit", m.fit, model, prompts, ctx)
 
     def _require_complete(self, jobs: list[Job], ctx: Context, who: str) -> None:
         """Raise :class:`BadInput` with the count of the run's samples that are not in the cache (targets the
@@ -582,7 +589,7 @@ class Runner:
                                                 and not getattr(self.attack, "is_identity", False))
                 if not need_attack:
                     continue
-                with self.mitigation.apply(model, p, ctx):
+                with boundary.context(self.mitigation, "apply", lambda: self.mitigation.apply(model, p, ctx)):
                     cond = self._attack_output(model, model_ident, p, ctx)
                     if cond is None:
                         advance(len(pending))
@@ -596,7 +603,8 @@ class Runner:
         only: target prompts' images share their cache keys between runs and are always batched per prompt)."""
         with ctx.task(f"generate {role}", sum(j.key in owned for j in jobs)) as advance:
             if across_prompts and (mitigation is None or mitigation.prompt_independent):
-                with mitigation.apply(model, None, ctx) if mitigation is not None else contextlib.nullcontext():
+                with (boundary.context(mitigation, "apply", lambda: mitigation.apply(model, None, ctx))
+                      if mitigation is not None else contextlib.nullcontext()):
                     self._generate_across_prompts(model, jobs, owned, advance)
                 return
             by_prompt: dict[str, list[Job]] = {}
@@ -609,7 +617,8 @@ class Runner:
                 advance(len(mine) - len(pending))
                 if not pending:
                     continue
-                cm = mitigation.apply(model, p, ctx) if mitigation is not None else contextlib.nullcontext()
+                cm = (boundary.context(mitigation, "apply", lambda: mitigation.apply(model, p, ctx))
+                      if mitigation is not None else contextlib.nullcontext())
                 with cm:
                     cond = Conditioning(model.encode_prompt(p.text), model.empty_embedding(), text=p.text)
                     self._generate_prompt(model, p, pj, pending, cond, mitigation, ctx, advance)
@@ -644,7 +653,8 @@ class Runner:
         if mitigation is not None and mitigation.kind != "none":
             # inference-time mitigations see the latents of all of the prompt's seeds (never only the pending
             # ones), so that what they compute does not depend on what happened to be cached
-            cond = mitigation.condition(model, prompt, cond, lat_all, ctx)
+            cond = boundary.call(mitigation, "condition", mitigation.condition, model, prompt, cond, lat_all, ctx,
+                                 expect=Conditioning)
         todo = {j.key for j in pending}
         bs = self.cfg.batch_size
         # Batches are cut from *all* of the prompt's seeds at fixed boundaries, never from the pending ones only:
@@ -794,7 +804,7 @@ def cached_attack(cache: TensorCache, key: str, attack: Attack, model, prompt: P
     if cache.has(key):
         tensors, meta = cache.get(key)
         return tensors, meta, True
-    out: AttackOutput = attack.run(model, prompt, reference, ctx)
+    out: AttackOutput = boundary.call(attack, "run", attack.run, model, prompt, reference, ctx, expect=AttackOutput)
     tensors = {"prompt_embeds": out.conditioning.prompt_embeds,
                "negative_prompt_embeds": out.conditioning.negative_prompt_embeds, **out.tensors}
     meta = {"trace": out.trace, "prompt_id": prompt.id, "attack": attack.identity()}
