@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     def run_bare() -> tuple[float, dict]:
         t = time.perf_counter()
         pipe = StableDiffusionPipeline.from_pretrained(str(model_path), safety_checker=None,
-                                                       requires_safety_checker=False)
+                                                       requires_safety_checker=False, use_safetensors=True)
         pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         t_load = time.perf_counter() - t

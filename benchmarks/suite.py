@@ -118,7 +118,7 @@ class _Arch:
         if self.name == "tiny":
             from memobench_plugins.tiny import WEIGHTS
 
-            pipe = StableDiffusionPipeline.from_pretrained(str(WEIGHTS), safety_checker=None,
+            pipe = StableDiffusionPipeline.from_pretrained(str(WEIGHTS), safety_checker=None, use_safetensors=True,
                                                            requires_safety_checker=False, torch_dtype=torch.float32)
             pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         else:

@@ -301,7 +301,7 @@ def train_vae(work: Path, r: dict, progress: bool, log, device: str = "cpu") -> 
     if start >= r["vae_steps"]:
         return
     bank, _, kinds = _memorized_bank(r["res"])
-    pool = np.load(work / "general_pool.npy")
+    pool = np.load(work / "general_pool.npy", allow_pickle=False)
     bar = _Progress(r["vae_steps"], start, "VAE", progress)
     vae.train()
     for step in range(start, r["vae_steps"]):
@@ -341,7 +341,7 @@ def encode_latents(work: Path, r: dict, device: str = "cpu") -> None:
     vae.load_state_dict(load_file(str(work / "vae_vae.safetensors")))
     vae.to(device).eval()
     bank, caps, kinds = _memorized_bank(r["res"])
-    pool = np.load(work / "general_pool.npy")
+    pool = np.load(work / "general_pool.npy", allow_pickle=False)
 
     zm, zg = _encode_means(vae, bank), _encode_means(vae, pool)
     scale = float(1.0 / torch.cat([zm, zg]).flatten().std())
@@ -357,7 +357,7 @@ def encode_photo_latents(work: Path, r: dict, device: str = "cpu") -> None:
     vae = build_components(r)["vae"]
     vae.load_state_dict(load_file(str(work / "vae_vae.safetensors")))
     vae.to(device).eval()
-    z = _encode_means(vae, np.load(work / "photo_pool.npy"))
+    z = _encode_means(vae, np.load(work / "photo_pool.npy", allow_pickle=False))
     _atomic(lambda p: save_file({"photo": z.contiguous()}, p), out)
 
 
@@ -376,7 +376,7 @@ def refine_decoder(work: Path, r: dict, progress: bool, log, device: str = "cpu"
     lat = load_file(str(work / "latents.safetensors"))
     scale = _latent_scale(work)
     bank, _, kinds = _memorized_bank(r["res"])
-    pool = np.load(work / "general_pool.npy")
+    pool = np.load(work / "general_pool.npy", allow_pickle=False)
     vae.encoder.requires_grad_(False); vae.quant_conv.requires_grad_(False)
     bar = _Progress(r["dec_steps"], start, "decoder", progress)
     vae.train()
@@ -554,7 +554,7 @@ def install(pipeline_dir: str | Path, dest: str | Path) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), torch_dtype=torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(pipeline_dir), torch_dtype=torch.float32, use_safetensors=True)
     pipe.to(torch.float16).save_pretrained(str(tmp), safe_serialization=True)
     card = dest / "MODEL_CARD.md"
     if card.exists():
