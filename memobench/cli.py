@@ -277,7 +277,7 @@ def _run_matrix(cfg, reg, mitigations: str | None, attacks: str | None, progress
 
     pairs = matrix_pairings(reg, mitigations, attacks)
     console = Console(stderr=True)
-    con = Console()
+    con = _stdout_console()
     rows, failed = [], []
     t0 = time.time()
     for i, (m, a) in enumerate(pairs):
@@ -297,7 +297,7 @@ def _run_matrix(cfg, reg, mitigations: str | None, attacks: str | None, progress
             failed.extend(f"{m} × {a}: {e}" for e in out.errors)
     t = Table(title=f"matrix: {len(rows)} of {len(pairs)} pairings in {time.time() - t0:.0f} s")
     for col in ("mitigation", "attack", "MR (no attack)", "MR", "SSCD_orig", "utility", "result"):
-        t.add_column(col)
+        t.add_column(col, overflow="fold")  # a narrow terminal wraps a cell, never clips a name or a path
     for m, a, out in rows:
         r = out.result
         met, paired = r["metrics"], r.get("metrics_without_attack") or {}
@@ -319,19 +319,30 @@ def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def _print_summary(out) -> None:
+_WIDE = 1000  # console width for a pipe or file: no terminal to fit, so a table is as wide as its content
+
+
+def _stdout_console():
+    """A rich console on stdout. A terminal keeps its width; without one (a pipe, a file, CI logs) rich would assume
+    80 columns and clip table cells, so the width is set wide: tables are then as wide as their content."""
     from rich.console import Console
+
+    con = Console()
+    return con if con.is_terminal else Console(width=_WIDE)
+
+
+def _print_summary(out) -> None:
     from rich.markup import escape
     from rich.table import Table
 
     r = out.result
-    con = Console()
+    con = _stdout_console()
     t = Table(title=f"{r['model']['plugin']['name']} · mitigation {r['mitigation']['name']} · "
                     f"attack {r['attack']['name']} · {r['status']}")
     paired = r.get("metrics_without_attack")
     cols = ["metric"] + (["no attack", f"+ {r['attack']['name']}"] if paired is not None else ["value"])
     for c in cols + ["±", "n", "better", "implementation"]:
-        t.add_column(escape(c))
+        t.add_column(escape(c), overflow="fold")  # a narrow terminal wraps a cell, never clips a metric name
     for name, m in r["metrics"].items():
         disp = m.get("dispersion") or {}
         impl = m.get("impl") or {}
@@ -340,7 +351,7 @@ def _print_summary(out) -> None:
         val = _fmt(m["value"]) if not m.get("unavailable") else f"unavailable: {m['unavailable']}"
         vals = [val] if paired is None else [_fmt((paired.get(name) or {}).get("value")) if name in paired else "",
                                              val]
-        t.add_row(name, *vals, f"{_fmt(disp.get('value'))} ({disp.get('kind')})" if disp else "", str(m["n"]),
+        t.add_row(escape(name), *vals, f"{_fmt(disp.get('value'))} ({disp.get('kind')})" if disp else "", str(m["n"]),
                   "↑" if m["higher_is_better"] else "↓", escape(impl_s))
         for g, gv in (m.get("groups") or {}).items():
             pg = ((paired or {}).get(name) or {}).get("groups", {}).get(g, {})
@@ -350,12 +361,13 @@ def _print_summary(out) -> None:
     con.print(t)
     for line in substitution_lines(r):
         con.print(line, highlight=False, markup=False, soft_wrap=True)
-    con.print(f"result:  {out.result_path}")
-    con.print(f"samples: {out.samples_path}")
+    kw = {"highlight": False, "markup": False, "soft_wrap": True}  # paths are never wrapped or read as markup
+    con.print(f"result:  {out.result_path}", **kw)
+    con.print(f"samples: {out.samples_path}", **kw)
     if out.grid_path:
-        con.print(f"grid:    {out.grid_path}  (training original | generated, one row per prompt)")
+        con.print(f"grid:    {out.grid_path}  (training original | generated, one row per prompt)", **kw)
         if r.get("grid_without_attack_file"):
-            con.print(f"         {out.grid_path.parent / r['grid_without_attack_file']}  (the mitigation alone)")
+            con.print(f"         {out.grid_path.parent / r['grid_without_attack_file']}  (the mitigation alone)", **kw)
 
 
 def substitution_lines(result: dict) -> list[str]:
@@ -609,6 +621,26 @@ def _one_line(msg: str) -> str:
     return " ".join(str(msg).split())
 
 
+def _invoke(argv: list[str]):
+    """``app(args=argv, standalone_mode=False)``, except that a ``KeyboardInterrupt`` reaches :func:`main`: Typer
+    turns one into a bare exit code 130, which printed nothing and lost the counts a run attaches to it."""
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    with cmd.make_context("memobench", list(argv)) as ctx:
+        return cmd.invoke(ctx)
+
+
+def _pacify_std_streams() -> None:
+    """Silence the flush of a closed stdout/stderr at exit (what Typer does on a broken pipe)."""
+    try:
+        from click.utils import PacifyFlushWrapper
+    except ImportError:
+        return
+    sys.stdout = PacifyFlushWrapper(sys.stdout)
+    sys.stderr = PacifyFlushWrapper(sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _State.plugins_dir = None  # main() may be called more than once in a process (tests, notebooks)
@@ -617,14 +649,14 @@ def main(argv: list[str] | None = None) -> int:
         if _State.plugins_dir is not None and not _State.plugins_dir.is_dir():
             raise BadInput(f"--plugins-dir: not a directory: {_State.plugins_dir}")
         _add_plugin_commands()
-        rv = app(args=argv, prog_name="memobench", standalone_mode=False)
+        rv = _invoke(argv)
         return int(rv or 0)
     except BAD_INPUT as e:  # memobench's own bad-input errors only: any other ValueError is an internal error below
         print(f"error: {_one_line(e) or type(e).__name__}", file=sys.stderr)
         return 2
     except _EXIT as e:
         return int(getattr(e, "exit_code", 0) or 0)
-    except _ABORT:
+    except (*_ABORT, EOFError):
         print("error: aborted", file=sys.stderr)
         return 1
     except _NO_ARGS_IS_HELP as e:  # `memobench` / `memobench cache` without a sub-command: show the help
@@ -640,9 +672,14 @@ def main(argv: list[str] | None = None) -> int:
     except _CLICK_EXCEPTION as e:
         print(f"error: {_one_line(e.format_message())}", file=sys.stderr)
         return int(getattr(e, "exit_code", 1))
-    except KeyboardInterrupt:
-        print("error: interrupted; completed samples are cached, re-run to resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C; a run's (memobench.progress.Interrupted) carries the sample counts
+        from .progress import interrupted_message
+
+        print(interrupted_message(e), file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `memobench plugins | head -1`: the reader went away
+        _pacify_std_streams()
+        return 1
     except Exception as e:
         from .distributed import DistributedError
 

@@ -43,7 +43,7 @@ from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_wri
 from .config import BadInput, RunConfig, dumps_strict, validate
 from .distributed import ProcessGroup, Shard, assign_units
 from .model import DiffusionModel
-from .progress import ProgressReporter
+from .progress import Interrupted, ProgressReporter
 from .registry import Registry, UnknownPluginError, get_registry
 
 RESULT_SCHEMA = 1
@@ -227,7 +227,20 @@ class Runner:
 
         ``aggregate=True`` (``memobench aggregate``): fit from the cache and score what the shards wrote, generating
         nothing; a :class:`BadInput` names the count of samples that are not in the cache yet. A process of a sharded
-        run that does not score returns a :class:`ShardOutcome`."""
+        run that does not score returns a :class:`ShardOutcome`.
+
+        Ctrl-C: :class:`memobench.progress.Interrupted` (a ``KeyboardInterrupt``) carrying how many of the samples
+        this process planned are in the cache, and how many it planned."""
+        self._planned_keys: set[str] | None = None
+        try:
+            return self._run(dry_run, aggregate)
+        except KeyboardInterrupt as e:
+            if isinstance(e, Interrupted) or self._planned_keys is None:
+                raise
+            keys = self._planned_keys
+            raise Interrupted(sum(1 for k in keys if self.images.has(k)), len(keys)) from None
+
+    def _run(self, dry_run: bool, aggregate: bool) -> RunOutcome | ShardOutcome | dict:
         cfg, shard = self.cfg, self.shard
         if aggregate and shard.sharded:
             raise BadInput(f"aggregate: runs in one process over the whole run, not as {shard.describe()}; drop "
@@ -293,6 +306,7 @@ class Runner:
             f"(model {cfg.model}, prompts {self.prompt_set.name} ×{len(prompts)}, mitigation {self.mitigation.name}, "
             f"attack {self.attack.name}, seeds {len(self.seeds)})")
         owned, owned_units = self._plan_shard(jobs)
+        self._planned_keys = owned  # what Ctrl-C counts (see run)
         if shard.sharded:
             log(f"[memobench] {shard.describe()}: {len(owned)} samples of {len(unique)} are this shard's: cached "
                 f"{len(owned & cached)}, remaining {len(owned - cached)}")

@@ -375,12 +375,15 @@ class AdversarialFineTuning(Mitigation):
 
         height, width = generation_size(model, ctx)
         texts, lats = [], []
-        for q in ps.prompts(ctx)[: p.n_regular]:
-            for rid in q.reference_ids[:1]:
-                img = ps.reference_image(q, rid, ctx)
-                if img is not None:
-                    texts.append(q.text)
-                    lats.append(model.encode_image(img, height=height, width=width).float())
+        regular = ps.prompts(ctx)[: p.n_regular]
+        with ctx.task(f"advft: regular pairs (encode {len(regular)} images)", len(regular), transient=True) as adv:
+            for q in regular:
+                for rid in q.reference_ids[:1]:
+                    img = ps.reference_image(q, rid, ctx)
+                    if img is not None:
+                        texts.append(q.text)
+                        lats.append(model.encode_image(img, height=height, width=width).float())
+                adv()
         if p.regular_batch and not lats:
             raise BadInput(f"advft: prompt set '{name}' has no reference images to use as regular pairs")
         return name, texts, (torch.cat(lats) if lats else None)
@@ -410,14 +413,20 @@ class AdversarialFineTuning(Mitigation):
         with ctx.task(f"advft: surrogate images ({p.surrogate})", len(prompts), transient=True) as adv:
             for q in prompts:
                 f_refs = sscd.embed(ctx.reference_images(q))  # once per target, not once per draw
+                # draws stop at the first that is not a replica: the count is an upper bound
+                with ctx.task(f"advft: surrogate draws for {q.id} (at most {p.surrogate_tries})",
+                              p.surrogate_tries, transient=True) as adv_draw:
 
-                def draw(seed, q=q):
-                    with sur.apply(model, q, ctx):
-                        return model.generate(model.encode_prompt(q.text), model.empty_embedding(), [seed], steps,
-                                              scale, height=height, width=width)[0]
+                    def draw(seed, q=q, adv_draw=adv_draw):
+                        with sur.apply(model, q, ctx):
+                            img = model.generate(model.encode_prompt(q.text), model.empty_embedding(), [seed], steps,
+                                                 scale, height=height, width=width)[0]
+                        adv_draw()
+                        return img
 
-                img, chosen[q.id] = choose_surrogate(draw, lambda im: float((sscd.embed([im]) @ f_refs.T).max()),
-                                                     p.surrogate_seed, p.surrogate_tries, p.surrogate_max_sscd)
+                    img, chosen[q.id] = choose_surrogate(draw,
+                                                         lambda im: float((sscd.embed([im]) @ f_refs.T).max()),
+                                                         p.surrogate_seed, p.surrogate_tries, p.surrogate_max_sscd)
                 z[q.id] = model.encode_image(img, height=height, width=width).float()
                 adv()
         return z, {"surrogate": sur.identity(), "surrogate_sscd_impl": sscd.impl, "surrogates": chosen,

@@ -181,11 +181,13 @@ def block_neurons(layers: Sequence[tuple[str, Any]], neuron_sets: Sequence[Seque
 
 
 # ---------------------------------------------------------------------------------------------- activations
-def prompt_activations(model, layers, texts: Sequence[str], batch_size: int = 32) -> list:
+def prompt_activations(model, layers, texts: Sequence[str], batch_size: int = 32,
+                       advance: Callable | None = None) -> list:
     """a^l (N × C_l, float32): mean over the 77 token positions of |to_v(e_y)| for each text (NeMo Eq. 3).
 
     ``to_v`` sees only the text embedding, so this needs no UNet call; the modules' ``forward`` is called directly
-    (bypassing hooks), as NeMo's statistics script does.
+    (bypassing hooks), as NeMo's statistics script does. ``advance(n)``, when given, is called with the number of
+    texts of each batch done (progress).
     """
     import torch
 
@@ -195,6 +197,8 @@ def prompt_activations(model, layers, texts: Sequence[str], batch_size: int = 32
             emb = model.encode_prompt(list(texts[i: i + batch_size]))
             for l, a in enumerate(embedding_activations(layers, emb)):
                 acts[l].append(a)
+            if advance is not None:
+                advance(int(emb.shape[0]))
     return [torch.cat(a) for a in acts]
 
 
@@ -207,12 +211,13 @@ def embedding_activations(layers, embeds) -> list:
         return [mod.forward(embeds.to(mod.weight.dtype)).abs().float().mean(dim=1).cpu() for _, mod in layers]
 
 
-def activation_stats(model, layers, texts: Sequence[str], batch_size: int = 32) -> tuple[list, list]:
+def activation_stats(model, layers, texts: Sequence[str], batch_size: int = 32,
+                     advance: Callable | None = None) -> tuple[list, list]:
     """Per-neuron mean and (unbiased) standard deviation of a^l over ``texts`` (NeMo
-    ``1_compute_activations_statistics.py``)."""
+    ``1_compute_activations_statistics.py``). ``advance``: see :func:`prompt_activations`."""
     if len(texts) < 2:
         raise BadInput(f"nemo: activation statistics need at least 2 non-memorized prompts, got {len(texts)}")
-    acts = prompt_activations(model, layers, texts, batch_size)
+    acts = prompt_activations(model, layers, texts, batch_size, advance)
     return [a.mean(dim=0) for a in acts], [a.std(dim=0) for a in acts]
 
 
@@ -331,12 +336,13 @@ def _score_value(v) -> float:
 def initial_selection(activations, means, stds, score: Callable, threshold: float = 0.428,
                       refinement_threshold: float = 0.428, theta_init: float = 5.0, theta_step: float = 0.25,
                       theta_min: float = 1.0, k_init: int = 0, k_max: int = 1280, use_theta: bool = True,
-                      use_top_k: bool = True, _trace: list | None = None) -> dict:
+                      use_top_k: bool = True, _trace: list | None = None, advance: Callable | None = None) -> dict:
     """NeMo's initial selection loop (METHODS §7.1.4 step 3, reference ``3_detect_memorized_neurons.py``).
 
     ``score(sets)`` returns M(B) (a float or a per-sample tensor whose max is M). With ``activations`` None the
     candidate sets are not built (``sets`` = the (θ, k) pair), which :func:`theta_k_schedule` uses.
-    Returns ``{sets, score, tau_ref, theta, k, n_candidates}``.
+    ``advance()``, when given, is called after each candidate set is scored (progress; at most
+    ``len(theta_k_schedule(...))`` calls). Returns ``{sets, score, tau_ref, theta, k, n_candidates}``.
     """
     # θ is counted in whole steps: θ_i = θ_init − i·Δθ, computed from i (never by repeated subtraction), and it has
     # reached θ_min at step i_min = ⌈(θ_init − θ_min)/Δθ⌉ (with a 1e-9 tolerance on the quotient). The reference
@@ -363,6 +369,8 @@ def initial_selection(activations, means, stds, score: Callable, threshold: floa
         sets = (theta, k) if activations is None else candidate_sets(activations, means, stds, theta, k)
         s = _score_value(score(sets))
         n += 1
+        if advance is not None:
+            advance()
         if _trace is not None:
             _trace.append((theta, k, s))
         last_theta, last_k, last_i = theta, k, i
@@ -383,13 +391,16 @@ def initial_selection(activations, means, stds, score: Callable, threshold: floa
     return {"sets": sets, "score": s, "tau_ref": tau_ref, "theta": last_theta, "k": last_k, "n_candidates": n}
 
 
-def refine(sets: Sequence[Sequence[int]], score: Callable, threshold: float, rel_threshold: float = 0.0) -> list:
+def refine(sets: Sequence[Sequence[int]], score: Callable, threshold: float, rel_threshold: float = 0.0,
+           advance: Callable | None = None) -> list:
     """Layer-wise then neuron-wise refinement (METHODS §7.1.4 steps 4-5, reference ``neuron_refinement``).
 
     For l from the last layer to the first: drop layer l's neurons if M(B without layer l) < ``threshold``; then for
     each neuron i of each remaining layer (last layer first, stored order): drop i if M(B \\ {i}) < ``threshold``.
     ``rel_threshold`` > 0 replaces M by max_g |(s_g - s_g^all) / (|s_g^all| + 1e-9)| (``--rel_threshold_refinement``),
     s^all = the per-sample scores of the input set, and compares it with ``rel_threshold``.
+    ``advance(n=1)``, when given, counts the work done (progress): :func:`refine_total` units in all, one per layer
+    test and one per neuron test (a dropped layer's neurons at once).
     """
     import torch
 
@@ -409,14 +420,33 @@ def refine(sets: Sequence[Sequence[int]], score: Callable, threshold: float, rel
         cand = [list(s) for s in blocking]
         cand[l] = []
         if value(score(cand)) < threshold:
+            if advance is not None:
+                advance(len(blocking[l]))  # its neurons are not tested one by one
             blocking[l] = []
+        if advance is not None:
+            advance()
     for l in reversed(range(len(blocking))):
         for neuron in list(blocking[l]):
             cand = [list(s) for s in blocking]
             cand[l].remove(neuron)
             if value(score(cand)) < threshold:
                 blocking[l].remove(neuron)
+            if advance is not None:
+                advance()
     return blocking
+
+
+def refine_total(sets: Sequence[Sequence[int]]) -> int:
+    """The units of work :func:`refine` reports for ``sets``: one per non-empty layer plus one per neuron."""
+    return sum(1 for s in sets if len(s)) + sum(len(s) for s in sets)
+
+
+def _ctx_task(ctx, description: str, total: int | None):
+    """``ctx.task(description, total, transient=True)`` (a progress bar under the current one), or a no-op without a
+    context (direct calls, tests)."""
+    if ctx is None or not hasattr(ctx, "task"):
+        return contextlib.nullcontext(lambda n=1, **kw: None)
+    return ctx.task(description, total, transient=True)
 
 
 def _dedup(sets) -> list[list[int]]:
@@ -539,7 +569,8 @@ class NeMo(Mitigation):
             if not path.exists():
                 # several processes of a sharded run may compute this at once: the first complete file wins and
                 # every process reads the statistics back from it
-                means, stds = activation_stats(model, layers, texts)
+                with _ctx_task(ctx, f"nemo: activation statistics ({len(texts)} prompts)", len(texts)) as adv:
+                    means, stds = activation_stats(model, layers, texts, advance=adv)
                 write_once_bytes(path, save({**{f"mean.{l}": m.contiguous() for l, m in enumerate(means)},
                                              **{f"std.{l}": s.contiguous() for l, s in enumerate(stds)}},
                                             metadata={"n_prompts": str(len(texts)), "source": label,
@@ -578,15 +609,20 @@ class NeMo(Mitigation):
             d["size"] = [int(v) for v in size]  # the native size keeps the keys of earlier versions
         return _Ident(self.name, self.version, d)
 
-    def localize(self, model, prompt_text: str, layers, means, stds, latents, t) -> dict:
-        """Steps 1-6 of METHODS §7.1.4 for one prompt; returns the JSON-able record."""
+    def localize(self, model, prompt_text: str, layers, means, stds, latents, t, ctx: Context | None = None,
+                 name: str | None = None) -> dict:
+        """Steps 1-6 of METHODS §7.1.4 for one prompt; returns the JSON-able record. ``ctx``/``name``: see
+        :meth:`localize_embedding`."""
         return self.localize_embedding(model, model.encode_prompt(prompt_text), layers, means, stds, latents, t,
-                                       label=prompt_text)
+                                       label=prompt_text, ctx=ctx, name=name)
 
-    def localize_embedding(self, model, emb, layers, means, stds, latents, t, label: str | None = None) -> dict:
+    def localize_embedding(self, model, emb, layers, means, stds, latents, t, label: str | None = None,
+                           ctx: Context | None = None, name: str | None = None) -> dict:
         """Steps 1-6 of METHODS §7.1.4 for one conditioning embedding ``emb`` (1×77×d): the encoded prompt in
         :meth:`localize`, or any other embedding (e.g. a DoRI adversarial one). ``label`` goes into the record's
-        ``prompt`` field."""
+        ``prompt`` field. With ``ctx``, the rounds are shown as progress (``ctx.task``): the candidate sets of the
+        initial selection, then the refinement's layer and neuron tests; ``name`` (e.g. the prompt id) names
+        them."""
         p = self.params
         kw = {"kernel_size": p.msssim_kernel, "betas": p.msssim_betas, "small_latent": p.small_latent,
               "upsample_to": p.upsample_to}
@@ -614,11 +650,15 @@ class NeMo(Mitigation):
             return memo[key]
 
         acts = [a[0] for a in embedding_activations(layers, emb)]
-        init = initial_selection(acts, means, stds, score, threshold=p.initial_threshold,
-                                 refinement_threshold=p.refinement_threshold, theta_init=p.theta_init,
-                                 theta_step=p.theta_step, theta_min=p.theta_min, k_init=p.k_init, k_max=p.k_max,
-                                 use_theta=p.use_theta, use_top_k=p.use_top_k)
-        refined = refine(init["sets"], score, init["tau_ref"], p.rel_threshold_refinement)
+        what = f"nemo {name or (label or 'embedding')[:40]}"
+        sched = dict(theta_init=p.theta_init, theta_step=p.theta_step, theta_min=p.theta_min, k_init=p.k_init,
+                     k_max=p.k_max, use_theta=p.use_theta, use_top_k=p.use_top_k)
+        n_sched = len(theta_k_schedule(**sched)) if ctx is not None else None  # the most candidates it may score
+        with _ctx_task(ctx, f"{what}: initial selection (candidate sets)", n_sched) as adv:
+            init = initial_selection(acts, means, stds, score, threshold=p.initial_threshold,
+                                     refinement_threshold=p.refinement_threshold, advance=adv, **sched)
+        with _ctx_task(ctx, f"{what}: refinement (layer and neuron tests)", refine_total(init["sets"])) as adv:
+            refined = refine(init["sets"], score, init["tau_ref"], p.rel_threshold_refinement, advance=adv)
         rec.update(initial=_dedup(init["sets"]), initial_score=float(init["score"]), refined=_dedup(refined),
                    refined_score=_score_value(score(refined)), tau_ref=float(init["tau_ref"]),
                    theta=init["theta"], k=init["k"], n_candidates=init["n_candidates"], n_evaluations=len(memo))
@@ -658,7 +698,7 @@ class NeMo(Mitigation):
                     except ValueError:
                         rec = None
                 if rec is None:
-                    rec = self.localize(model, q.text, layers, means, stds, latents, t)
+                    rec = self.localize(model, q.text, layers, means, stds, latents, t, ctx=ctx, name=q.id)
                     # first complete record wins (concurrent shards): every process uses the one on disk
                     if not write_once_bytes(path, json.dumps(rec, sort_keys=True).encode()):
                         rec = json.loads(path.read_text())
@@ -692,7 +732,7 @@ class NeMo(Mitigation):
             state = (model, means, stds, self._latents(model, size), t, size)
             self._embedding_state = state
         _, means, stds, latents, t, _ = state
-        return self.localize_embedding(model, prompt_embeds, layers, means, stds, latents, t, label=label)
+        return self.localize_embedding(model, prompt_embeds, layers, means, stds, latents, t, label=label, ctx=ctx)
 
     # ------------------------------------------------------------------------------------------- neuron sets
     def _load_neurons_file(self, path: str) -> dict[str, dict]:

@@ -60,7 +60,7 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from memobench.api import BadInput, Context, Mitigation, Prompt
 from memobench.hookspecs import hookimpl
@@ -123,16 +123,18 @@ class _Stop(Exception):
 
 def column_sq_sums(model, layers, texts: Sequence[str], timesteps: int, num_inference_steps: int,
                    guidance_scale: float, seed: int, batch_size: int = 8, embeds=None,
-                   size: tuple[int, int] | None = None) -> list[list]:
+                   size: tuple[int, int] | None = None, advance: Callable | None = None) -> list[list]:
     """Σ over rows of x_rj² with every input row x_r of ``ff.net.2`` L2-normalised (both CFG halves, all spatial
     tokens, all ``texts``), per denoising step t < ``timesteps`` and layer: ``out[t][l]`` (float32, length 4C).
     ``embeds`` (N×77×d), when given, replaces the encoded ``texts`` (conditioning embeddings that are not texts).
-    ``size``: (height, width) in pixels of the sampling runs (default: the model's native resolution)."""
+    ``size``: (height, width) in pixels of the sampling runs (default: the model's native resolution).
+    ``advance(n)``, when given, is called after each denoising step with the batch's number of prompts (progress:
+    :func:`statistics_total` units in all)."""
     import torch
 
     sums = [[torch.zeros(int(m.in_features), dtype=torch.float32, device=model.device) for _, m in layers]
             for _ in range(timesteps)]
-    state = {"t": 0}
+    state = {"t": 0, "n": 0}
     handles = []
 
     def make_hook(l):
@@ -145,6 +147,8 @@ def column_sq_sums(model, layers, texts: Sequence[str], timesteps: int, num_infe
 
     def on_step(info):
         state["t"] = info.index + 1
+        if advance is not None and state["t"] <= timesteps:
+            advance(state["n"])
         if state["t"] >= timesteps:
             raise _Stop
 
@@ -158,6 +162,7 @@ def column_sq_sums(model, layers, texts: Sequence[str], timesteps: int, num_infe
                 pe = model.encode_prompt(list(texts[i: i + batch_size]))
             else:
                 pe = embeds[i: i + batch_size].to(model.device, model.dtype)
+            state["n"] = int(pe.shape[0])
             lat = model.initial_latents([seed] * int(pe.shape[0]), *(size or (None, None)))
             try:
                 with torch.no_grad():
@@ -169,6 +174,19 @@ def column_sq_sums(model, layers, texts: Sequence[str], timesteps: int, num_infe
         for h in handles:
             h.remove()
     return [[s.cpu() for s in row] for row in sums]
+
+
+def statistics_total(n_prompts: int, timesteps: int) -> int:
+    """The units :func:`column_sq_sums` reports for ``n_prompts`` prompts: prompt × denoising step."""
+    return int(n_prompts) * int(timesteps)
+
+
+def _ctx_task(ctx, description: str, total: int | None):
+    """``ctx.task(description, total, transient=True)`` (a progress bar under the current one), or a no-op without a
+    context (direct calls, tests)."""
+    if ctx is None or not hasattr(ctx, "task"):
+        return contextlib.nullcontext(lambda n=1, **kw: None)
+    return ctx.task(description, total, transient=True)
 
 
 def wanda_step_mask(weight_abs, norm_target, norm_base, skill_ratio: float):
@@ -289,9 +307,12 @@ class Wanda(Mitigation):
                     t = load_file(str(path))
                     masks = {n: t[f"mask.{n}"] for n, _ in layers}
                 else:
-                    tgt = column_sq_sums(model, layers, [q.text for q in grp], batch_size=bs, **run)
-                    if base is None:
-                        base = column_sq_sums(model, layers, [p.base_prompt], batch_size=1, **run)
+                    n_stat = statistics_total(len(grp) + (base is None), p.timesteps)
+                    with _ctx_task(ctx, f"wanda: statistics, group {gi + 1}/{len(groups)} ({len(grp)} prompts × "
+                                        f"{p.timesteps} steps)", n_stat) as adv:
+                        tgt = column_sq_sums(model, layers, [q.text for q in grp], batch_size=bs, advance=adv, **run)
+                        if base is None:
+                            base = column_sq_sums(model, layers, [p.base_prompt], batch_size=1, advance=adv, **run)
                     masks = {}
                     for l, (n, mod) in enumerate(layers):
                         nt = [tgt[t][l].sqrt() for t in range(p.timesteps)]
@@ -348,11 +369,14 @@ class Wanda(Mitigation):
                    guidance_scale=p.guidance_scale, seed=p.seed, size=size)
         memo = self.__dict__.setdefault("_embedding_base", {})
         key = (tuple(n for n, _ in layers), size)
-        if key not in memo or memo[key][0] is not model:
-            memo[key] = (model, column_sq_sums(model, layers, [p.base_prompt], batch_size=1, **run))
-        base = memo[key][1]
-        emb = prompt_embeds.reshape(1, *prompt_embeds.shape[-2:])
-        tgt = column_sq_sums(model, layers, [], batch_size=1, embeds=emb, **run)
+        fresh = key not in memo or memo[key][0] is not model
+        with _ctx_task(ctx, f"wanda: statistics (embedding × {p.timesteps} steps)",
+                       statistics_total(1 + fresh, p.timesteps)) as adv:
+            if fresh:
+                memo[key] = (model, column_sq_sums(model, layers, [p.base_prompt], batch_size=1, advance=adv, **run))
+            base = memo[key][1]
+            emb = prompt_embeds.reshape(1, *prompt_embeds.shape[-2:])
+            tgt = column_sq_sums(model, layers, [], batch_size=1, embeds=emb, advance=adv, **run)
         out = {}
         for l, (n, mod) in enumerate(layers):
             rho = skill_ratio.get(n, p.skill_ratio) if isinstance(skill_ratio, dict) else (
