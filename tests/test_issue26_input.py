@@ -286,10 +286,11 @@ def test_bad_input_is_exported_to_plugins():
 
 
 def test_an_internal_value_error_is_not_bad_input(plugin_dir, tmp_path, cli_inproc, monkeypatch):
-    """A plain ValueError from a plugin: one `internal error` line naming the exception, exit 1 (not 2)."""
+    """A plain ValueError from a plugin: one line naming the plugin, its hook and the exception, exit 1 (not 2)."""
     monkeypatch.delenv("MEMOBENCH_DEBUG", raising=False)
     line = _one_error_line(*cli_inproc(["--plugins-dir", plugin_dir, *_run(tmp_path, "--prompts", "issue26-boom")]),
-                           ["internal error", "ValueError", "issue26 internal boom", "MEMOBENCH_DEBUG=1"], code=1)
+                           ["prompt set 'issue26-boom' failed in prompts()", "ValueError", "issue26 internal boom",
+                            "not of your input", "MEMOBENCH_DEBUG=1"], code=1)
     assert not line.startswith("error: issue26")
 
 
