@@ -35,27 +35,33 @@ SMALL = {
 ATTACK_SMALL = {"dori": ["steps=2"]}
 PAIRINGS = [(m, "none") for m in ("none", "rta", "rna", "wen", "wanda", "wanda10", "nemo", "advft")] + \
     [("nemo", "prompt"), ("nemo", "dori")]
+# random weights do not memorize: NeMo's detection keeps no seed, so its localization rounds do not run at SD size
+# here (forcing them with pairwise_threshold=-1 made the refinement test neurons one UNet pass each: > 15 min on CPU)
+FORCED: dict = {}
 
 
-def run_one(m: str, a: str, args, work: Path) -> dict:
+def run_one(label: str, a: str, args, work: Path) -> dict:
+    m, forced = FORCED.get(label, (label, []))
     cmd = [sys.executable, "-m", "memobench", "run", "--model", "sd-random", "--model-param", f"arch={args.arch}",
            "--mitigation", m, "--attack", a, "--height", str(args.size), "--width", str(args.size), "--steps", "2",
            "--seeds", "0", "--limit", "1", "--metric", "mr", "--metric", "sscd_orig", "--no-progress", "--json",
            "--cache-dir", str(work / "cache"), "--output-dir", str(work / "out")]
-    extra = []
+    extra = [x for kv in forced for x in ("--mitigation-param", kv)]
     if args.budget == "small":
         for kv in SMALL.get(m, []):
             extra += ["--mitigation-param", kv]
         for kv in ATTACK_SMALL.get(a, []):
             extra += ["--attack-param", kv]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    load_before = os.getloadavg()[0]
     t = time.perf_counter()
     p = subprocess.run(["/usr/bin/time", "-v", *cmd, *extra], capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
-    rec = {"mitigation": m, "attack": a, "exit_code": p.returncode, "wall_s": round(wall, 1),
+    rec = {"mitigation": label, "attack": a, "exit_code": p.returncode, "wall_s": round(wall, 1),
            "peak_rss_gib": round(int(rss.group(1)) / 2**20, 2) if rss else None,
-           "params": extra, "command": "memobench " + " ".join(cmd[3:] + extra)}
+           "params": extra, "command": "memobench " + " ".join(cmd[3:] + extra),
+           "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     if p.returncode == 0:
         try:
             res = json.loads(p.stdout)
@@ -121,6 +127,8 @@ def _markdown(r: dict) -> str:
              f"`{r['command']}` — {r['size']}×{r['size']} px, 2 denoising steps, 1 prompt (tiny-vm), seed 0, "
              f"budget `{r['budget']}`, {r['threads']} torch threads, {r['cpu_count']} cores, "
              f"{r['machine_memory_gib']} GiB RAM.", "",
+             "Wall times are on a shared 2-core machine (1-minute load average before/after each run in the JSON); peak "
+             "RSS is the process's maximum resident set size (`/usr/bin/time -v`).", "",
              "| mitigation | attack | exit | wall (s) | peak RSS (GiB) | plugin parameters |", "|---|---|---|---|---|---|"]
     for x in r["runs"]:
         lines.append(f"| {x['mitigation']} | {x['attack']} | {x['exit_code']} | {x['wall_s']} | {x['peak_rss_gib']} | "

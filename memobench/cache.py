@@ -99,6 +99,25 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def memoised(path: str | Path, key: str, compute) -> str:
+    """``compute()`` memoised under ``key`` in the JSON file ``path`` (a dict of strings, rewritten atomically; an
+    unreadable or unwritable memo only costs recomputation)."""
+    path = Path(path)
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if key not in known:
+        known[key] = compute()
+        try:
+            atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True))
+        except OSError:
+            pass
+    return known[key]
+
+
 def write_once_bytes(path: str | Path, data: bytes) -> bool:
     """Create ``path`` with ``data`` atomically unless it already exists; True if this call created it.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,22 +52,10 @@ def weights_identity(path: str | Path) -> str:
     path = Path(path)
     stamp = json.dumps(sorted((str(p.relative_to(path)), p.stat().st_size, int(p.stat().st_mtime))
                               for p in path.rglob("*") if p.is_file() and not p.name.startswith(".memobench")))
-    memo = Path(os.environ.get("MEMOBENCH_CACHE_DIR", Path.home() / ".cache" / "memobench")) / "weights_sha.json"
+    from .cache import default_cache_dir, memoised
+
     key = hashlib.sha256((str(path.resolve()) + stamp).encode()).hexdigest()
-    try:
-        known = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        known[key] = _dir_sha256(path)
-        try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            tmp = memo.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(known))
-            os.replace(tmp, memo)
-        except OSError:
-            pass
-    return known[key]
+    return memoised(default_cache_dir() / "weights_sha.json", key, lambda: _dir_sha256(path))
 
 
 class WeightsPinError(BadInput):
@@ -90,7 +77,8 @@ def resolve_snapshot(hub_id: str, revision: str | None = None, offline: bool = F
     import huggingface_hub
 
     try:
-        folder = Path(huggingface_hub.snapshot_download(hub_id, revision=revision, allow_patterns=list(SNAPSHOT_PATTERNS),
+        folder = Path(huggingface_hub.snapshot_download(hub_id, revision=revision,
+                                                        allow_patterns=list(SNAPSHOT_PATTERNS),
                                                         local_files_only=offline))
     except Exception as e:
         at = f" at revision {revision}" if revision else ""

@@ -31,7 +31,6 @@ release that draws other weights gives another identity and never reuses cached 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,29 +151,17 @@ class SDRandom(ModelPlugin):
     def load(self, ctx):
         import torch
 
+        from memobench.cache import memoised
         from memobench.model import DiffusionModel
 
         p = self.params
         build_dev = ctx.device if str(ctx.device).startswith("cuda") else "cpu"
         pipe = build_pipeline(p.arch, p.size, p.seed, tokenizer_dir=Path(ctx.cache_dir) / "sd-random-tokenizer",
                               device=build_dev)
-        memo = Path(ctx.cache_dir) / "sd-random-identity.json"
         key = f"{p.arch}|{p.size}|{p.seed}|torch {torch.__version__}|{build_dev.split(':')[0]}"
-        try:
-            known = json.loads(memo.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if key not in known:
-            known[key] = weights_sha256(pipe)
-            try:
-                from memobench.cache import atomic_write_text
-
-                memo.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(memo, json.dumps(known, indent=1, sort_keys=True))
-            except OSError:
-                pass
+        sha = memoised(Path(ctx.cache_dir) / "sd-random-identity.json", key, lambda: weights_sha256(pipe))
         return DiffusionModel(pipe, model_id=f"sd-random:{p.arch}:{p.size}:seed{p.seed}",
-                              revision=f"sha256:{known[key]}", device=ctx.device)
+                              revision=f"sha256:{sha}", device=ctx.device)
 
 
 @hookimpl
