@@ -717,3 +717,17 @@ def test_result_file_records_impl_through_the_runner(tiny_pipe, tiny_clip, tmp_p
     assert rec["extra"]["preset"]["conforming"] is False  # 2 prompts × seeds 42–43, not 300 × 42–51
     assert -1.0 <= rec["value"] <= 1.0
 
+
+
+def test_blip_weights_sha256_pin_is_a_metric_parameter(tiny_blip, tmp_path, monkeypatch):
+    """Issue 25 (1): the backends' weight pins reach the metric's parameters; a wrong pin is refused with one line."""
+    from memobench.config import BadInput
+
+    _fake_nlp(monkeypatch, COLOR_PARSES, COLOR_CHUNKS)
+    samples = _samples(list(COLOR_PARSES))
+    m = t2i.METRICS["color"](_blip_params(tiny_blip, blip_weights_sha256="0" * 64))
+    with pytest.raises(BadInput) as e:
+        m.compute(samples, _ctx(tmp_path))
+    assert "\n" not in str(e.value) and "0" * 16 in str(e.value)
+    for name in ("blip_weights_sha256", "detector_weights_sha256", "depth_weights_sha256"):
+        assert any(name in f.name for cls in t2i.METRICS.values() for f in __import__("dataclasses").fields(cls.Params))

@@ -126,6 +126,7 @@ class CommonParams:
 @dataclass
 class BlipParams(CommonParams):
     blip_weights: str = "Salesforce/blip-vqa-capfilt-large"  # folder or hub id (port of model_base_vqa_capfilt_large)
+    blip_weights_sha256: str = ""  # pin: sha256 of one of its weight files ("" = record only)
     blip_image_size: int = 480  # the reference's configs/vqa.yaml image_size
     np_num: int = 8  # questions per prompt (BLIP_vqa.py --np_num default)
     question_token: str = "enc"  # first question token: enc ([ENC], the reference) | cls (transformers' generate)
@@ -142,6 +143,7 @@ class BlipParams(CommonParams):
 @dataclass
 class DetectorParams(CommonParams):
     detector_weights: str = "google/owlv2-base-patch16-ensemble"  # OWL-ViT / OWLv2 folder or hub id
+    detector_weights_sha256: str = ""  # pin: sha256 of one of its weight files ("" = record only)
     detector_threshold: float = 0.1  # OWL score threshold (memobench choice; UniDet's confidence threshold was 0.5)
     nms_iou: float = 0.5  # per-class NMS (detectron2 ROI-head default)
     query_template: str = "a photo of a {}"
@@ -165,6 +167,7 @@ class Spatial2DParams(DetectorParams):
 @dataclass
 class Spatial3DParams(DetectorParams):
     depth_weights: str = "Intel/dpt-hybrid-midas"  # folder or hub id (port of dpt_hybrid-midas-501f0c75.pt)
+    depth_weights_sha256: str = ""  # pin: sha256 of one of its weight files ("" = record only)
     depth_size: int = 480
     iou_threshold_3d: float = 0.5
 
@@ -256,7 +259,7 @@ class T2ICompBenchMetric(Metric):
     def _blip(self, ctx: Context, impl: dict) -> BlipVqa:
         p = self.params
         m = BlipVqa(p.blip_weights, ctx.offline, self._device(ctx), p.blip_image_size, p.question_token,
-                    p.hf_cache_dir or None, p.batch_size)
+                    p.hf_cache_dir or None, p.batch_size, weights_sha256=p.blip_weights_sha256 or None)
         impl["weights"]["blip_vqa"] = m.record
         impl["differs_from_reference"].append(BLIP_DIFF)
         return m
@@ -264,7 +267,8 @@ class T2ICompBenchMetric(Metric):
     def _detector(self, ctx: Context, impl: dict) -> ZeroShotDetector:
         p = self.params
         m = ZeroShotDetector(p.detector_weights, ctx.offline, self._device(ctx), p.detector_threshold, p.nms_iou,
-                             p.query_template, p.hf_cache_dir or None)
+                             p.query_template, p.hf_cache_dir or None,
+                             weights_sha256=p.detector_weights_sha256 or None)
         impl["weights"]["detector"] = m.record
         impl["detector_frame"] = f"torchvision Resize({p.frame_size}, max_size={p.frame_max_size})"
         impl["differs_from_reference"].append(DET_DIFF)
@@ -414,7 +418,8 @@ class Spatial3DMetric(T2ICompBenchMetric):
         p = self.params
         nlp = self._nlp(impl)
         det = self._detector(ctx, impl)
-        depth = DepthModel(p.depth_weights, ctx.offline, self._device(ctx), p.depth_size, p.hf_cache_dir or None)
+        depth = DepthModel(p.depth_weights, ctx.offline, self._device(ctx), p.depth_size, p.hf_cache_dir or None,
+                           weights_sha256=p.depth_weights_sha256 or None)
         impl["weights"]["depth"] = depth.record
         impl["differs_from_reference"].append(DEPTH_DIFF)
         scores, parsed = [], {}
