@@ -439,6 +439,11 @@ IMPL_FIRST = ("name", "version", "metric_version", "feature_extractor", "checkpo
               "library", "backend")
 
 
+# impl fields that describe the run's cache state, not the implementation: the same computation reads "miss" the first
+# time and "hit" afterwards, so they never make two values "computed by different implementations"
+RUN_STATE_IMPL_KEYS = frozenset({"reference_cache", "n_ref_extracted", "reference_cache_path"})
+
+
 def impl_text(rec: dict) -> str:
     """The implementation that produced a metric value: metric plugin, extractor, weights, library, preset."""
     parts = []
@@ -446,7 +451,7 @@ def impl_text(rec: dict) -> str:
     if mp.get("name"):
         parts.append(f"metric plugin {mp.get('name')} v{mp.get('version')}"
                      + (f" {json.dumps(mp['params'], sort_keys=True)}" if mp.get("params") else ""))
-    impl = rec.get("impl") or {}
+    impl = {k: v for k, v in (rec.get("impl") or {}).items() if k not in RUN_STATE_IMPL_KEYS}
     keys = [k for k in IMPL_FIRST if k in impl] + sorted(k for k in impl if k not in IMPL_FIRST)
     for k in keys:
         v = impl[k]
@@ -509,7 +514,10 @@ def impl_details(rec: dict) -> list[tuple[str, str]]:
 
 
 def _impl_sig(rec: dict) -> str:
-    return json.dumps([rec.get("metric_plugin"), rec.get("impl")], sort_keys=True, default=str)
+    impl = rec.get("impl")
+    if isinstance(impl, dict):
+        impl = {k: v for k, v in impl.items() if k not in RUN_STATE_IMPL_KEYS}
+    return json.dumps([rec.get("metric_plugin"), impl], sort_keys=True, default=str)
 
 
 @dataclass

@@ -932,3 +932,13 @@ def test_check_message_names_the_folder_once(results, tmp_path, monkeypatch, cli
     rc, out, _ = cli_inproc(["leaderboard", "check", "--results", results])
     assert rc == 0 and "up to date" in out
     assert "leaderboard leaderboard" not in out
+
+
+def test_cache_state_in_impl_is_not_a_different_implementation():
+    """A reference-feature cache miss (first run) and hit (later runs) are the same implementation: no ≠ mark."""
+    base = {"name": "fd", "feature_extractor": "sscd", "library": "torch-fidelity"}
+    miss = rec("fd_sscd", 1.2, impl={**base, "reference_cache": "miss", "n_ref_extracted": 60})
+    hit = rec("fd_sscd", 1.2, impl={**base, "reference_cache": "hit", "n_ref_extracted": 0})
+    assert lb._impl_sig(miss) == lb._impl_sig(hit) and lb.impl_text(miss) == lb.impl_text(hit)
+    other = rec("fd_sscd", 1.2, impl={**base, "feature_extractor": "inception"})
+    assert lb._impl_sig(other) != lb._impl_sig(hit)
