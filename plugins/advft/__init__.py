@@ -62,8 +62,10 @@ optimiser was still alive. Now:
 * half-precision models (``--dtype fp16/bf16``) train through an fp32 master copy of the trained parameters (the
   optimiser's parameters; moments fp32), see :class:`_MasterStep`: the forward/backward pass runs in half precision,
   fp32 gradients exist for one chunk of parameters at a time, fp16 uses a dynamic loss scale. With a default fp32
-  model (every CPU run, the shipped ``tiny``) the steps are the same operations as version 4's, and its results are
-  unchanged.
+  model (every CPU run, the shipped ``tiny``) the steps are the same operations as version 4's. (The session-14
+  re-run on another machine of the same kind moved advft + DoRI's MR_gen 0.175 → 0.162 and exact alignment
+  0.696 → 0.683, MR unchanged; NeMo, which draws the surrogates, selected one neuron differently there from scores
+  that differ in the seventh decimal. Not isolated further.)
 
 Measured peak RSS at SD v1.4 size on the CPU (``memobench_plugins.sd_random`` full-size SD v1.4 with random weights;
 one target, one DoRI run of one step at batch 1, one fine-tuning step on 1 adversarial + 1 regular pair, 256×256
