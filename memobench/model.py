@@ -413,9 +413,12 @@ def generation_size(model: "DiffusionModel", ctx=None) -> tuple[int, int]:
     return int(g.get("height") or model.resolution), int(g.get("width") or model.resolution)
 
 
-def is_native_size(model: "DiffusionModel", size: tuple[int, int]) -> bool:
-    """Whether ``size`` (height, width) is the model's native square resolution."""
-    return tuple(int(v) for v in size) == (model.resolution, model.resolution)
+def size_key_part(model: "DiffusionModel", size: tuple[int, int]) -> tuple[str, ...]:
+    """What a run's (height, width) adds to the cache key of something computed at that size (an attack output, a
+    fitted artifact): nothing at the model's native square resolution, so native-size keys stay those of versions
+    without sizes; ``("HxW",)`` otherwise."""
+    h, w = (int(v) for v in size)
+    return () if (h, w) == (model.resolution, model.resolution) else (f"{h}x{w}",)
 
 
 def to_size(image: np.ndarray, height: int, width: int) -> np.ndarray:

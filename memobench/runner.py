@@ -42,7 +42,7 @@ from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_wri
     default_cache_dir, key_of
 from .config import BadInput, RunConfig, dumps_strict, validate
 from .distributed import ProcessGroup, Shard, assign_units
-from .model import DiffusionModel
+from .model import DiffusionModel, size_key_part
 from .progress import Interrupted, ProgressReporter
 from .registry import Registry, UnknownPluginError, get_registry
 
@@ -217,9 +217,8 @@ class Runner:
         })
 
     def _attack_key(self, model, model_ident: dict, prompt: Prompt, ref_sha: str | None) -> str:
-        size = (int(self.generation["height"]), int(self.generation["width"]))
-        return attack_key(model_ident, self.mitigation, self.attack, prompt, ref_sha,
-                          size=None if size == (model.resolution, model.resolution) else size)
+        size = (self.generation["height"], self.generation["width"])
+        return attack_key(model_ident, self.mitigation, self.attack, prompt, ref_sha, size_key_part(model, size))
 
     # ------------------------------------------------------------------------------------------- run
     def run(self, dry_run: bool = False, aggregate: bool = False) -> RunOutcome | ShardOutcome | dict:
@@ -796,17 +795,16 @@ def _jsonable_trace(trace: dict) -> dict:
 
 
 def attack_key(model_ident: dict, mitigation: Mitigation | None, attack: Attack, prompt: Prompt,
-               ref_sha: str | None, size: tuple[int, int] | None = None) -> str:
+               ref_sha: str | None, size_part: tuple[str, ...] = ()) -> str:
     """Cache key of one attack output: the model, the mitigation it attacked (None = no mitigation), the attack
-    (with its params), the target prompt and its reference image, and the (height, width) the attack encoded the
-    image at when that is not the model's native resolution (``None``: native; keys of native-size runs are the
-    same as before sizes existed). The Runner and analyses such as ``memobench analyze locality`` share these
-    entries."""
+    (with its params), the target prompt and its reference image, and the size the attack encoded the image at
+    (``size_part``: :func:`memobench.model.size_key_part`, empty at the native size). The Runner and analyses such
+    as ``memobench analyze locality`` share these entries."""
     rec = {"schema": CACHE_SCHEMA, "model": model_ident,
            "mitigation": None if mitigation is None or mitigation.kind == "none" else mitigation.identity(),
            "attack": attack.identity(), "prompt_sha256": prompt.sha256, "reference": ref_sha}
-    if size is not None:
-        rec["size"] = [int(size[0]), int(size[1])]
+    if size_part:
+        rec["size"] = list(size_part)
     return key_of(rec)
 
 

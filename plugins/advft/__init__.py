@@ -441,12 +441,12 @@ class AdversarialFineTuning(Mitigation):
 
         from memobench.cache import atomic_write_text, key_of, write_once_bytes
 
-        from memobench.model import generation_size, is_native_size
+        from memobench.model import generation_size, size_key_part
 
         inits = self._check()
         targets = [q for q in prompts if ctx.reference_images(q)]
         size = generation_size(model, ctx)  # surrogates, regular pairs and fine-tuning at the run's resolution
-        size_part = () if is_native_size(model, size) else (f"{size[0]}x{size[1]}",)
+        size_part = size_key_part(model, size)
         path = ctx.artifact_path(self, "unet", key_of([q.sha256 for q in targets]), *size_part)
         meta_path = path.with_suffix(".json")
         if path.exists():

@@ -364,7 +364,7 @@ def _mitigated(setup: Setup):
 def _dori_outputs(setup: Setup) -> list[dict]:
     """DoRI from N Gaussian inits (the registered ``dori`` attack), in the runner's attack cache."""
     from memobench.cache import TensorCache
-    from memobench.model import generation_size, is_native_size
+    from memobench.model import generation_size, size_key_part
     from memobench.runner import attack_key, cached_attack, image_sha256
 
     p, model, ctx = setup.params, setup.model, setup.ctx
@@ -377,8 +377,7 @@ def _dori_outputs(setup: Setup) -> list[dict]:
     with ctx.task(f"DoRI from {p.n_inits} Gaussian inits", p.n_inits) as advance:
         for i in range(p.n_inits):
             attack = dcls(dcls.make_params({**p.dori, "init": "gaussian", "seed": p.seed + i}))
-            key = attack_key(model_ident, setup.mitigation, attack, setup.target, ref_sha,
-                             size=None if is_native_size(model, size) else size)
+            key = attack_key(model_ident, setup.mitigation, attack, setup.target, ref_sha, size_key_part(model, size))
             with _mitigated(setup):
                 tensors, meta, cached = cached_attack(cache, key, attack, model, setup.target, setup.reference, ctx)
             out.append({"index": i, "dori_seed": p.seed + i, "y_init": tensors["y_init"].float().cpu(),

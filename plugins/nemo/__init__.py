@@ -599,14 +599,15 @@ class NeMo(Mitigation):
         return model.initial_latents(list(range(p.seed, p.seed + p.samples_per_prompt)), h, w)
 
     def _selection_ident(self, stats_key: str, model=None, size: tuple[int, int] | None = None) -> _Ident:
-        from memobench.model import is_native_size
+        from memobench.model import size_key_part
 
         d = params_dict(self.params)
         for k in ("blocking", "utility_blocking", "neurons_file"):
             d.pop(k)
         d["stats"] = stats_key
-        if size is not None and model is not None and not is_native_size(model, size):
-            d["size"] = [int(v) for v in size]  # the native size keeps the keys of earlier versions
+        part = size_key_part(model, size) if size is not None and model is not None else ()
+        if part:  # nothing at the native size: its keys stay those of earlier versions
+            d["size"] = part[0]
         return _Ident(self.name, self.version, d)
 
     def localize(self, model, prompt_text: str, layers, means, stds, latents, t, ctx: Context | None = None,

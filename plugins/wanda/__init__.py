@@ -284,7 +284,7 @@ class Wanda(Mitigation):
 
         from memobench.cache import key_of, write_once_bytes
 
-        from memobench.model import generation_size, is_native_size
+        from memobench.model import generation_size, size_key_part
 
         p = self.params
         layers = ffn_layers(model.unet, p.layers)
@@ -297,7 +297,7 @@ class Wanda(Mitigation):
         run = dict(timesteps=p.timesteps, num_inference_steps=p.num_inference_steps,
                    guidance_scale=p.guidance_scale, seed=p.seed, size=size)
         # a non-native size enters the masks' cache key (the native size keeps the keys of earlier versions)
-        size_part = () if is_native_size(model, size) else (f"{size[0]}x{size[1]}",)
+        size_part = size_key_part(model, size)
         base = None
         self._groups, self._by_prompt = [], {}
         with ctx.task(f"wanda: masks ({len(prompts)} prompts, {len(groups)} group(s))", len(prompts)) as advance:
