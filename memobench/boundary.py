@@ -22,13 +22,15 @@ class PluginFailure(Exception):
 
 
 def _passes(e: BaseException) -> bool:
-    """Errors that keep their own meaning across the boundary (bad input, cache faults, a dead rank, a nested
-    plugin's failure, Ctrl-C)."""
+    """Errors that keep their own meaning across the boundary (bad input, cache and data faults, a dead rank, a
+    nested plugin's failure, Ctrl-C)."""
     from .cache import CacheError
     from .config import BadInput
+    from .data import DataError
     from .registry import PluginError, UnknownPluginError
 
-    if isinstance(e, (BadInput, CacheError, PluginError, UnknownPluginError, PluginFailure, FileNotFoundError)):
+    if isinstance(e, (BadInput, CacheError, DataError, PluginError, UnknownPluginError, PluginFailure,
+                      FileNotFoundError)):
         return True
     try:
         from .distributed import DistributedError
@@ -42,6 +44,11 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"
 
 
+def failure(plugin: Any, hook: str, e: Exception) -> PluginFailure:
+    """``e`` as a :class:`PluginFailure` of ``plugin``'s ``hook`` (itself when it already is one)."""
+    return e if isinstance(e, PluginFailure) else PluginFailure(plugin, hook, _describe(e))
+
+
 def call(plugin: Any, hook: str, fn: Callable, *args, expect: type | tuple[type, ...] | None = None, **kw):
     """``fn(*args, **kw)`` — a plugin's hook — with its failures named; ``expect``: the type(s) it must return."""
     try:
@@ -49,7 +56,7 @@ def call(plugin: Any, hook: str, fn: Callable, *args, expect: type | tuple[type,
     except Exception as e:
         if _passes(e):
             raise
-        raise PluginFailure(plugin, hook, _describe(e)) from e
+        raise failure(plugin, hook, e) from e
     if expect is not None and not isinstance(out, expect):
         names = " or ".join(t.__name__ for t in (expect if isinstance(expect, tuple) else (expect,)))
         raise PluginFailure(plugin, hook, f"returned {type(out).__name__}, expected {names}")

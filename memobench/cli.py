@@ -17,6 +17,7 @@ import typer
 
 from .cache import CacheError, cache_clear, cache_info, default_cache_dir
 from .config import BadInput, config_from_dict, load_config_file, parse_kv, parse_seeds, resolve_offline
+from .data import DataError
 from .registry import KIND_PLURAL, KINDS, PluginError, UnknownPluginError, call_hookimpl, get_registry
 
 app = typer.Typer(
@@ -31,7 +32,7 @@ app = typer.Typer(
 cache_app = typer.Typer(help="Inspect or clear the content-addressed cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
-BAD_INPUT = (BadInput, UnknownPluginError, CacheError, FileNotFoundError, PluginError)
+BAD_INPUT = (BadInput, UnknownPluginError, CacheError, DataError, FileNotFoundError, PluginError)
 
 
 def _click_exceptions(name: str) -> tuple[type, ...]:

@@ -375,8 +375,8 @@ class Runner:
                                                      f"{bad[0]!r}, expected MetricValue")
                 except (BadInput, UnknownPluginError, CacheError):
                     raise
-                except boundary.PluginFailure as e:  # a metric failure is recorded, the rest of the run survives
-                    errors.append(f"{e}{label}")
+                except Exception as e:  # any other metric failure is recorded, the rest of the run survives
+                    errors.append(f"{boundary.failure(m, 'compute', e)}{label}")
                     continue
                 for name, mv in vals.items():
                     if dest is metrics_no_attack and "target" not in m.roles:

@@ -13,7 +13,8 @@ PLUGINS = textwrap.dedent('''
     import contextlib
     from dataclasses import dataclass
 
-    from memobench.api import Attack, BadInput, Metric, MetricInfo, Mitigation
+    from memobench.api import Attack, BadInput, Metric, MetricInfo, Mitigation, PromptSet
+    from memobench.data import DataError, DataNotFoundError
     from memobench.hookspecs import hookimpl
 
 
@@ -92,6 +93,30 @@ PLUGINS = textwrap.dedent('''
             raise IndexError("list index out of range")
 
 
+    class OfflineMetric(BadMetric):
+        name = "offline-metric"
+
+        def compute(self, samples, ctx):
+            raise DataNotFoundError("weights.bin is not in the cache and offline mode is on: run once online")
+
+
+    class PinnedData(PromptSet):
+        name = "pinned-data"
+        version = "1"
+
+        @dataclass
+        class Params:
+            pass
+
+        def prompts(self, ctx):
+            raise DataError("prompts.csv has sha256 0abc, expected 1def: use the file at the pinned commit")
+
+
+    @hookimpl
+    def register_prompt_sets(register):
+        register(PinnedData)
+
+
     @hookimpl
     def register_mitigations(register):
         for c in (RaisesInCondition, WrongType, RaisesInApply, RaisesOnRestore, UserError):
@@ -106,6 +131,7 @@ PLUGINS = textwrap.dedent('''
     @hookimpl
     def register_metrics(register):
         register(BadMetric)
+        register(OfflineMetric)
 ''')
 
 
@@ -162,3 +188,19 @@ def test_debug_shows_the_traceback(tmp_path, plugins_dir, capsys, monkeypatch):
     with pytest.raises(PluginFailure) as e:
         _run(tmp_path, plugins_dir, capsys, "--mitigation", "bad-condition", "--metric", "mr")
     assert isinstance(e.value.__cause__, KeyError)  # the plugin's own frames are in the chained traceback
+
+
+def test_a_metric_that_cannot_get_its_data_is_recorded_and_the_run_goes_on(tmp_path, plugins_dir, capsys):
+    """A data error inside a metric is recorded in the result (as before the plugin boundary); the other metrics and
+    the result file survive."""
+    rc, err = _run(tmp_path, plugins_dir, capsys, "--metric", "mr", "--metric", "offline-metric", "--json")
+    assert rc == 1
+    assert any("metric 'offline-metric' failed in compute(): DataNotFoundError: weights.bin" in e for e in err), err
+    assert list((tmp_path / "o").rglob("*.samples.jsonl"))
+
+
+def test_a_data_error_of_a_prompt_set_is_bad_input(tmp_path, plugins_dir, capsys):
+    """DataError carries its own one-line fix: exit 2 and that line, not 'a fault of that plugin'."""
+    rc, err = _run(tmp_path, plugins_dir, capsys, "--prompts", "pinned-data", "--metric", "mr")
+    assert rc == 2 and err == ["error: prompts.csv has sha256 0abc, expected 1def: use the file at the pinned "
+                               "commit"], err
