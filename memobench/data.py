@@ -56,7 +56,8 @@ _CHUNK = 1 << 20
 
 
 class DataError(ValueError):
-    """A data file or image could not be obtained or failed verification (one-line message with the fix)."""
+    """A data file or image could not be obtained or failed verification (one-line message with the fix; the CLI
+    prints it and exits with code 2)."""
 
     def __init__(self, message: str):
         super().__init__(_one_line(message))
@@ -124,8 +125,8 @@ def _candidates(name: str) -> list[Path]:
     return found
 
 
-def _open_url(url: str, timeout: float):
-    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+def _open_url(url: str, timeout: float, headers: dict | None = None):
+    req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
     return urllib.request.urlopen(req, timeout=timeout)  # noqa: S310 (http(s) and file URLs are intended)
 
 
@@ -166,8 +167,7 @@ def download_file(url: str, dest: str | os.PathLike, *, sha256: str | None = Non
     h = hashlib.sha256()
     size = 0
     try:
-        req = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, **(headers or {})})
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
+        with os.fdopen(fd, "wb") as out, _open_url(url, timeout, headers) as resp:
             for chunk in iter(lambda: resp.read(_CHUNK), b""):
                 size += len(chunk)
                 if max_bytes is not None and size > max_bytes:
