@@ -38,9 +38,56 @@ if TYPE_CHECKING:  # pragma: no cover
 from .config import BadInput, check_device, check_finite  # noqa: E402
 
 __all__ = [
+    # value types, run context and plugin bases (defined here)
     "Prompt", "Conditioning", "AttackOutput", "Sample", "MetricInfo", "MetricValue", "Context",
-    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "params_dict", "BadInput", "check_device",
+    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "params_dict", "param", "param_help",
+    "BadInput", "check_device", "check_finite",
+    # everything else a plugin may use, re-exported from the core module that owns it (imported on first use, so
+    # that importing this module stays cheap): see ``_PUBLIC``
+    *sorted(_PUBLIC := {
+        "hookimpl": "hookspecs",
+        # helpers with one job each
+        "slug": "util", "dist_version": "util", "file_sha256": "util", "image_sha256": "util", "sha256_bytes": "util",
+        # content-addressed cache and atomic writes
+        "key_of": "cache", "atomic_write_bytes": "cache", "atomic_write_text": "cache", "write_once_bytes": "cache",
+        "default_cache_dir": "cache", "memoised": "cache", "png_bytes": "cache", "TensorCache": "cache",
+        "CacheError": "cache",
+        # the model wrapper
+        "DiffusionModel": "model", "generation_size": "model", "size_key_part": "model",
+        "frozen_parameters": "model", "quiet_libraries": "model", "to_model_resolution": "model",
+        # SSCD (the copy detector every memorization metric uses)
+        "SSCD": "sscd", "SSCDUnavailableError": "sscd", "SSCDPreset": "sscd", "PRESETS": "sscd",
+        "get_preset": "sscd", "jpeg_roundtrip": "sscd", "short_side_size": "sscd",
+        # data files pinned by sha256
+        "DataError": "data", "DataNotFoundError": "data", "PinMismatchError": "data", "check_pin": "data",
+        "download_file": "data", "fetch": "data", "GroundTruthStore": "data", "COCO_MANIFEST": "data",
+        # prompt files
+        "read_prompt_file": "prompts", "is_prompt_file": "prompts", "register_prompt_file": "prompts",
+        # statistics
+        "stats": None,
+        # what a command writing results shares with `memobench run`
+        "environment": "session", "check_output_dir": "session", "write_grid": "grid",
+        "attack_key": "pipeline.attack", "cached_attack": "pipeline.attack",
+        "parse_kv": "config", "parse_seeds": "config", "resolve_offline": "config", "dumps_strict": "config",
+        "ProgressReporter": "progress", "get_registry": "registry", "__version__": None,
+    }),
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The re-exported names of ``_PUBLIC``, imported from their module on first use."""
+    import importlib
+
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'memobench.api' has no attribute {name!r}")
+    mod = _PUBLIC[name]
+    if mod is None:  # a module or attribute of the package itself
+        pkg = importlib.import_module("memobench")
+        value = getattr(pkg, name) if hasattr(pkg, name) else importlib.import_module(f"memobench.{name}")
+    else:
+        value = getattr(importlib.import_module(f"memobench.{mod}"), name)
+    globals()[name] = value
+    return value
 
 
 def _sha256(s: str) -> str:
@@ -175,12 +222,22 @@ class _SampleImages(Sequence):
 
 @dataclass(frozen=True)
 class MetricInfo:
+    """What a metric plugin's main value (id ``name``) is.
+
+    ``category`` places it in summaries: ``"privacy"`` (how much of the training images comes back: the CLI's and the
+    leaderboard's privacy columns) or ``"utility"``. ``headline``: the one number a pairing is ranked and plotted by
+    (the memorization rate). ``grid_score``: its per-sample values are printed under each image of a run's grid
+    (the similarity to the training image)."""
+
     name: str
     display_name: str
     higher_is_better: bool
     min: float | None = None
     max: float | None = None
     description: str = ""
+    category: Literal["privacy", "utility"] = "utility"
+    headline: bool = False
+    grid_score: bool = False
 
 
 @dataclass
@@ -204,17 +261,30 @@ class MetricValue:
 # ---------------------------------------------------------------------------------------------- run context
 @dataclass
 class Context:
-    """Services the harness hands to plugins: caches, seeds, progress and settings of the run."""
+    """Services the harness hands to plugins: caches, seeds, progress and what the run was asked to do.
+
+    The run's fields are typed; a plugin reads e.g. ``ctx.generation["height"]`` (or
+    :func:`memobench.api.generation_size`) and ``ctx.batch_size``. A context a plugin builds itself (a command of its
+    own, a test) sets only what it needs."""
 
     cache_dir: Any  # pathlib.Path
     offline: bool = False
     device: str = "cpu"
     seeds: tuple[int, ...] = (0,)
     progress: Any = None  # memobench.progress.ProgressReporter
-    settings: dict = field(default_factory=dict)
     model_id: str = ""  # identity of the (unmitigated) model weights
     registry: Any = None  # memobench.registry.Registry of the run (use ``plugin()``)
     references: Any = None  # callable(prompt) -> list of training images (use ``reference_images()``)
+    # the run's sampler settings: num_inference_steps, guidance_scale, height, width (the model plugin's defaults with
+    # the run's overrides); empty = the model's own
+    generation: dict = field(default_factory=dict)
+    batch_size: int | None = None  # images denoised together (--batch-size); None = the plugin's own choice
+    model_prompt_sets: dict = field(default_factory=dict)  # the model plugin's ``prompt_sets`` (role -> set name)
+    # texts of the model's non-memorized prompt set (its ``prompt_sets["nonmem"]``), e.g. NeMo's activation statistics;
+    # None when the model names none or it could not be read (``nonmem_prompts_error`` says why)
+    nonmem_prompts: list | None = None
+    nonmem_prompt_set: str | None = None
+    nonmem_prompts_error: str | None = None
 
     def plugin(self, kind: str, name: str, params: dict | None = None):
         """An instance of another registered plugin (e.g. a mitigation building on an attack), with ``params``."""
@@ -305,6 +375,22 @@ def _coerce(v: Any, default: Any, what: str) -> Any:
     return v
 
 
+def param(default: Any, help: str) -> Any:
+    """A ``Params`` field with its description (``memobench ls`` prints it):
+    ``steps: int = param(50, "optimization steps (DoRI §3.2)")``. Lists and dicts are copied per instance."""
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def param_help(cls: type, name: str) -> str:
+    """The description of parameter ``name`` of plugin class ``cls`` ("" when it has none)."""
+    for f in dataclasses.fields(cls.Params):
+        if f.name == name:
+            return str(f.metadata.get("help", ""))
+    return ""
+
+
 def params_dict(params: Any) -> dict:
     """Fully expanded, JSON-able parameters."""
     if params is None:
@@ -323,6 +409,11 @@ class ModelPlugin(Plugin):
     kind_label = "model"
     generation: ClassVar[dict] = {"num_inference_steps": 50, "guidance_scale": 7.5, "height": 512, "width": 512}
     prompt_sets: ClassVar[dict] = {}  # {"target": "...", "nonmem": "...", "utility": "..."}
+    default_seeds: ClassVar[tuple[int, ...]] = tuple(range(10))  # target seeds when --seeds is not given
+    default_utility_seeds: ClassVar[tuple[int, ...]] = (0,)  # seeds of the utility prompt sets
+    default_metrics: ClassVar[tuple[str, ...]] = ()  # metrics when --metric is not given
+    # the model ``memobench run`` uses when --model is not given (exactly one registered model declares it)
+    is_default: ClassVar[bool] = False
 
     def load(self, ctx: Context) -> "DiffusionModel":
         raise NotImplementedError
@@ -354,6 +445,7 @@ class Mitigation(Plugin):
     """
 
     kind_label = "mitigation"
+    # "none" marks the mitigation that changes nothing (the default of ``memobench run``, exactly one is registered)
     kind: ClassVar[Literal["weights", "inference", "none"]] = "none"
     # True when what ``fit`` computes for a prompt depends on that prompt only (cached per prompt): a sharded run
     # then fits each target in the shard that owns it, and every shard reads the others' artifacts from the cache
@@ -383,6 +475,9 @@ class Attack(Plugin):
 
     kind_label = "attack"
     needs_reference: ClassVar[bool] = False  # True: the attack uses the target's training image
+    # True for the attack that is no attack (the prompt's own conditioning): the default of ``memobench run``; a run
+    # with any other attack also scores the mitigation alone on the same targets and seeds
+    is_identity: ClassVar[bool] = False
 
     def run(self, model: "DiffusionModel", prompt: Prompt, reference: "np.ndarray | None",
             ctx: Context) -> AttackOutput:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from .util import sha256_bytes
+
 CACHE_SCHEMA = 1
 
 
@@ -78,10 +80,6 @@ def _default(o: Any):
 
 def key_of(obj: Any) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
-def sha256_bytes(b: bytes) -> str:
-    return hashlib.sha256(b).hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

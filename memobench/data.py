@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import BadInput
+from .util import file_sha256
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -91,15 +92,6 @@ def _one_line(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------- helpers
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _url_filename(url: str) -> str:
     """The last path component of ``url`` (percent-decoded), made safe for a file name."""
     name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name

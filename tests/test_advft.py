@@ -32,8 +32,8 @@ def _ctx(tmp_path, model):
     if "dori" not in reg.entries["attack"] or "tiny-general" not in reg.entries["prompt_set"]:
         pytest.skip("built-in plugins not installed as entry points (run `uv sync`)")
     return Context(cache_dir=tmp_path / "cache", seeds=(0,), registry=reg, references=lambda p: [target],
-                   settings={"generation": {"num_inference_steps": 3, "guidance_scale": 3.0, "height": r,
-                                            "width": r}, "model_prompt_sets": {"regular": "tiny-general"}})
+                   generation={"num_inference_steps": 3, "guidance_scale": 3.0, "height": r, "width": r},
+                   model_prompt_sets={"regular": "tiny-general"})
 
 
 def _params(model):
@@ -78,13 +78,13 @@ def test_advft_fits_caches_and_swaps(model, tmp_path):
 
 def test_advft_needs_regular_pairs(model, tmp_path):
     ctx = _ctx(tmp_path, model)
-    ctx.settings["model_prompt_sets"] = {}
+    ctx.model_prompt_sets = {}
     with pytest.raises(ValueError, match="regular_prompts="):
         AdversarialFineTuning(**PARAMS).fit(model, [PROMPT], ctx)
     with pytest.raises(ValueError, match="inits is empty"):
         AdversarialFineTuning(**{**PARAMS, "inits": ""}).fit(model, [PROMPT], ctx)
     # an inference-kind surrogate would be skipped by apply() and leave the surrogates unmitigated: refused
-    ctx.settings["model_prompt_sets"] = {"regular": "tiny-general"}
+    ctx.model_prompt_sets = {"regular": "tiny-general"}
     with pytest.raises(ValueError, match="surrogate='wen'"):
         AdversarialFineTuning(**{**PARAMS, "surrogate": "wen"}).fit(model, [PROMPT], ctx)
     with pytest.raises(RuntimeError, match="fit"):

@@ -22,7 +22,7 @@ from PIL import Image
 
 from memobench import hookspecs
 from memobench.api import Context, Prompt, Sample
-from memobench.sscd import file_sha256, image_digest
+from memobench.api import file_sha256, image_sha256
 
 TINY = "memobench-test-tinynet"
 
@@ -242,7 +242,7 @@ def test_inception_code_path_with_tiny_registered_extractor(tmp_path, photo_sets
         def __getitem__(self, i):
             return self.t[i]
 
-    refs = [b[i] for i in np.argsort([image_digest(x) for x in b])]  # the plugin orders references by digest
+    refs = [b[i] for i in np.argsort([image_sha256(x) for x in b])]  # the plugin orders references by digest
     direct = torch_fidelity.calculate_metrics(
         input1=DS(a), input2=DS(refs), fid=True, kid=True, feature_extractor=TINY,
         feature_extractor_weights_path=str(tiny_weights), kid_subsets=100, kid_subset_size=8, cuda=False,

@@ -204,7 +204,7 @@ def test_streamed_scores_and_batches_equal_in_memory(tmp_path, monkeypatch, pres
     cache.add([s.image for s in held] + [refs[i][0] for i in range(2)])
     assert log == held_batches
     for s in held:
-        assert np.array_equal(cache(s.image), cache.vector(mem.image_digest(s.image)))
+        assert np.array_equal(cache(s.image), cache.vector(mem.image_sha256(s.image)))
 
     d = mem.Diversity(mem.Diversity.Params(**params))
     assert d.compute(held, ctx)["diversity"].per_sample == d.compute(streamed, ctx)["diversity"].per_sample

@@ -642,7 +642,7 @@ def fidelity_impl(build_root: Path) -> dict:
             "feature_layer": "512", "kid_kernel": "poly (degree 3, gamma 1/d, coef0 1)", "kid_subset_size": 30,
             "kid_subset_size_requested": 1000, "kid_subsets": 100, "n_gen": 30, "n_ref": 60, "n_ref_extracted": 0,
             "note": "Fréchet/kernel distances in SSCD feature space: not FID/KID",
-            "reference": {"content_hash": "memobench.sscd.image_digest", "n_listed": 60},
+            "reference": {"content_hash": "memobench.api.image_sha256", "n_listed": 60},
             "reference_cache": "hit", "reference_cache_path": f"{build_root}/cache/fidelity/ref-{'1f' * 32}.npz",
             "reference_sha256": "1f" * 32, "requested_feature_extractor": "auto", "rng_seed": 2020,
             "sscd": {"backend": "onnx", "checkpoint": "sscd_disc_mixup", "preset": "sscd_default"},

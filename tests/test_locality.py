@@ -180,8 +180,8 @@ def test_selection_for_an_embedding_equals_the_prompt_path(small_model, tmp_path
 
     reg = get_registry()
     nemo_cls, wanda_cls = reg.get("mitigation", "nemo"), reg.get("mitigation", "wanda")
-    ctx = Context(cache_dir=tmp_path, settings={"nonmem_prompts": [f"a photo of a {w}" for w in
-                                                                   "cat dog house tree car boat".split()]})
+    ctx = Context(cache_dir=tmp_path, nonmem_prompts=[f"a photo of a {w}" for w in
+                                                                   "cat dog house tree car boat".split()])
     text = "a red square on a blue background"
     emb = small_model.encode_prompt(text)
     nemo = nemo_cls(samples_per_prompt=3, pairwise_threshold=-1.0, initial_threshold=2.0, refinement_threshold=-1.0,

@@ -49,7 +49,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ctx(tmp_path_factory):
-    return Context(cache_dir=tmp_path_factory.mktemp("nw-cache"), settings={"nonmem_prompts": NONMEM})
+    return Context(cache_dir=tmp_path_factory.mktemp("nw-cache"), nonmem_prompts=NONMEM)
 
 
 # Cheap but complete NeMo run: every seed passes the filter, the first candidate (θ = 5, k = 2) is accepted and

@@ -27,7 +27,7 @@ class ContextProbe(Mitigation):
 
     def fit(self, model, prompts, ctx):
         SEEN["refs"] = {p.id: ctx.reference_images(p) for p in prompts}
-        SEEN["prompt_sets"] = dict((ctx.settings or {}).get("model_prompt_sets") or {})
+        SEEN["prompt_sets"] = dict(ctx.model_prompt_sets)
         SEEN["attack_cls"] = type(ctx.plugin("attack", "none", {})).__name__
 
     @contextlib.contextmanager

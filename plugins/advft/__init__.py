@@ -40,7 +40,7 @@ Algorithm (``fit``), per run, over all target prompts of the run:
    UNet's parameter storage for it (zero-copy) and restores the original on exit.
 
 Resolution: surrogates, regular pairs (encoded at the run's size) and hence DoRI and every fine-tuning step work at
-the run's generation size (``ctx.settings["generation"]``, :func:`memobench.model.generation_size`; ``memobench run
+the run's generation size (``ctx.generation``, :func:`memobench.model.generation_size`; ``memobench run
 --height/--width``), the resolution at which the fine-tuned model is then used.
 
 Memory (issue 25, defect 9). Full AdamW over SD v1.4's 859.5 M UNet parameters needs, besides the model, the
@@ -368,7 +368,7 @@ class AdversarialFineTuning(Mitigation):
         import torch
 
         p = self.params
-        name = p.regular_prompts or (ctx.settings or {}).get("model_prompt_sets", {}).get("regular", "")
+        name = p.regular_prompts or ctx.model_prompt_sets.get("regular", "")
         if not name:
             raise BadInput("advft: the model names no 'regular' prompt set; pass --mitigation-param "
                            "regular_prompts=<prompt set with reference images>")
@@ -403,7 +403,7 @@ class AdversarialFineTuning(Mitigation):
             raise BadInput(f"advft: surrogate={p.surrogate!r} is a {getattr(sur, 'kind', '?')!r}-kind mitigation; "
                            "use a weight-editing one (surrogate=nemo or surrogate=wanda)")
         sur.fit(model, prompts, ctx)
-        g = (ctx.settings or {}).get("generation", {})
+        g = ctx.generation
         steps, scale = int(g.get("num_inference_steps", 50)), float(g.get("guidance_scale", 7.5))
         from memobench.model import generation_size
         from memobench.sscd import SSCD

@@ -100,8 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     m._surrogates = lambda model, prompts, ctx: ({q.id: sur_z for q in prompts}, {"surrogate": "random latent"})
     with tempfile.TemporaryDirectory() as cache:
         ctx = Context(cache_dir=Path(cache), registry=get_registry(), references=lambda p: [image],
-                      settings={"generation": {"num_inference_steps": 2, "guidance_scale": 7.5, "height": a.size,
-                                               "width": a.size}})
+                      generation={"num_inference_steps": 2, "guidance_scale": 7.5, "height": a.size, "width": a.size})
         t1 = time.time()
         m.fit(model, [target], ctx)
         t_fit = time.time() - t1

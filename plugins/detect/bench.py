@@ -65,7 +65,7 @@ def open_session(model: str = "tiny", model_params: dict | None = None, cache_di
         raise BadInput(str(e)) from None
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     gen = dict(getattr(cls, "generation", {}) or {})
-    ctx = Context(cache_dir=cache, offline=offline, device=device, settings={"generation": gen})
+    ctx = Context(cache_dir=cache, offline=offline, device=device, generation=gen)
     quiet_libraries()
     m = plugin.load(ctx)
     ctx.model_id = key_of(m.identity())

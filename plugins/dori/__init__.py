@@ -14,7 +14,7 @@ z_mem the VAE latent of the target's training image x_mem::
 
 1. All model parameters frozen (``requires_grad`` restored afterwards); y is the only trainable tensor.
 2. z_mem ← ``model.encode_image(x_mem)``: centre-crop and resize to the run's generation size
-   (``ctx.settings["generation"]`` height/width, :func:`memobench.model.generation_size`; the model's native
+   (``ctx.generation`` height/width, :func:`memobench.model.generation_size`; the model's native
    resolution without a run context), scale to [−1, 1], VAE posterior **mean** × scaling factor (0.18215 for
    SD-1) — ``latent = "mean"`` ([UNPUBLISHED]; ``"sample"`` draws from the posterior with the attack generator
    instead). METHODS §7.4 writes 512 for SD-1.4, which is its generation size: the embedding is optimised on

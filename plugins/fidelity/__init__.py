@@ -7,7 +7,7 @@ One registered metric, ``fidelity`` (``roles = ("utility",)``), computes both di
   tensors (sorted by ``sample_key``; no temp-folder copies, CONVENTIONS §11; each image is read when torch-fidelity's
   loader asks for its batch, so only a batch of pixels is held), and
 * the reference images: the union of ``Sample.references`` of those samples, deduplicated by content hash
-  (:func:`memobench.sscd.image_digest`) and ordered by it, or — with the ``reference_dir`` parameter — every image file
+  (:func:`memobench.api.image_sha256`) and ordered by it, or — with the ``reference_dir`` parameter — every image file
   (png/jpg/jpeg/webp/bmp, not recursive, deduplicated by file sha256) of a folder of real images (e.g. the COCO-2014 val
   images of METHODS §5.2 for Stable Diffusion).
 
@@ -75,7 +75,8 @@ from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sa
 from memobench.cache import atomic_write_bytes, key_of
 from memobench.data import COCO_MANIFEST, check_pin, download_file
 from memobench.hookspecs import hookimpl
-from memobench.sscd import SSCDUnavailableError, file_sha256, image_digest
+from memobench.api import file_sha256, image_sha256
+from memobench.sscd import SSCDUnavailableError
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -314,13 +315,13 @@ class Fidelity(Metric):
         for s in samples:
             for i, r in enumerate(s.references or []):
                 n_listed += 1
-                refs.setdefault(image_digest(r), functools.partial(_nth_reference, s, i))
+                refs.setdefault(image_sha256(r), functools.partial(_nth_reference, s, i))
         if not refs:
             raise FidelityUnavailable("no reference images: the utility samples carry no Sample.references and "
                                       "no reference_dir is set")
         ids = sorted(refs)
         return [refs[k] for k in ids], ids, {"source": "Sample.references (union, deduplicated)",
-                                             "content_hash": "memobench.sscd.image_digest", "n_listed": n_listed}
+                                             "content_hash": "memobench.api.image_sha256", "n_listed": n_listed}
 
     # -- cache -----------------------------------------------------------------------------------------------------
     @staticmethod

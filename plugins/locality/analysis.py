@@ -753,7 +753,8 @@ def _worker_init(spec: dict) -> None:
     reg = get_registry()
     mcls = reg.get("model", spec["model"])
     ctx = Context(cache_dir=Path(spec["cache_dir"]), offline=spec["offline"], device=spec["device"],
-                  settings=dict(spec["settings"]))
+                  generation=dict(spec["generation"]), batch_size=spec["batch_size"],
+                  nonmem_prompts=spec["nonmem_prompts"], nonmem_prompt_set=spec["nonmem_prompt_set"])
     model = mcls(mcls.make_params(spec["model_params"])).load(ctx)
     ctx.model_id = key_of(model.identity())
     sel = {}
@@ -810,7 +811,8 @@ def run_weight_space(setup: Setup, extra: dict) -> dict:
                     adv()
         else:
             spec = {"model": setup.model_spec[0], "model_params": setup.model_spec[1], "cache_dir": str(ctx.cache_dir),
-                    "offline": ctx.offline, "device": ctx.device, "settings": dict(ctx.settings), "nemo": p.nemo,
+                    "offline": ctx.offline, "device": ctx.device, "generation": dict(ctx.generation), "batch_size": ctx.batch_size,
+                    "nonmem_prompts": ctx.nonmem_prompts, "nonmem_prompt_set": ctx.nonmem_prompt_set, "nemo": p.nemo,
                     "wanda": p.wanda, "layers": [n for n, _ in ffn + value], "ratios": ratios}
             out = _parallel_selections(spec, [(label, emb) for _, label, emb in tasks], workers, adv)
     sel: dict[str, list[dict]] = {g: [] for g in groups}

@@ -204,7 +204,7 @@ def run_locality(lp, model_name: str, target_spec: str, model_params: dict, outp
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     reporter = ProgressReporter(enabled=progress)
     ctx = Context(cache_dir=cache, offline=offline, device=device, seeds=tuple(gen_seeds), progress=reporter,
-                  settings={"generation": gen, "batch_size": 16})
+                  generation=gen, batch_size=16)
     mem_all = prompt_set.prompts(ctx)
     tgt = next((q for q in mem_all if q.id == target_spec), None) or next(
         (q for q in mem_all if q.text == target_spec), None)
@@ -223,8 +223,8 @@ def run_locality(lp, model_name: str, target_spec: str, model_params: dict, outp
     non_all = _texts(reg, non_name, ctx, "--nonmem")
     if len(non_all) < 2:
         raise BadInput(f"--nonmem: '{non_name}' has {len(non_all)} prompts; at least 2 are needed")
-    ctx.settings["nonmem_prompts"] = non_all  # NeMo's activation statistics (all of them)
-    ctx.settings["nonmem_prompt_set"] = non_name
+    ctx.nonmem_prompts = non_all  # NeMo's activation statistics (all of them)
+    ctx.nonmem_prompt_set = non_name
     nonmem_texts = non_all[: lp.n_nonmem] if lp.n_nonmem else non_all
 
     timing: dict = {}

@@ -27,8 +27,8 @@ aggregates with :mod:`memobench.stats`. Common behaviour:
   enforced (Meta publishes no hash; memobench does not invent one). Any substitution (checkpoint, device, failed
   download) is ``impl["substitution"]`` and printed under ``memobench run``'s summary table.
 
-Local TorchScript files can also be named per checkpoint in the run settings:
-``ctx.settings["sscd_weights"] = {"sscd_disc_large": "/path/sscd_disc_large.torchscript.pt"}``.
+A local TorchScript file is given with the ``weights_path`` parameter
+(``--metric-param mr.weights_path=/path/sscd_disc_large.torchscript.pt``).
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ import numpy as np
 from memobench import stats
 from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
 from memobench.hookspecs import hookimpl
-from memobench.sscd import SSCD, SSCDUnavailableError, get_preset, image_digest, jpeg_roundtrip
+from memobench.api import image_sha256
+from memobench.sscd import SSCD, SSCDUnavailableError, get_preset, jpeg_roundtrip
 
 __all__ = ["Diversity", "EmbeddingCache", "MemorizationRate", "SSCDGen", "SSCDOrig"]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
 class EmbeddingCache:
-    """Embeds each distinct image (by :func:`memobench.sscd.image_digest`) once; lookups by image."""
+    """Embeds each distinct image (by :func:`memobench.api.image_sha256`) once; lookups by image."""
 
     def __init__(self, embedder: Any):
         self.embedder = embedder
@@ -63,7 +64,7 @@ class EmbeddingCache:
         """Embed, in one batched call, every image not seen before."""
         todo: dict[str, np.ndarray] = {}
         for im in images:
-            d = image_digest(im)
+            d = image_sha256(im)
             if d not in self._vectors and d not in todo:
                 todo[d] = im
         if todo:
@@ -82,7 +83,7 @@ class EmbeddingCache:
         out: dict[Any, str] = {}
         for key, load in items:
             im = load()
-            d = image_digest(im)
+            d = image_sha256(im)
             if key is not None:
                 out[key] = d
             if d in self._vectors:
@@ -113,16 +114,16 @@ class EmbeddingCache:
         if getattr(pre, "center_crop", None):
             return (pre.center_crop, pre.center_crop)
         if isinstance(resize, int):
-            from memobench.sscd import _short_side_size
+            from memobench.sscd import short_side_size
 
-            return _short_side_size(image.shape[0], image.shape[1], resize)
+            return short_side_size(image.shape[0], image.shape[1], resize)
         return tuple(resize)
 
     def vector(self, digest: str) -> np.ndarray:
         return self._vectors[digest]
 
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        return self._vectors[image_digest(image)]
+        return self._vectors[image_sha256(image)]
 
     def __len__(self) -> int:
         return len(self._vectors)
@@ -142,7 +143,7 @@ def _ref_loaders(samples: Sequence[Sample]) -> dict[str, Callable[[], np.ndarray
     seen: dict[str, Callable[[], np.ndarray]] = {}
     for s in samples:
         for i, r in enumerate(s.references or []):
-            seen.setdefault(image_digest(r), functools.partial(_nth_reference, s, i))
+            seen.setdefault(image_sha256(r), functools.partial(_nth_reference, s, i))
     return seen
 
 
@@ -202,9 +203,6 @@ class _SSCDMetric(Metric):
         """The SSCD embedder for this metric's params and the run context (tests may replace this)."""
         p = self.params
         weights = p.weights_path or None
-        if weights is None:
-            local = (ctx.settings or {}).get("sscd_weights", {}) or {}
-            weights = local.get(get_preset(p.preset).checkpoint)
         return SSCD(preset=p.preset, backend=p.backend, weights_path=weights,
                     cache_dir=Path(ctx.cache_dir) if ctx.cache_dir is not None else None,
                     offline=ctx.offline, batch_size=p.batch_size, device=str(ctx.device or "cpu"),
@@ -267,7 +265,8 @@ class SSCDOrig(_SSCDMetric):
 
     name = "sscd_orig"
     info = MetricInfo("sscd_orig", "SSCD_Orig", higher_is_better=False, min=-1.0, max=1.0,
-                      description="SSCD cosine between generations and the training image (METHODS §4.1)")
+                      description="SSCD cosine between generations and the training image (METHODS §4.1)",
+                      category="privacy", grid_score=True)
 
     @dataclass
     class Params(_SSCDMetric.Params):
@@ -309,7 +308,8 @@ class MemorizationRate(_SSCDMetric):
 
     name = "mr"
     info = MetricInfo("mr", "MR", higher_is_better=False, min=0.0, max=1.0,
-                      description="memorization rate: SSCD_orig > τ (METHODS §4.2)")
+                      description="memorization rate: SSCD_orig > τ (METHODS §4.2)",
+                      category="privacy", headline=True)
 
     @dataclass
     class Params(_SSCDMetric.Params):
@@ -353,7 +353,8 @@ class SSCDGen(_SSCDMetric):
 
     name = "sscd_gen"
     info = MetricInfo("sscd_gen", "SSCD_Gen", higher_is_better=False, min=-1.0, max=1.0,
-                      description="SSCD cosine between mitigated and unmitigated generations (METHODS §4.3)")
+                      description="SSCD cosine between mitigated and unmitigated generations (METHODS §4.3)",
+                      category="privacy")
     needs_baseline = True
 
     @dataclass
@@ -394,7 +395,8 @@ class Diversity(_SSCDMetric):
 
     name = "diversity"
     info = MetricInfo("diversity", "D_SSCD", higher_is_better=False, min=-1.0, max=1.0,
-                      description="median pairwise SSCD among a prompt's generations (METHODS §4.4)")
+                      description="median pairwise SSCD among a prompt's generations (METHODS §4.4)",
+                      category="privacy")
 
     @dataclass
     class Params(_SSCDMetric.Params):

@@ -19,7 +19,7 @@ What it does
 * **Memorization score** (§7.1.3): δ_g(y, B) = ε_θ(x_T^(g), t_1, e_y | B blocked) - x_T^(g) for ``samples_per_prompt``
   initial latents of seed ``seed``, evaluated at the *second* DDIM timestep on the unchanged initial latent (§9 #2),
   without CFG; each (sample, channel) plane is min-max normalised. The latents have the run's generation size
-  (``ctx.settings["generation"]`` height/width, :func:`memobench.model.generation_size`; the model's native size
+  (``ctx.generation`` height/width, :func:`memobench.model.generation_size`; the model's native size
   without a run context), so that neurons are localized on the latents the run denoises (NeMo: 64×64 latents of
   512-px SD-1.4 generations). A non-native size enters the cache key of the neuron sets. Similarity = torchmetrics' functional multi-scale
   SSIM (kernel 11, betas (0.33, 0.33, 0.33), other arguments default) (§9 #1).
@@ -41,7 +41,7 @@ Choices where METHODS is silent or marked [UNPUBLISHED] (each a ``Params`` field
 * ``utility_blocking`` ("union" | "none"): prompts without an own fitted set (utility prompts, ``mem_type`` None,
   ``prompt`` None) get the union of all fitted sets (default: a deployed "pruned model") or no blocking.
 * ``stats_prompts``: where the non-memorized statistics prompts come from. "" (default) = the run setting
-  ``ctx.settings["nonmem_prompts"]`` (a list of texts or :class:`memobench.api.Prompt`; the harness may fill it from
+  ``ctx.nonmem_prompts`` (a list of texts or :class:`memobench.api.Prompt`; the harness may fill it from
   the model plugin's ``prompt_sets["nonmem"]``); otherwise a prompt file path (.txt/.csv/.jsonl) or the name of a
   registered prompt set. NeMo used 50,000 held-out LAION prompts; ``stats_limit`` > 0 keeps only the first N.
   ``stats_file`` may name a safetensors file with ``mean.<l>`` / ``std.<l>`` tensors (l = 0-based layer index)
@@ -476,7 +476,7 @@ class NeMo(Mitigation):
     class Params:
         blocks: str = "down,mid"  # value layers: down and mid blocks (§7.1.1); "up" may be added (App. C.8)
         # activation statistics (§7.1.2)
-        stats_prompts: str = ""  # "" = ctx.settings["nonmem_prompts"]; else a prompt file or prompt-set name
+        stats_prompts: str = ""  # "" = ctx.nonmem_prompts; else a prompt file or prompt-set name
         stats_limit: int = 0  # first N statistics prompts (0 = all)
         stats_file: str = ""  # precomputed safetensors with mean.<l>/std.<l>
         # memorization score (§7.1.3)
@@ -531,13 +531,13 @@ class NeMo(Mitigation):
     def _stats_texts(self, ctx: Context) -> tuple[list[str], str]:
         src = self.params.stats_prompts
         if not src:
-            raw = (ctx.settings or {}).get("nonmem_prompts")
+            raw = ctx.nonmem_prompts
             if not raw:
                 raise BadInput("mitigation 'nemo': no non-memorized prompts for the activation statistics; pass "
                                "--mitigation-param stats_prompts=<prompt file or prompt-set name> (NeMo used 50k "
-                               "held-out LAION prompts) or set ctx.settings['nonmem_prompts']")
+                               "held-out LAION prompts) or set ctx.nonmem_prompts")
             texts = [p.text if isinstance(p, Prompt) else str(p) for p in raw]
-            label = "ctx.settings['nonmem_prompts']"
+            label = "ctx.nonmem_prompts"
         elif Path(src).is_file():
             from memobench.prompts import read_prompt_file
 

@@ -26,6 +26,7 @@ class TinyModel(ModelPlugin):
     name = "tiny"
     version = "1"
     generation = {"num_inference_steps": 50, "guidance_scale": 3.0, "height": 64, "width": 64}
+    is_default = True  # the embedded model: what `memobench run` uses without --model
     default_seeds = tuple(range(10))
     default_utility_seeds = (0,)
     default_metrics = ["mr", "sscd_orig", "tiny_alignment"]

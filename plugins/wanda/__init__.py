@@ -39,7 +39,7 @@ Choices where METHODS is silent or marked [UNPUBLISHED] (each a ``Params`` field
   all group masks (with one group: the mask itself, i.e. "the pruned model").
 * Sampling for the statistics: ``num_inference_steps`` 50 and ``guidance_scale`` 7.5 (the diffusers pipeline
   defaults ConceptPrune relies on), ``seed`` 0, negative prompt "", at the run's generation size
-  (``ctx.settings["generation"]`` height/width, :func:`memobench.model.generation_size`; ConceptPrune samples at
+  (``ctx.generation`` height/width, :func:`memobench.model.generation_size`; ConceptPrune samples at
   the pipeline's default, SD's native 512 px, which is also where its masks are used): the activation statistics
   come from the resolution at which the pruned model generates. A non-native size enters the masks' cache key.
   The initial latent comes from memobench's per-image CPU generator (``torch.Generator().manual_seed(seed)``), not
@@ -48,7 +48,7 @@ Choices where METHODS is silent or marked [UNPUBLISHED] (each a ``Params`` field
   model's dtype and normalisation/accumulation is in float32.
 * Ties in the per-row top-k are broken by a stable descending sort (lower column index first); ConceptPrune's
   unstable ``torch.sort`` leaves them implementation-defined.
-* Prompts are batched for the statistics runs (``ctx.settings['batch_size']``, default 8): every sample's rows are
+* Prompts are batched for the statistics runs (``ctx.batch_size``, default 8): every sample's rows are
   independent, so only floating-point summation order changes.
 
 Artifacts: one safetensors file of boolean masks (``mask.<layer name>``) per prompt group, keyed by model identity,
@@ -291,7 +291,7 @@ class Wanda(Mitigation):
         self._layers = [(n, tuple(m.weight.shape)) for n, m in layers]
         g = p.group_size if p.group_size > 0 else max(1, len(prompts))
         groups = [prompts[i: i + g] for i in range(0, len(prompts), g)]
-        bs = int((ctx.settings or {}).get("batch_size") or 8)
+        bs = int(ctx.batch_size or 8)
         size = generation_size(model, ctx)  # statistics at the run's resolution
         self._size = size
         run = dict(timesteps=p.timesteps, num_inference_steps=p.num_inference_steps,

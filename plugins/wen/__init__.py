@@ -164,7 +164,7 @@ class WenMitigation(Mitigation):
         p = self.params
         if p.max_iters < 0:
             raise BadInput("wen: max_iters must be ≥ 0")
-        gen = dict((ctx.settings or {}).get("generation") or {}) if ctx is not None else {}
+        gen = dict(ctx.generation or {}) if ctx is not None else {}
         n_steps = int(gen.get("num_inference_steps", 50))
         w = float(gen.get("guidance_scale", 7.5))
         if not 0 <= p.target_step < n_steps:
