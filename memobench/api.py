@@ -40,7 +40,7 @@ from .config import BadInput, check_device, check_finite  # noqa: E402
 __all__ = [
     # value types, run context and plugin bases (defined here)
     "Prompt", "Conditioning", "AttackOutput", "Sample", "MetricInfo", "MetricValue", "Context",
-    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "params_dict", "param", "param_help",
+    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "Detector", "params_dict", "param", "param_help",
     "BadInput", "check_device", "check_finite",
     # everything else a plugin may use, re-exported from the core module that owns it (imported on first use, so
     # that importing this module stays cheap): see ``_PUBLIC``
@@ -66,7 +66,7 @@ __all__ = [
         # statistics
         "stats": None,
         # what a command writing results shares with `memobench run`
-        "environment": "session", "check_output_dir": "session", "write_grid": "grid",
+        "environment": "session", "provenance": "session", "check_output_dir": "session", "write_grid": "grid",
         "attack_key": "pipeline.attack", "cached_attack": "pipeline.attack",
         "parse_kv": "config", "parse_seeds": "config", "resolve_offline": "config", "dumps_strict": "config",
         "ProgressReporter": "progress", "get_registry": "registry", "__version__": None,
@@ -494,4 +494,41 @@ class Metric(Plugin):
     needs_baseline: ClassVar[bool] = False
 
     def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
+        raise NotImplementedError
+
+
+class Detector(Plugin):
+    """A memorization detector: one prompt -> a score, higher = more likely memorized (``memobench detect``).
+
+    ``score(model, text)`` returns ``{"score": float, ...}`` (JSON-able). ``resolved(generation)`` fills parameters
+    that default to the model's own generation settings (``0`` / ``-1`` sentinels), so that the identity recorded in
+    results and calibrations, and hashed into cache keys, names the concrete values that ran."""
+
+    kind_label = "detector"
+    #: Published fixed cut-offs of the score, reported next to the calibrated thresholds (name -> value).
+    fixed_thresholds: ClassVar[dict[str, float]] = {}
+    #: One line naming the statistic, for tables.
+    statistic: ClassVar[str] = ""
+    #: Parameters that change only the explanation, never the score: left out of the calibration key, so that a
+    #: calibration serves every explanation setting.
+    explanation_params: ClassVar[tuple[str, ...]] = ()
+
+    def identity(self) -> dict:
+        # "detect-<name>" keeps artifact folders apart from the mitigation of the same paper (artifacts/<name>/…)
+        return {"name": f"detect-{self.name}", "version": self.version, "params": params_dict(self.params)}
+
+    def scoring(self) -> "Detector":
+        """This detector with its explanation-only parameters at their defaults (the calibration's key)."""
+        if not self.explanation_params:
+            return self
+        defaults = type(self).Params()
+        return self.with_params(**{k: getattr(defaults, k) for k in self.explanation_params})
+
+    def resolved(self, generation: dict) -> "Detector":
+        return self
+
+    def with_params(self, **values: Any) -> "Detector":
+        return type(self)(dataclasses.replace(self.params, **values))
+
+    def score(self, model: "DiffusionModel", text: str) -> dict:
         raise NotImplementedError

@@ -40,5 +40,10 @@ def register_metrics(register):
 
 
 @hookspec
+def register_detectors(register):
+    """Register :class:`memobench.api.Detector` subclasses (per-prompt memorization scores: ``memobench detect``)."""
+
+
+@hookspec
 def register_commands(app):
     """Add sub-commands to the ``memobench`` Typer application ``app``."""

@@ -1,4 +1,4 @@
-"""Plugin discovery and the registries of models, prompt sets, mitigations, attacks and metrics.
+"""Plugin discovery and the registries of models, prompt sets, mitigations, attacks, metrics and detectors.
 
 Plugins are distributions declaring entry points in the group ``memobench`` (the built-ins under ``plugins/``
 are declared the same way in memobench's own ``pyproject.toml``). Loading is failure-tolerant: each entry
@@ -38,9 +38,10 @@ KINDS = {
     "mitigation": "register_mitigations",
     "attack": "register_attacks",
     "metric": "register_metrics",
+    "detector": "register_detectors",
 }
 KIND_PLURAL = {"model": "models", "prompt_set": "prompt-sets", "mitigation": "mitigations", "attack": "attacks",
-               "metric": "metrics"}
+               "metric": "metrics", "detector": "detectors"}
 
 
 class PluginError(Exception):
@@ -127,7 +128,7 @@ def _kind_bases() -> dict[str, type]:
     from . import api
 
     return {"model": api.ModelPlugin, "prompt_set": api.PromptSet, "mitigation": api.Mitigation,
-            "attack": api.Attack, "metric": api.Metric}
+            "attack": api.Attack, "metric": api.Metric, "detector": api.Detector}
 
 
 def _check_class(cls: object, kind: str, plugin_name: str) -> None:

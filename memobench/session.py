@@ -64,3 +64,14 @@ def check_output_dir(path: str | Path) -> Path:
     except OSError as e:
         raise BadInput(f"--output-dir: cannot write to {p} ({e.strerror or e}); choose a writable directory") from None
     return p
+
+
+def provenance() -> dict:
+    """What every result file records about the code and machine that computed it: memobench's version, the git
+    commit (and whether the tree differed from it), the time (UTC) and :func:`environment`."""
+    import datetime as _dt
+
+    from . import __version__
+
+    return {"memobench_version": __version__, "git_hash": git_hash(), "git_dirty": git_dirty(),
+            "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "env": environment()}
