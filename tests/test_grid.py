@@ -1,4 +1,4 @@
-"""The run's image grid (``memobench.runner.write_grid``)."""
+"""The run's image grid (``memobench.grid.write_grid``)."""
 
 
 def test_grid_labels_the_shown_reference_when_a_prompt_has_several(tmp_path):
@@ -8,7 +8,7 @@ def test_grid_labels_the_shown_reference_when_a_prompt_has_several(tmp_path):
     from PIL import Image
 
     from memobench.api import Prompt, Sample
-    from memobench.runner import write_grid
+    from memobench.grid import write_grid
 
     img = np.zeros((8, 8, 3), np.uint8)
 

@@ -99,7 +99,7 @@ def write_result(root: Path, model="tiny", mitigation="none", attack="none", met
         data["metrics_without_attack"] = mwa
     if images is not None:
         from memobench.api import Prompt, Sample
-        from memobench.runner import write_grid
+        from memobench.grid import write_grid
 
         roles = ["target"] + (["mitigated"] if attack not in ("none", "prompt") and mwa is not None else [])
         rows, by_role = [], {}
