@@ -34,7 +34,7 @@ class Site:
     n_results: int
 
 
-def _grid_score(cols: list[Column], rows: list[Row]) -> tuple[str, str] | None:
+def _grid_score(cols: list[Column]) -> tuple[str, str] | None:
     """(metric id, display name) of the per-sample value shown under each image: the declared grid score."""
     for c in cols:
         if c.role.grid_score:
@@ -122,7 +122,7 @@ def render(results_dir: str | Path, reuse_dir: str | Path | None = None, cache_d
     images.collect_references(results)
     files: dict[str, bytes] = {f"runs/{r.rel}": r.copy for r in results}
     no_attack = {(w.model, w.mitigation): w for w in rows if not w.attacked}
-    score = _grid_score(cols, rows)
+    score = _grid_score(cols)
     for w in rows:
         _pairing(w, no_attack.get((w.model, w.mitigation)), images, [c.name for c in cols], score, files)
     plots, unplotted = _plots(rows, cols, targets, files)
