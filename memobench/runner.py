@@ -40,7 +40,7 @@ from .pipeline import plan as _plan
 from .pipeline.attack import AttackPhase, attack_key, cached_attack  # noqa: F401  (re-exported)
 from .pipeline.fit import fit
 from .pipeline.generate import Generator
-from .pipeline.plan import Job, Plan  # noqa: F401  (re-exported)
+from .pipeline.plan import Job, Plan
 from .pipeline.score import condition_traces, load_samples, score
 from .pipeline.write import RESULT_SCHEMA, RunOutcome, assemble_result, run_dir, write_grids, write_result  # noqa: F401
 from .progress import Interrupted, ProgressReporter
