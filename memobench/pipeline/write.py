@@ -70,7 +70,7 @@ def assemble_result(run: Any, plan: Any, model: Any, model_ident: dict, scores: 
         "errors": errors,
         "config": dataclasses.asdict(cfg),
         "model": {**model_ident, "plugin": run.model_plugin.identity(),
-                  "source": jsonable_trace(getattr(model, "source", None) or {})},
+                  "source": jsonable_trace(model.source or {})},
         "mitigation": {**run.mitigation.identity(), "kind": run.mitigation.kind,
                        "dist": run.reg.entry("mitigation", run.mitigation.name).dist,
                        "report": run.mitigation.report()},
