@@ -20,7 +20,8 @@ class _Described(Mitigation):
         quiet: bool = False
 
 
-def test_ls_shows_parameter_descriptions(cli_inproc):
+def test_ls_shows_parameter_descriptions(cli_inproc, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
     obj = SimpleNamespace(register_mitigations=hookimpl(lambda register: register(_Described)))
     registry.register_object(obj, "ls-described")
     try:
@@ -33,7 +34,8 @@ def test_ls_shows_parameter_descriptions(cli_inproc):
     assert "quiet=False —" not in text  # nothing extra for a parameter without a description
 
 
-def test_ls_without_descriptions_is_unchanged(cli_inproc):
+def test_ls_without_descriptions_is_unchanged(cli_inproc, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")
     rc, out, err = cli_inproc(["ls", "attacks"])
     assert rc == 0 and "—" not in out.split("dori", 1)[1].split("\n", 1)[0]
 
