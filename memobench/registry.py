@@ -117,7 +117,8 @@ class Registry:
         default: the model with ``is_default``, the mitigation of kind ``"none"``, the attack with ``is_identity``.
         :class:`PluginError` when no plugin, or several, declare it."""
         if kind not in DEFAULT_MARK:
-            raise ValueError(f"Registry.default: no default for kind {kind!r}; kinds with one: {', '.join(DEFAULT_MARK)}")
+            raise ValueError(f"Registry.default: no default for kind {kind!r}; kinds with one: "
+                             f"{', '.join(DEFAULT_MARK)}")
         what, marked = DEFAULT_MARK[kind]
         found = list(dict.fromkeys(e.cls for e in self.entries[kind].values() if marked(e.cls)))
         if len(found) != 1:

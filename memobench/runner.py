@@ -1,7 +1,7 @@
 """The runner: resolve the plugins of a configuration, then run its phases in data-flow order.
 
-plan → fit → attack → generate → score → write, one module each in :mod:`memobench.pipeline`; every phase has its own
-cache, so that a crash in one never forces redoing another:
+plan → fit → attack → generate → score → write, one module each in :mod:`memobench.pipeline`; every phase has its
+own cache, so that a crash in one never forces redoing another:
 
 1. *plan* (:mod:`~memobench.pipeline.plan`) — the jobs (one per image) and their sample keys, what is cached, this
    shard's part; ``--dry-run`` stops here;

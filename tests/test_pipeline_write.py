@@ -34,8 +34,9 @@ def _inputs(tmp_path):
     jobs = [Job(r, p, s, f"{r}-{p.id}-{s}") for r in ("target", "mitigated") for p in prompts(2) for s in (0, 1)]
     plan = Plan(prompts(2), 5, {}, jobs, False)
     samples = load_samples(jobs, FakeImages([j.key for j in jobs]), False, lambda p: [], lambda r, p: [])
-    scores = Scores(metrics={"fake-mean": {"value": float("nan"), "n": 4}}, without_attack={"fake-mean": {"value": 1.0}},
-                    per_sample={"fake-mean": {"target-p0-0": 0.5}}, grid_metric="fake-mean")
+    scores = Scores(metrics={"fake-mean": {"value": float("nan"), "n": 4}},
+                    without_attack={"fake-mean": {"value": 1.0}}, per_sample={"fake-mean": {"target-p0-0": 0.5}},
+                    grid_metric="fake-mean")
     return plan, samples, scores
 
 
