@@ -46,6 +46,7 @@ from .pipeline.write import RESULT_SCHEMA, RunOutcome, assemble_result, run_dir,
 from .progress import Interrupted, ProgressReporter
 from .registry import Registry, get_registry
 from .session import check_output_dir, environment  # noqa: F401  (re-exported for callers of the old location)
+from .util import image_sha256  # noqa: F401  (re-exported: plugins imported it from here before memobench.api)
 
 
 @dataclass
