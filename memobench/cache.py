@@ -295,18 +295,26 @@ def cache_info(cache_dir: str | Path) -> dict:
     return out
 
 
-def cache_clear(cache_dir: str | Path, section: str | None = None) -> int:
-    """Delete memobench's sections (all, or ``section``) of a memobench cache folder; returns the number of files.
-    A folder without memobench's marker is refused (:class:`CacheError`): nothing of another program is deleted, and
-    in a marked folder only :data:`SECTIONS` and :data:`SECTION_FILES` are."""
+def check_clearable(cache_dir: str | Path, section: str | None = None) -> Path:
+    """``cache_dir`` as a :class:`~pathlib.Path` if ``cache clear`` may delete ``section`` (None = all sections) there:
+    ``section`` is one of :data:`SECTIONS`, and an existing folder carries memobench's marker. Otherwise a one-line
+    :class:`CacheError` naming the fix (called before ``memobench cache clear`` asks for confirmation)."""
     root = Path(cache_dir)
-    if not root.exists():
-        return 0
-    if not is_memobench_cache(root):
-        raise CacheError(f"--cache-dir {root}: not a memobench cache (no {MARKER} marker); nothing deleted. Point "
-                         "--cache-dir at memobench's cache, or delete that folder yourself")
     if section is not None and section not in SECTIONS:
         raise CacheError(f"--section: unknown section {section!r}; use one of {', '.join(SECTIONS)}")
+    if root.exists() and not is_memobench_cache(root):
+        raise CacheError(f"--cache-dir {root}: not a memobench cache (no {MARKER} marker); nothing deleted. Point "
+                         "--cache-dir at memobench's cache, or delete that folder yourself")
+    return root
+
+
+def cache_clear(cache_dir: str | Path, section: str | None = None) -> int:
+    """Delete memobench's sections (all, or ``section``) of a memobench cache folder; returns the number of files.
+    A folder without memobench's marker is refused (:func:`check_clearable`): nothing of another program is deleted,
+    and in a marked folder only :data:`SECTIONS` and :data:`SECTION_FILES` are."""
+    root = check_clearable(cache_dir, section)
+    if not root.exists():
+        return 0
     n = 0
     for name in ([section] if section else list(SECTIONS)):
         t = root / name

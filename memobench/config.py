@@ -27,13 +27,13 @@ class BadInput(ValueError):
 
 @dataclass
 class RunConfig:
-    model: str = "tiny"
+    model: str | None = None  # None = the model plugin that declares is_default
     model_params: dict = field(default_factory=dict)
     prompts: str | None = None  # target prompt set; None = the model's default
     prompt_params: dict = field(default_factory=dict)
-    mitigation: str = "none"
+    mitigation: str | None = None  # None = the mitigation of kind "none" (no mitigation)
     mitigation_params: dict = field(default_factory=dict)
-    attack: str = "none"
+    attack: str | None = None  # None = the identity attack (the target's own prompt)
     attack_params: dict = field(default_factory=dict)
     metrics: list[str] | None = None  # None = the model's default metrics
     metric_params: dict = field(default_factory=dict)  # {metric: {param: value}}
@@ -246,6 +246,19 @@ def dumps_strict(obj: Any, **kw: Any) -> str:
         old = obj.get("non_finite_values")
         obj["non_finite_values"] = {**(old if isinstance(old, dict) else {}), **found}
     return json.dumps(obj, allow_nan=False, **kw)
+
+
+PLUGIN_FIELDS = ("model", "mitigation", "attack")  # unset (None): the registry's default of that kind
+
+
+def resolve_defaults(cfg: RunConfig, registry) -> RunConfig:
+    """``cfg`` with every unset plugin of :data:`PLUGIN_FIELDS` set (in place) to the registry's default of its kind
+    (:meth:`memobench.registry.Registry.default`), before anything is hashed: a run that names the defaults and one
+    that leaves them out are the same run."""
+    for kind in PLUGIN_FIELDS:
+        if getattr(cfg, kind) is None:
+            setattr(cfg, kind, registry.default(kind))
+    return cfg
 
 
 def validate(cfg: RunConfig) -> None:

@@ -40,6 +40,12 @@ KINDS = {
     "metric": "register_metrics",
     "detector": "register_detectors",
 }
+# what makes a plugin the default of its kind (what `memobench run` uses when the kind is not named)
+DEFAULT_MARK = {
+    "model": ("is_default = True", lambda cls: cls.is_default),
+    "mitigation": ('kind = "none"', lambda cls: cls.kind == "none"),
+    "attack": ("is_identity = True", lambda cls: cls.is_identity),
+}
 KIND_PLURAL = {"model": "models", "prompt_set": "prompt-sets", "mitigation": "mitigations", "attack": "attacks",
                "metric": "metrics", "detector": "detectors"}
 
@@ -105,6 +111,23 @@ class Registry:
 
     def all_entries(self) -> list[Entry]:
         return [e for k in KINDS for e in self.entries[k].values()]
+
+    def default(self, kind: str) -> str:
+        """The name (the class's own ``name``, not an alias) of the one plugin of ``kind`` that declares itself the
+        default: the model with ``is_default``, the mitigation of kind ``"none"``, the attack with ``is_identity``.
+        :class:`PluginError` when no plugin, or several, declare it."""
+        if kind not in DEFAULT_MARK:
+            raise ValueError(f"Registry.default: no default for kind {kind!r}; kinds with one: "
+                             f"{', '.join(DEFAULT_MARK)}")
+        what, marked = DEFAULT_MARK[kind]
+        found = list(dict.fromkeys(e.cls for e in self.entries[kind].values() if marked(e.cls)))
+        if len(found) != 1:
+            label = kind.replace("_", " ")
+            names = ", ".join(f"{c.name} ({self.entries[kind][c.name].plugin})" for c in found)
+            raise PluginError(f"default {label}: {'no' if not found else len(found)} registered {label} plugins "
+                              f"declare {what}{f' ({names})' if found else ''}; exactly one must (or name one "
+                              f"with --{kind})")
+        return found[0].name
 
 
 def _origin(obj, fallback: str | None = None) -> str:

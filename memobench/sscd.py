@@ -64,7 +64,6 @@ This module imports neither torch nor onnxruntime at import time.
 from __future__ import annotations
 
 import io
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -74,7 +73,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from .cache import default_cache_dir
+from .cache import atomic_write_text, default_cache_dir
 from .data import check_pin, download_file
 from .util import dist_version, file_sha256
 
@@ -299,9 +298,7 @@ def _download(name: str, dest: Path, sha256: str | None = None) -> str:
     got = download_file(url, dest, sha256=sha256, what=f"SSCD checkpoint download {url}",
                         fix="the file on the server is not the pinned one: check the URL, or pass the sha256 you "
                             "trust as the metric's weights_sha256 parameter")
-    tmp = _record_path(dest).with_name(_record_path(dest).name + f".tmp{os.getpid()}")
-    tmp.write_text(got + "\n")
-    os.replace(tmp, _record_path(dest))
+    atomic_write_text(_record_path(dest), got + "\n")
     return got
 
 

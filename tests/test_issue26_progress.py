@@ -140,7 +140,7 @@ def test_nemo_reports_statistics_and_localization_rounds(sd14, tmp_path):
     from memobench_plugins import nemo as N
 
     rec = Recorder()
-    ctx = Context(cache_dir=tmp_path, settings={"nonmem_prompts": NONMEM}, progress=rec)
+    ctx = Context(cache_dir=tmp_path, nonmem_prompts=NONMEM, progress=rec)
     # every seed passes the filter; candidates fail until θ/k have moved a few times; refinement keeps everything
     m = N.NeMo(samples_per_prompt=3, pairwise_threshold=-1.0, initial_threshold=2.0, refinement_threshold=-1.0,
                k_init=2, theta_step=1.0)
@@ -176,7 +176,7 @@ def test_wanda_reports_statistics_runs(sd14, tmp_path):
     from memobench_plugins import wanda as W
 
     rec = Recorder()
-    ctx = Context(cache_dir=tmp_path, settings={"batch_size": 1}, progress=rec)
+    ctx = Context(cache_dir=tmp_path, batch_size=1, progress=rec)
     W.Wanda(skill_ratio=0.1, num_inference_steps=4, timesteps=2).fit(sd14, TARGETS, ctx)
     (stats,) = rec.named(r"^wanda: statistics")
     assert stats["total"] == (len(TARGETS) + 1) * 2 == stats["advanced"]  # targets + base prompt, 2 steps each
@@ -217,9 +217,8 @@ def test_advft_reports_regular_pairs_surrogate_draws_and_epochs(small, tmp_path)
     target = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     rec = Recorder()
     ctx = Context(cache_dir=tmp_path / "cache", seeds=(0,), registry=reg, references=lambda p: [target],
-                  progress=rec, settings={"generation": {"num_inference_steps": 2, "guidance_scale": 3.0,
-                                                         "height": r, "width": r},
-                                          "model_prompt_sets": {"regular": "tiny-general"}})
+                  progress=rec, generation={"num_inference_steps": 2, "guidance_scale": 3.0, "height": r, "width": r},
+                  model_prompt_sets={"regular": "tiny-general"})
     p0 = Prompt("p0", "a photo of a cat sitting on a red mat", mem_type="VM", reference_ids=("r",))
     AdversarialFineTuning(epochs=1, dori_steps=2, dori_batch=1, steps_per_epoch=2, lr=1e-3, n_regular=2,
                           regular_batch=1, surrogate="none", surrogate_params="", surrogate_tries=2,
