@@ -131,8 +131,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from memobench.api import BadInput, Context, Mitigation, Prompt
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Context, Mitigation, Prompt, hookimpl
 
 __all__ = ["AdversarialFineTuning"]
 
@@ -158,7 +157,7 @@ def surrogate_params(spec: str) -> dict:
     """``"k=v;k=v"`` → ``{k: v}`` by memobench's KEY=VALUE rule (values stay strings; the surrogate mitigation
     coerces them). ";" separates pairs so that values may hold commas (``blocks=down,mid``). A malformed spec is a
     ``ValueError``, as every invalid mitigation parameter is."""
-    from memobench.config import BadInput, parse_kv
+    from memobench.api import BadInput, parse_kv
 
     try:
         return parse_kv([x for x in spec.split(";") if x.strip()], "advft parameter surrogate_params")
@@ -373,7 +372,7 @@ class AdversarialFineTuning(Mitigation):
             raise BadInput("advft: the model names no 'regular' prompt set; pass --mitigation-param "
                            "regular_prompts=<prompt set with reference images>")
         ps = ctx.plugin("prompt_set", name)
-        from memobench.model import generation_size
+        from memobench.api import generation_size
 
         height, width = generation_size(model, ctx)
         texts, lats = [], []
@@ -405,8 +404,8 @@ class AdversarialFineTuning(Mitigation):
         sur.fit(model, prompts, ctx)
         g = ctx.generation
         steps, scale = int(g.get("num_inference_steps", 50)), float(g.get("guidance_scale", 7.5))
-        from memobench.model import generation_size
-        from memobench.sscd import SSCD
+        from memobench.api import generation_size
+        from memobench.api import SSCD
 
         height, width = generation_size(model, ctx)
 
@@ -439,9 +438,9 @@ class AdversarialFineTuning(Mitigation):
         import torch
         from safetensors.torch import load_file, save
 
-        from memobench.cache import atomic_write_text, key_of, write_once_bytes
+        from memobench.api import atomic_write_text, key_of, write_once_bytes
 
-        from memobench.model import generation_size, size_key_part
+        from memobench.api import generation_size, size_key_part
 
         inits = self._check()
         targets = [q for q in prompts if ctx.reference_images(q)]

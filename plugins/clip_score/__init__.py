@@ -49,11 +49,10 @@ from typing import Any
 
 import numpy as np
 
-from memobench import stats
-from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
-from memobench.data import check_pin, download_file
-from memobench.hookspecs import hookimpl
-from memobench.sscd import file_sha256
+from memobench.api import (
+    BadInput, Context, Metric, MetricInfo, MetricValue, Sample, check_pin, download_file, file_sha256, hookimpl,
+    stats,
+)
 
 __all__ = [
     "VARIANTS",

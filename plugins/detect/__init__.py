@@ -23,7 +23,7 @@ This module imports neither torch nor diffusers at import time.
 
 from __future__ import annotations
 
-from memobench.hookspecs import hookimpl
+from memobench.api import hookimpl
 
 
 @hookimpl

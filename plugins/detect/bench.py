@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memobench.api import Context, Prompt
-from memobench.cache import atomic_write_bytes, atomic_write_text, default_cache_dir, key_of
-from memobench.config import BadInput
+from memobench.api import BadInput, Context, Prompt, atomic_write_bytes, atomic_write_text, default_cache_dir, key_of
 
 from ._base import Detector
 from .nemo import NeMoDetector
@@ -54,8 +52,8 @@ class Session:
 def open_session(model: str = "tiny", model_params: dict | None = None, cache_dir: str | Path | None = None,
                  device: str = "cpu", offline: bool = False, registry=None) -> Session:
     """Instantiate and load a model plugin (the same way ``memobench run`` does)."""
-    from memobench.model import quiet_libraries
-    from memobench.registry import get_registry
+    from memobench.api import quiet_libraries
+    from memobench.api import get_registry
 
     reg = registry or get_registry()
     cls = reg.get("model", model)
@@ -104,7 +102,7 @@ def check_prompt_source(registry, spec: str, what: str) -> None:
     """Fail fast (before a model loads) on an unknown prompt-set name or an unreadable prompt file."""
     if spec in registry.entries["prompt_set"]:
         return
-    from memobench.prompts import is_prompt_file, read_prompt_file
+    from memobench.api import is_prompt_file, read_prompt_file
 
     if is_prompt_file(spec):
         read_prompt_file(spec, what)
@@ -120,7 +118,7 @@ def load_prompts(session: Session, spec: str, what: str) -> tuple[dict, list[Pro
     reg = session.registry
     check_prompt_source(reg, spec, what)
     if spec not in reg.entries["prompt_set"]:
-        from memobench.prompts import register_prompt_file
+        from memobench.api import register_prompt_file
 
         spec = register_prompt_file(reg, spec)
     ps = reg.get("prompt_set", spec)()
@@ -198,8 +196,8 @@ def other_calibrations(session: Session, det: Detector) -> list[dict]:
 def run_detect(session: Session, detectors: list[Detector], memorized: str, nonmemorized: str,
                output_dir: str | Path = "results", limit: int | None = None, progress=None) -> dict:
     """Score both sets with every detector, evaluate, store the calibrations; returns the result (with paths)."""
-    from memobench import __version__
-    from memobench.runner import check_output_dir
+    from memobench.api import __version__
+    from memobench.api import check_output_dir
 
     out_root = check_output_dir(output_dir)
     t0 = time.time()
@@ -275,7 +273,7 @@ def _slug(s: str) -> str:
 def _versions() -> dict:
     import importlib.metadata as md
 
-    from memobench.runner import environment
+    from memobench.api import environment
 
     return {**environment(), **{k: md.version(k) for k in ("scikit-learn", "torchmetrics")}}
 

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from memobench.config import BadInput, parse_kv, parse_seeds, resolve_offline
+from memobench.api import BadInput, parse_kv, parse_seeds, resolve_offline
 
 CSV_FIELDS = ("prompt_id", "prompt", "mem_type", "statistic", "verdict", "threshold", "top_tokens", "top_token",
               "top_share", "statistic_removed", "statistic_replaced", "sscd", "sscd_removed", "sscd_replaced",
@@ -42,7 +42,7 @@ def _fmt(v, nd: int = 3) -> str:
 
 
 def _progress(enabled: bool):
-    from memobench.progress import ProgressReporter
+    from memobench.api import ProgressReporter
 
     return ProgressReporter(enabled=enabled)
 
@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
                 per[n]["seeds"] = ",".join(map(str, s))
         for n in names:
             make_detector(n, per[n])  # unknown detector or parameter: fail before the model loads
-        from memobench.registry import get_registry
+        from memobench.api import get_registry
 
         reg = get_registry()
         mcls = reg.get("model", model)
@@ -111,7 +111,7 @@ def register(app: typer.Typer) -> None:
                            "--nonmemorized")
         check_prompt_source(reg, pos, "--memorized")
         check_prompt_source(reg, neg, "--nonmemorized")
-        from memobench.runner import check_output_dir
+        from memobench.api import check_output_dir
 
         check_output_dir(output_dir)
         session = open_session(model, parse_kv(model_param, "--model-param"), cache_dir, device,
@@ -165,7 +165,7 @@ def register(app: typer.Typer) -> None:
         from memobench.api import check_device
 
         device = check_device(device)
-        from memobench.runner import check_output_dir
+        from memobench.api import check_output_dir
 
         from .explain import Explainer, render_png
 
@@ -180,7 +180,7 @@ def register(app: typer.Typer) -> None:
             raise BadInput(f"--limit: must be a positive integer, got {limit}")
         out_root = check_output_dir(output_dir)
         if file is not None:
-            from memobench.prompts import read_prompt_file
+            from memobench.api import read_prompt_file
 
             read_prompt_file(file, "--file", accepts_names=False)  # bad file → one error line before the model loads
         ex = Explainer(model=model, model_params=parse_kv(model_param, "--model-param"), seeds=_seeds(seeds),
@@ -214,7 +214,7 @@ def register(app: typer.Typer) -> None:
                 _write_csv(out_csv, rows)
                 advance()
         summary = _summary(expls, desc, out_csv)
-        from memobench.cache import atomic_write_text
+        from memobench.api import atomic_write_text
 
         spath = out_csv.with_suffix(".summary.json")
         atomic_write_text(spath, json.dumps({**summary, "prompts": [x.to_dict() for x in expls]}, indent=1))
@@ -226,7 +226,7 @@ def register(app: typer.Typer) -> None:
 
 # ---------------------------------------------------------------------------------------------- output
 def _write_single(e, folder: Path, render) -> dict:
-    from memobench.cache import atomic_write_bytes, atomic_write_text, key_of, png_bytes
+    from memobench.api import atomic_write_bytes, atomic_write_text, key_of, png_bytes
 
     # prompt, seeds, and a short key of the detector's identity (steps, guidance, significance, attribution, …),
     # so that explaining one prompt under other settings never overwrites the earlier files
@@ -263,7 +263,7 @@ def _csv_row(e, top_k: int, png: str | None) -> dict:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    from memobench.cache import atomic_write_text
+    from memobench.api import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")

@@ -93,7 +93,7 @@ def text_noise_trajectory(model, prompt_embeds, negative_embeds, latents, num_in
     """
     import torch
 
-    from memobench.model import frozen_parameters
+    from memobench.api import frozen_parameters
 
     if significance not in (None, *SIGNIFICANCE_MODES):
         raise ValueError(f"detector 'wen': significance must be one of {SIGNIFICANCE_MODES}, got {significance!r}")

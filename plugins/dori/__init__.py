@@ -56,8 +56,7 @@ import contextlib
 import hashlib
 from dataclasses import dataclass
 
-from memobench.api import Attack, AttackOutput, BadInput, Conditioning
-from memobench.hookspecs import hookimpl
+from memobench.api import Attack, AttackOutput, BadInput, Conditioning, hookimpl
 
 INITS = ("prompt", "gaussian", "nonmem")
 
@@ -138,7 +137,7 @@ class DoRIAttack(Attack):
         self._check(model)
         if reference is None:
             raise BadInput(f"dori: prompt {prompt.id} has no reference (training) image")
-        from memobench.model import generation_size
+        from memobench.api import generation_size
 
         device, dtype = model.device, model.dtype
         gseed = generator_seed(prompt.sha256, p.seed)
@@ -158,7 +157,7 @@ class DoRIAttack(Attack):
         t_draws: list[list[int]] = []
         B = p.batch
 
-        from memobench.model import frozen_parameters
+        from memobench.api import frozen_parameters
 
         with frozen_parameters(model.unet, model.text_encoder, model.vae), torch.enable_grad(), \
                 ctx_task(ctx, f"DoRI {prompt.id}", p.steps) as advance:

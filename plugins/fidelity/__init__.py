@@ -71,12 +71,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
-from memobench.cache import atomic_write_bytes, key_of
-from memobench.data import COCO_MANIFEST, check_pin, download_file
-from memobench.hookspecs import hookimpl
-from memobench.api import file_sha256, image_sha256
-from memobench.sscd import SSCDUnavailableError
+from memobench.api import (
+    COCO_MANIFEST, BadInput, Context, Metric, MetricInfo, MetricValue, SSCDUnavailableError, Sample,
+    atomic_write_bytes, check_pin, download_file, file_sha256, hookimpl, image_sha256, key_of,
+)
 
 __all__ = [
     "CACHE_SCHEMA",

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memobench.api import BadInput, ModelPlugin
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, ModelPlugin, hookimpl
 
 _SD1_METRICS = ["mr", "sscd_orig"]
 
@@ -42,7 +41,7 @@ class _HubModel(ModelPlugin):
     def load(self, ctx):
         import torch
 
-        from memobench.model import DiffusionModel
+        from memobench.api import DiffusionModel
 
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.params.dtype)
         if dtype is None:

@@ -363,9 +363,9 @@ def _mitigated(setup: Setup):
 
 def _dori_outputs(setup: Setup) -> list[dict]:
     """DoRI from N Gaussian inits (the registered ``dori`` attack), in the runner's attack cache."""
-    from memobench.cache import TensorCache
-    from memobench.model import generation_size, size_key_part
-    from memobench.runner import attack_key, cached_attack, image_sha256
+    from memobench.api import TensorCache
+    from memobench.api import generation_size, size_key_part
+    from memobench.api import attack_key, cached_attack, image_sha256
 
     p, model, ctx = setup.params, setup.model, setup.ctx
     size = generation_size(model, ctx)  # DoRI encodes the image at the run's size: part of the key when not native
@@ -409,7 +409,7 @@ def run_input_space(setup: Setup) -> tuple[dict, dict]:
     setup.timing["dori_steps_per_run"] = int(runs[0]["trace"].get("steps") or 0)
 
     t0, c0 = time.time(), time.process_time()
-    from memobench.sscd import SSCD
+    from memobench.api import SSCD
 
     sscd = SSCD(preset=p.sscd_preset, backend=p.sscd_backend, cache_dir=ctx.cache_dir, offline=ctx.offline)
     ref_f = sscd.embed([setup.reference])[0]
@@ -746,8 +746,8 @@ def _worker_init(spec: dict) -> None:
     import torch
 
     from memobench.api import Context
-    from memobench.cache import key_of
-    from memobench.registry import get_registry
+    from memobench.api import key_of
+    from memobench.api import get_registry
 
     torch.set_num_threads(1)
     reg = get_registry()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from memobench.config import BadInput, parse_kv, parse_seeds, resolve_offline
+from memobench.api import BadInput, parse_kv, parse_seeds, resolve_offline
 
 SCHEMA = "memobench.locality/1"
 
@@ -36,7 +36,7 @@ def _params(cls, values: dict, what: str, fixed: dict | None = None):
 
 
 def _texts(reg, name: str, ctx, what: str) -> list[str]:
-    from memobench.prompts import is_prompt_file, read_prompt_file
+    from memobench.api import is_prompt_file, read_prompt_file
 
     if is_prompt_file(name):
         return [p.text for p in read_prompt_file(name, what)]
@@ -153,10 +153,10 @@ def run_locality(lp, model_name: str, target_spec: str, model_params: dict, outp
                  offline: bool, progress: bool, t_start: float | None = None) -> tuple[dict, dict]:
     """Resolve everything (bad input fails before the model loads), run the three analyses, write JSON + PNGs."""
     from memobench.api import Context
-    from memobench.cache import atomic_write_text, default_cache_dir, key_of
-    from memobench.progress import ProgressReporter
-    from memobench.registry import get_registry
-    from memobench.runner import check_output_dir, environment
+    from memobench.api import atomic_write_text, default_cache_dir, key_of
+    from memobench.api import ProgressReporter
+    from memobench.api import get_registry
+    from memobench.api import check_output_dir, environment
 
     from . import figures
     from .analysis import Setup, params_record, run_activation_space, run_input_space, run_weight_space, timed
@@ -261,12 +261,12 @@ def run_locality(lp, model_name: str, target_spec: str, model_params: dict, outp
     timing["figures_cpu_s"] = round(time.process_time() - c0, 3)
     timing["total_s"] = round(time.time() - t_start, 3)
     timing["total_cpu_s"] = round(time.process_time() - cpu_start, 3)
-    from memobench import __version__
-    from memobench.runner import image_sha256
+    from memobench.api import __version__
+    from memobench.api import image_sha256
 
     sscd_impl = None
     try:
-        from memobench.sscd import SSCD
+        from memobench.api import SSCD
 
         sscd_impl = SSCD(preset=lp.sscd_preset, backend=lp.sscd_backend, cache_dir=cache, offline=offline).impl
     except Exception as e:  # pragma: no cover - the embedder already ran; this only describes it

@@ -43,11 +43,10 @@ from typing import Any
 
 import numpy as np
 
-from memobench import stats
-from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
-from memobench.hookspecs import hookimpl
-from memobench.api import image_sha256
-from memobench.sscd import SSCD, SSCDUnavailableError, get_preset, jpeg_roundtrip
+from memobench.api import (
+    SSCD, BadInput, Context, Metric, MetricInfo, MetricValue, SSCDUnavailableError, Sample, get_preset, hookimpl,
+    image_sha256, jpeg_roundtrip, stats,
+)
 
 __all__ = ["Diversity", "EmbeddingCache", "MemorizationRate", "SSCDGen", "SSCDOrig"]
 
@@ -114,7 +113,7 @@ class EmbeddingCache:
         if getattr(pre, "center_crop", None):
             return (pre.center_crop, pre.center_crop)
         if isinstance(resize, int):
-            from memobench.sscd import short_side_size
+            from memobench.api import short_side_size
 
             return short_side_size(image.shape[0], image.shape[1], resize)
         return tuple(resize)

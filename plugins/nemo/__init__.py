@@ -87,8 +87,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from memobench.api import BadInput, Context, Mitigation, Prompt, params_dict
-from memobench.hookspecs import hookimpl
+from memobench.api import UNET_BLOCKS, BadInput, Context, Mitigation, Prompt, hookimpl, params_dict, transformer_blocks
 
 __all__ = [
     "NeMo", "value_layers", "block_neurons", "activation_stats", "prompt_activations", "embedding_activations",
@@ -96,7 +95,7 @@ __all__ = [
     "msssim_min_size", "max_pairwise_ms_ssim", "noise_differences",
 ]
 
-_BLOCKS = ("down", "mid", "up")
+_BLOCKS = UNET_BLOCKS
 
 
 # ---------------------------------------------------------------------------------------------- layer map
@@ -108,23 +107,6 @@ def _parse_blocks(blocks: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(b for b in _BLOCKS if b in parts)  # forward order regardless of how they were listed
 
 
-def _transformer_blocks(unet, blocks: Sequence[str]) -> list[tuple[str, Any]]:
-    """(name prefix, BasicTransformerBlock) of the UNet's attention modules, in forward order."""
-    groups: list[tuple[str, Any]] = []
-    if "down" in blocks:
-        groups += [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
-    if "mid" in blocks and getattr(unet, "mid_block", None) is not None:
-        groups.append(("mid_block", unet.mid_block))
-    if "up" in blocks:
-        groups += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
-    out = []
-    for prefix, block in groups:
-        for a, attn in enumerate(getattr(block, "attentions", None) or []):
-            for b, tb in enumerate(getattr(attn, "transformer_blocks", None) or []):
-                out.append((f"{prefix}.attentions.{a}.transformer_blocks.{b}", tb))
-    return out
-
-
 def value_layers(unet, blocks: str | Sequence[str] = "down,mid") -> list[tuple[str, Any]]:
     """``(name, attn2.to_v module)`` of every cross-attention value projection in ``blocks``, in forward order.
 
@@ -133,7 +115,7 @@ def value_layers(unet, blocks: str | Sequence[str] = "down,mid") -> list[tuple[s
     never fire.
     """
     out = []
-    for prefix, tb in _transformer_blocks(unet, _parse_blocks(blocks)):
+    for prefix, tb in transformer_blocks(unet, _parse_blocks(blocks)):
         attn2 = getattr(tb, "attn2", None)
         if attn2 is None or not getattr(attn2, "is_cross_attention", True):
             continue
@@ -539,11 +521,11 @@ class NeMo(Mitigation):
             texts = [p.text if isinstance(p, Prompt) else str(p) for p in raw]
             label = "ctx.nonmem_prompts"
         elif Path(src).is_file():
-            from memobench.prompts import read_prompt_file
+            from memobench.api import read_prompt_file
 
             texts, label = [p.text for p in read_prompt_file(src, "stats_prompts")], f"file {src}"
         else:
-            from memobench.registry import get_registry
+            from memobench.api import get_registry
 
             cls = get_registry().get("prompt_set", src)
             texts, label = [p.text for p in cls().prompts(ctx)], f"prompt set {src}"
@@ -554,7 +536,7 @@ class NeMo(Mitigation):
     def _statistics(self, model, layers, ctx: Context):
         from safetensors.torch import load_file, save
 
-        from memobench.cache import key_of, write_once_bytes
+        from memobench.api import key_of, write_once_bytes
 
         if self.params.stats_file:
             t = load_file(self.params.stats_file)
@@ -599,7 +581,7 @@ class NeMo(Mitigation):
         return model.initial_latents(list(range(p.seed, p.seed + p.samples_per_prompt)), h, w)
 
     def _selection_ident(self, stats_key: str, model=None, size: tuple[int, int] | None = None) -> _Ident:
-        from memobench.model import size_key_part
+        from memobench.api import size_key_part
 
         d = params_dict(self.params)
         for k in ("blocking", "utility_blocking", "neurons_file"):
@@ -666,9 +648,9 @@ class NeMo(Mitigation):
         return rec
 
     def fit(self, model, prompts: list[Prompt], ctx: Context) -> None:
-        from memobench.cache import key_of, write_once_bytes
+        from memobench.api import key_of, write_once_bytes
 
-        from memobench.model import generation_size
+        from memobench.api import generation_size
 
         p = self.params
         layers = value_layers(model.unet, p.blocks)
@@ -721,7 +703,7 @@ class NeMo(Mitigation):
         and ``initial``: one list of neuron indices per layer of :meth:`layers`; ``memorized``; scores). Nothing is
         written to the cache or to the fitted sets; the statistics are computed (or read from the cache) once per
         instance and model."""
-        from memobench.model import generation_size
+        from memobench.api import generation_size
 
         p = self.params
         layers = self.layers(model)
@@ -755,7 +737,7 @@ class NeMo(Mitigation):
         """Write the fitted neuron sets as JSON: ``{layers: [{name, width}], params, prompts: [record, ...]}``;
         each record holds ``prompt``, ``prompt_id``, ``seeds_K``, ``initial``, ``refined`` (one list of channel
         indices per layer), their scores and ``tau_ref``."""
-        from memobench.cache import atomic_write_text
+        from memobench.api import atomic_write_text
 
         if self._records is None:
             raise RuntimeError("nemo: fit() has not run")

@@ -41,8 +41,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from memobench.api import BadInput, Conditioning, Mitigation
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Conditioning, Mitigation, hookimpl
 
 
 def prompt_rng(prompt_sha256: str, seed: int):

@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from memobench.api import Context, Prompt, PromptSet
-from memobench.data import DataError, GroundTruthStore, fetch
-from memobench.hookspecs import hookimpl
+from memobench.api import Context, DataError, GroundTruthStore, Prompt, PromptSet, fetch, hookimpl
 
 
 # ------------------------------------------------------------------------------------------------ sources

@@ -34,8 +34,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from memobench.api import BadInput, ModelPlugin
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, ModelPlugin, hookimpl
 
 ARCHS = ("sd14", "sd2")
 SIZES = ("full", "reduced")
@@ -88,7 +87,7 @@ def build_pipeline(arch: str = "sd14", size: str = "full", seed: int = 0, tokeni
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from memobench.tokenizer import load_sd_tokenizer
+    from memobench_plugins.tiny.tokenizer import load_sd_tokenizer
 
     if arch not in ARCHS:
         raise BadInput(f"model 'sd-random' parameter arch: {arch!r} is not one of {', '.join(ARCHS)}")
@@ -151,8 +150,8 @@ class SDRandom(ModelPlugin):
     def load(self, ctx):
         import torch
 
-        from memobench.cache import memoised
-        from memobench.model import DiffusionModel
+        from memobench.api import memoised
+        from memobench.api import DiffusionModel
 
         p = self.params
         build_dev = ctx.device if str(ctx.device).startswith("cuda") else "cpu"

@@ -86,10 +86,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from memobench import stats
-from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
-from memobench.data import DataError, fetch
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Context, DataError, Metric, MetricInfo, MetricValue, Sample, fetch, hookimpl, stats
 
 from . import scoring as S
 from .backends import BlipVqa, DepthModel, Unavailable, ZeroShotDetector, load_nlp, version_of

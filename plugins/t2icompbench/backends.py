@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from memobench.data import PinMismatchError, check_pin, file_sha256
+from memobench.api import PinMismatchError, check_pin, file_sha256
 
 from .scoring import Detection, Parse, Token, pre_question
 

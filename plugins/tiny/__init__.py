@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memobench.api import Metric, MetricInfo, MetricValue, ModelPlugin, Prompt, PromptSet
-from memobench.hookspecs import hookimpl
+from memobench.api import Metric, MetricInfo, MetricValue, ModelPlugin, Prompt, PromptSet, hookimpl
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -37,7 +36,7 @@ class TinyModel(ModelPlugin):
         path: str = ""  # another pipeline folder with the same role (e.g. a re-trained or fine-tuned copy)
 
     def load(self, ctx):
-        from memobench.model import DiffusionModel
+        from memobench.api import DiffusionModel
 
         path = Path(self.params.path) if self.params.path else WEIGHTS
         if not (path / "model_index.json").exists():
@@ -276,7 +275,7 @@ def register_commands(app):
             raise typer.BadParameter(f"unknown zoo model {model!r}; available: tiny")
         import json
 
-        from memobench.config import parse_kv
+        from memobench.api import parse_kv
 
         from .train import RECIPE
 

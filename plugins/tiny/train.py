@@ -418,7 +418,7 @@ def train_unet(work: Path, r: dict, progress: bool, log, device: str = "cpu") ->
     if r["photo_pool"] > 0:
         zp = load_file(str(work / "photo_latents.safetensors"))["photo"] * scale
         pcaps = json.loads((work / "photo_pool.json").read_text())
-    from memobench.tokenizer import load_sd_tokenizer
+    from .tokenizer import load_sd_tokenizer
 
     tok = load_sd_tokenizer(work / "tokenizer")
     ac = sched.alphas_cumprod.to(device)
@@ -483,7 +483,7 @@ def export(work: Path, r: dict, out_dir: Path) -> Path:
     comps["unet"].load_state_dict(load_file(str(work / "unet_ema_unet.safetensors")))
     comps["text_encoder"].load_state_dict(load_file(str(work / "unet_ema_text_encoder.safetensors")))
     comps["vae"].register_to_config(scaling_factor=_latent_scale(work))
-    from memobench.tokenizer import load_sd_tokenizer
+    from .tokenizer import load_sd_tokenizer
 
     pipe = StableDiffusionPipeline(**comps, tokenizer=load_sd_tokenizer(work / "tokenizer"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -500,7 +500,7 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
     as a CPU run and differs from it only by floating-point rounding. It is not part of the recipe: a run may resume
     on another device.
     """
-    from memobench.config import BadInput, check_finite
+    from memobench.api import BadInput, check_finite
 
     r = {**RECIPE, **(recipe or {})}
     for k, allowed in (("prediction_type", ("epsilon", "v_prediction")), ("loss_weighting", ("eps", "v"))):

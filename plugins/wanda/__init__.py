@@ -62,12 +62,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from memobench.api import BadInput, Context, Mitigation, Prompt
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Context, Mitigation, Prompt, hookimpl, transformer_blocks
 
 __all__ = ["Wanda", "Wanda10", "ffn_layers", "column_sq_sums", "wanda_step_mask", "wanda_mask", "prune_weights"]
 
-_BLOCKS = ("down", "mid", "up")
 
 
 def ffn_layers(unet, layers: str = "all") -> list[tuple[str, Any]]:
@@ -75,19 +73,12 @@ def ffn_layers(unet, layers: str = "all") -> list[tuple[str, Any]]:
     mid, up blocks); ``layers`` = "all" or a comma list of indices into that list."""
     import torch
 
-    groups: list[tuple[str, Any]] = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
-    if getattr(unet, "mid_block", None) is not None:
-        groups.append(("mid_block", unet.mid_block))
-    groups += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
     out = []
-    for prefix, block in groups:
-        for a, attn in enumerate(getattr(block, "attentions", None) or []):
-            for b, tb in enumerate(getattr(attn, "transformer_blocks", None) or []):
-                ff = getattr(tb, "ff", None)
-                net = getattr(ff, "net", None)
-                if net is None or len(net) < 3 or not isinstance(net[2], torch.nn.Linear):
-                    continue
-                out.append((f"{prefix}.attentions.{a}.transformer_blocks.{b}.ff.net.2", net[2]))
+    for prefix, tb in transformer_blocks(unet):
+        net = getattr(getattr(tb, "ff", None), "net", None)
+        if net is None or len(net) < 3 or not isinstance(net[2], torch.nn.Linear):
+            continue
+        out.append((f"{prefix}.ff.net.2", net[2]))
     if not out:
         raise ValueError("wanda: the UNet has no transformer feed-forward layers (ff.net.2)")
     if str(layers).strip().lower() in ("", "all"):
@@ -282,9 +273,9 @@ class Wanda(Mitigation):
         import torch
         from safetensors.torch import load_file, save
 
-        from memobench.cache import key_of, write_once_bytes
+        from memobench.api import key_of, write_once_bytes
 
-        from memobench.model import generation_size, size_key_part
+        from memobench.api import generation_size, size_key_part
 
         p = self.params
         layers = ffn_layers(model.unet, p.layers)
@@ -361,7 +352,7 @@ class Wanda(Mitigation):
         p = self.params
         layers = list(layers) if layers is not None else self.layers(model)
         if size is None and ctx is not None:
-            from memobench.model import generation_size
+            from memobench.api import generation_size
 
             size = generation_size(model, ctx)
         size = tuple(size or self._size or (model.resolution, model.resolution))

@@ -74,8 +74,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from memobench.api import BadInput, Conditioning, Mitigation
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Conditioning, Mitigation, hookimpl
 
 #: Named configurations of the reference code (METHODS §1.2, §9 #10).
 PRESETS: dict[str, dict] = {
@@ -178,7 +177,7 @@ class WenMitigation(Mitigation):
         timesteps = model.timesteps(n_steps)
         sched = model.scheduler
 
-        from memobench.model import frozen_parameters
+        from memobench.api import frozen_parameters
 
         with frozen_parameters(model.unet, model.text_encoder, model.vae), torch.enable_grad():
             x = latents.detach().to(device, dtype)
