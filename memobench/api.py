@@ -67,7 +67,9 @@ __all__ = [
         # statistics
         "stats": None,
         # what a command writing results shares with `memobench run`
-        "environment": "session", "provenance": "session", "check_output_dir": "session", "write_grid": "grid",
+        "environment": "session", "provenance": "session", "check_output_dir": "session", "write_result": "session",
+        "open_model": "session", "model_context": "session", "load_model": "session", "ModelSession": "session",
+        "write_grid": "grid",
         "attack_key": "pipeline.attack", "cached_attack": "pipeline.attack",
         "parse_kv": "config", "parse_seeds": "config", "resolve_offline": "config", "dumps_strict": "config",
         "ProgressReporter": "progress", "get_registry": "registry", "__version__": None,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._base import Detector
+from memobench.api import Detector
 
 
 class NeMoDetector(Detector):

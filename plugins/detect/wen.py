@@ -54,7 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._base import Detector
+from memobench.api import Detector
 
 SIGNIFICANCE_MODES = ("reference", "per_image")
 ATTRIBUTIONS = ("prompt_embeds", "token_embeds")
