@@ -55,7 +55,7 @@ __all__ = [
         # the model wrapper
         "DiffusionModel": "model", "generation_size": "model", "size_key_part": "model",
         "frozen_parameters": "model", "quiet_libraries": "model", "to_model_resolution": "model",
-        "transformer_blocks": "model", "UNET_BLOCKS": "model",
+        "transformer_blocks": "model", "tensors_sha256": "model",
         # SSCD (the copy detector every memorization metric uses)
         "SSCD": "sscd", "SSCDUnavailableError": "sscd", "SSCDPreset": "sscd", "PRESETS": "sscd",
         "get_preset": "sscd", "jpeg_roundtrip": "sscd", "short_side_size": "sscd",

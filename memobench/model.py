@@ -393,6 +393,18 @@ def frozen_parameters(*modules):
             p.requires_grad_(flag)
 
 
+def tensors_sha256(tensors: dict) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of named tensors in name order: the fingerprint results record of
+    weights a mitigation edits or masks (bool tensors hashed as uint8)."""
+    h = hashlib.sha256()
+    for n in sorted(tensors):
+        t = tensors[n].detach().cpu().contiguous()
+        h.update(f"{n}|{t.dtype}|{tuple(t.shape)}|".encode())
+        raw = t.to(torch.uint8) if t.dtype == torch.bool else t.view(-1).view(torch.uint8)
+        h.update(raw.numpy().tobytes())
+    return h.hexdigest()
+
+
 UNET_BLOCKS = ("down", "mid", "up")
 
 

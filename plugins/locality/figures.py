@@ -200,8 +200,7 @@ def weight_space(section: dict, path: Path, target: str) -> Path:
 def generations(runs: list[dict], prompt_images, prompt_sims, target, reference, path: Path, seeds: list[int],
                 max_rows: int = 12) -> Path:
     """Training image | generations, one row for the memorized prompt and one per DoRI init (memobench's grid)."""
-    from memobench.api import Prompt, Sample
-    from memobench.api import write_grid
+    from memobench.api import Prompt, Sample, write_grid
 
     samples, scores = [], {}
 

@@ -87,7 +87,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from memobench.api import UNET_BLOCKS, BadInput, Context, Mitigation, Prompt, hookimpl, params_dict, transformer_blocks
+from memobench.api import BadInput, Context, Mitigation, Prompt, hookimpl, param, params_dict
 
 __all__ = [
     "NeMo", "value_layers", "block_neurons", "activation_stats", "prompt_activations", "embedding_activations",
@@ -95,7 +95,7 @@ __all__ = [
     "msssim_min_size", "max_pairwise_ms_ssim", "noise_differences",
 ]
 
-_BLOCKS = UNET_BLOCKS
+_BLOCKS = ("down", "mid", "up")  # the UNet parts memobench.api.transformer_blocks walks
 
 
 # ---------------------------------------------------------------------------------------------- layer map
@@ -114,6 +114,8 @@ def value_layers(unet, blocks: str | Sequence[str] = "down,mid") -> list[tuple[s
     ``ValueError`` when fused K/V projections are active (``fuse_qkv_projections()``): hooks on ``to_v`` would
     never fire.
     """
+    from memobench.api import transformer_blocks
+
     out = []
     for prefix, tb in transformer_blocks(unet, _parse_blocks(blocks)):
         attn2 = getattr(tb, "attn2", None)
@@ -456,40 +458,43 @@ class NeMo(Mitigation):
 
     @dataclass
     class Params:
-        blocks: str = "down,mid"  # value layers: down and mid blocks (§7.1.1); "up" may be added (App. C.8)
+        blocks: str = param("down,mid", "value layers: down and mid blocks (§7.1.1); 'up' may be added (App. C.8)")
         # activation statistics (§7.1.2)
-        stats_prompts: str = ""  # "" = ctx.nonmem_prompts; else a prompt file or prompt-set name
-        stats_limit: int = 0  # first N statistics prompts (0 = all)
-        stats_file: str = ""  # precomputed safetensors with mean.<l>/std.<l>
+        stats_prompts: str = param("", "'' = ctx.nonmem_prompts; else a prompt file or prompt-set name")
+        stats_limit: int = param(0, "first N statistics prompts (0 = all)")
+        stats_file: str = param("", "precomputed safetensors with mean.<l>/std.<l>")
         # memorization score (§7.1.3)
-        seed: int = 1
-        samples_per_prompt: int = 10
-        num_inference_steps: int = 50  # fixes the DDIM timestep values only
-        timestep_index: int = 1  # the second DDIM timestep (t_1 = 961 for SD-1.4)
-        detect_guidance_scale: float = 0.0
-        latent_rule: str = "nemo"  # "nemo" | "per_image" [UNPUBLISHED for non-SD models]
-        msssim_kernel: int = 11
-        msssim_betas: tuple = (0.33, 0.33, 0.33)
-        small_latent: str = "upsample"  # "upsample" | "fewer_scales" | "error"
-        upsample_to: int = 64
-        autocast_fp16: bool = False
+        seed: int = param(1, "seed of the initial noises of the memorization score")
+        samples_per_prompt: int = param(10, "initial noises per prompt of the memorization score")
+        num_inference_steps: int = param(50, "fixes the DDIM timestep values only")
+        timestep_index: int = param(1, "the second DDIM timestep (t_1 = 961 for SD-1.4)")
+        detect_guidance_scale: float = param(0.0, "guidance of the memorization score's noise prediction (0 = "
+                                                  "conditional only)")
+        latent_rule: str = param("nemo", "'nemo' | 'per_image' [UNPUBLISHED for non-SD models]")
+        msssim_kernel: int = param(11, "MS-SSIM Gaussian kernel size")
+        msssim_betas: tuple = param((0.33, 0.33, 0.33), "MS-SSIM weights of its three scales")
+        small_latent: str = param("upsample", "'upsample' | 'fewer_scales' | 'error'")
+        upsample_to: int = param(64, "side (latent pixels) small latents are nearest-upsampled to "
+                                     "(small_latent=upsample)")
+        autocast_fp16: bool = param(False, "compute the memorization score under fp16 autocast")
         # thresholds and selection (§7.1.4, §7.1.6)
-        pairwise_threshold: float = 0.428  # τ_pair
-        initial_threshold: float = 0.428  # τ_init
-        refinement_threshold: float = 0.428  # τ_ref
-        rel_threshold_refinement: float = 0.0  # 0 = off
-        theta_init: float = 5.0
-        theta_step: float = 0.25
-        theta_min: float = 1.0
-        k_init: int = 0
-        k_max: int = 1280
-        use_theta: bool = True  # False = the --no_theta ablation
-        use_top_k: bool = True  # False = the --no_top_k ablation
+        pairwise_threshold: float = param(0.428, "τ_pair")
+        initial_threshold: float = param(0.428, "τ_init")
+        refinement_threshold: float = param(0.428, "τ_ref")
+        rel_threshold_refinement: float = param(0.0, "0 = off")
+        theta_init: float = param(5.0, "initial z-score threshold θ of the candidate selection")
+        theta_step: float = param(0.25, "decrement of θ per selection step")
+        theta_min: float = param(1.0, "θ at which the selection stops")
+        k_init: int = param(0, "initial top-k neurons per layer of the candidate selection")
+        k_max: int = param(1280, "largest k before the selection stops")
+        use_theta: bool = param(True, "False = the --no_theta ablation")
+        use_top_k: bool = param(True, "False = the --no_top_k ablation")
         # deactivation (§7.1.5)
-        scaling_factor: float = 0.0  # ρ
-        blocking: str = "per_prompt"  # "per_prompt" | "union" [UNPUBLISHED for DoRI]
-        utility_blocking: str = "union"  # "union" | "none": prompts without an own fitted set
-        neurons_file: str = ""  # exported neuron sets to use instead of localizing
+        scaling_factor: float = param(0.0, "ρ: the activations of blocked neurons are multiplied by ρ (0 = switched "
+                                           "off)")
+        blocking: str = param("per_prompt", "'per_prompt' | 'union' [UNPUBLISHED for DoRI]")
+        utility_blocking: str = param("union", "'union' | 'none': prompts without an own fitted set")
+        neurons_file: str = param("", "exported neuron sets to use instead of localizing")
 
         def __post_init__(self):
             choices = {"latent_rule": ("nemo", "per_image"), "small_latent": ("upsample", "fewer_scales", "error"),
@@ -648,9 +653,8 @@ class NeMo(Mitigation):
         return rec
 
     def fit(self, model, prompts: list[Prompt], ctx: Context) -> None:
-        from memobench.api import key_of, write_once_bytes
+        from memobench.api import generation_size, key_of, write_once_bytes
 
-        from memobench.api import generation_size
 
         p = self.params
         layers = value_layers(model.unet, p.blocks)
