@@ -40,24 +40,23 @@ from .config import BadInput, check_device, check_finite  # noqa: E402
 __all__ = [
     # value types, run context and plugin bases (defined here)
     "Prompt", "Conditioning", "AttackOutput", "Sample", "MetricInfo", "MetricValue", "Context",
-    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "Detector", "params_dict", "param", "param_help",
-    "BadInput", "check_device", "check_finite",
+    "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "Detector",
+    "params_dict", "param", "param_help", "BadInput", "check_device", "check_finite",
     # everything else a plugin may use, re-exported from the core module that owns it (imported on first use, so
     # that importing this module stays cheap): see ``_PUBLIC``
     *sorted(_PUBLIC := {
-        "hookimpl": "hookspecs",
+        "hookimpl": "hookspecs", "get_registry": "registry", "__version__": None,
         # helpers with one job each
-        "slug": "util", "dist_version": "util", "file_sha256": "util", "image_sha256": "util", "sha256_bytes": "util",
+        "slug": "util", "dist_version": "util", "file_sha256": "util", "image_sha256": "util",
         # content-addressed cache and atomic writes
         "key_of": "cache", "atomic_write_bytes": "cache", "atomic_write_text": "cache", "write_once_bytes": "cache",
         "default_cache_dir": "cache", "memoised": "cache", "png_bytes": "cache", "TensorCache": "cache",
-        "CacheError": "cache",
-        # the model wrapper
+        # the model wrapper and what plugins do with its UNet
         "DiffusionModel": "model", "generation_size": "model", "size_key_part": "model",
-        "frozen_parameters": "model", "quiet_libraries": "model", "to_model_resolution": "model",
+        "frozen_parameters": "model", "transformer_blocks": "model", "tensors_sha256": "model",
         # SSCD (the copy detector every memorization metric uses)
-        "SSCD": "sscd", "SSCDUnavailableError": "sscd", "SSCDPreset": "sscd", "PRESETS": "sscd",
-        "get_preset": "sscd", "jpeg_roundtrip": "sscd", "short_side_size": "sscd",
+        "SSCD": "sscd", "SSCDUnavailableError": "sscd", "PRESETS": "sscd", "get_preset": "sscd",
+        "jpeg_roundtrip": "sscd", "short_side_size": "sscd",
         # data files pinned by sha256
         "DataError": "data", "DataNotFoundError": "data", "PinMismatchError": "data", "check_pin": "data",
         "download_file": "data", "fetch": "data", "GroundTruthStore": "data", "COCO_MANIFEST": "data",
@@ -65,11 +64,12 @@ __all__ = [
         "read_prompt_file": "prompts", "is_prompt_file": "prompts", "register_prompt_file": "prompts",
         # statistics
         "stats": None,
-        # what a command writing results shares with `memobench run`
-        "environment": "session", "provenance": "session", "check_output_dir": "session", "write_grid": "grid",
-        "attack_key": "pipeline.attack", "cached_attack": "pipeline.attack",
-        "parse_kv": "config", "parse_seeds": "config", "resolve_offline": "config", "dumps_strict": "config",
-        "ProgressReporter": "progress", "get_registry": "registry", "__version__": None,
+        # a command of a plugin that writes results as `memobench run` does: load a model into a Context, check the
+        # output folder, read command-line values, show progress, write the result with its provenance
+        "open_model": "session", "model_context": "session", "load_model": "session", "ModelSession": "session",
+        "check_output_dir": "session", "write_result": "session", "provenance": "session", "environment": "session",
+        "parse_kv": "config", "parse_seeds": "config", "resolve_offline": "config", "ProgressReporter": "progress",
+        "write_grid": "grid", "attack_key": "pipeline.attack", "cached_attack": "pipeline.attack",
     }),
 ]
 

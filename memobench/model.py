@@ -393,6 +393,41 @@ def frozen_parameters(*modules):
             p.requires_grad_(flag)
 
 
+def tensors_sha256(tensors: dict) -> str:
+    """sha256 over (name, dtype, shape, raw bytes) of named tensors in name order: the fingerprint results record of
+    weights a mitigation edits or masks (bool tensors hashed as uint8)."""
+    h = hashlib.sha256()
+    for n in sorted(tensors):
+        t = tensors[n].detach().cpu().contiguous()
+        h.update(f"{n}|{t.dtype}|{tuple(t.shape)}|".encode())
+        raw = t.to(torch.uint8) if t.dtype == torch.bool else t.view(-1).view(torch.uint8)
+        h.update(raw.numpy().tobytes())
+    return h.hexdigest()
+
+
+UNET_BLOCKS = ("down", "mid", "up")
+
+
+def transformer_blocks(unet, blocks: "tuple[str, ...] | list[str]" = UNET_BLOCKS) -> list[tuple[str, object]]:
+    """``(name, BasicTransformerBlock)`` of every transformer block of a diffusers UNet in the UNet parts ``blocks``
+    (of ``"down"``, ``"mid"``, ``"up"``), in forward order; names as in ``unet.named_modules()``
+    (``down_blocks.0.attentions.1.transformer_blocks.0``). Plugins that hook or edit attention/FFN layers (NeMo's
+    value layers, Wanda's FFN layers) walk the UNet with it."""
+    groups: list[tuple[str, object]] = []
+    if "down" in blocks:
+        groups += [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    if "mid" in blocks and getattr(unet, "mid_block", None) is not None:
+        groups.append(("mid_block", unet.mid_block))
+    if "up" in blocks:
+        groups += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    out = []
+    for prefix, block in groups:
+        for a, attn in enumerate(getattr(block, "attentions", None) or []):
+            for b, tb in enumerate(getattr(attn, "transformer_blocks", None) or []):
+                out.append((f"{prefix}.attentions.{a}.transformer_blocks.{b}", tb))
+    return out
+
+
 def quiet_libraries() -> None:
     """Silence diffusers/transformers loading bars and info logs (memobench shows its own progress)."""
     import diffusers

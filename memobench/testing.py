@@ -18,7 +18,7 @@ def tiny_random_pipeline(seed: int = 0, sd14_layout: bool = False, tokenizer_dir
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .tokenizer import load_sd_tokenizer
+    from memobench_plugins.tiny.tokenizer import load_sd_tokenizer  # the embedded model's tokenizer (test helper only)
 
     torch.manual_seed(seed)
     if sd14_layout:

@@ -5,7 +5,7 @@
   at the reference's own shape it is the raw joint norm bit for bit.
 * (6) NeMo's θ schedule stops at θ_min for float steps (0.2, 0.1) with the candidate counts METHODS §7.1.4 implies.
 * (8) One resolution per run: DoRI, advft, NeMo and Wanda run the UNet on latents of the run's generation size
-  (``ctx.settings["generation"]``; here 2× the native size of a tiny random pipeline), ``memobench run`` takes
+  (``ctx.generation``; here 2× the native size of a tiny random pipeline), ``memobench run`` takes
   ``--height/--width``, and ``encode_image`` takes an optional size (default unchanged).
 * (9) advft: train a subset (``train_params``), keep one copy of the original weights (CPU memory or disk) and give
   them back bit for bit, fp32 master weights for half-precision models.
@@ -78,7 +78,7 @@ class UNetShapes:
 # ------------------------------------------------------------------------------------------ (5) Wen
 def _wen_first_loss(model, latents, **kw) -> dict:
     cond = Conditioning(model.encode_prompt(PROMPT.text), model.empty_embedding(), text=PROMPT.text)
-    ctx = Context(cache_dir=Path("."), settings={"generation": _gen(model.resolution)})
+    ctx = Context(cache_dir=Path("."), generation=_gen(model.resolution))
     return WenMitigation(target_loss=0.0, max_iters=1, **kw).condition(model, PROMPT, cond, latents, ctx).trace["wen"]
 
 
@@ -155,7 +155,7 @@ def test_encode_image_takes_an_optional_size(sd14):
 
 def test_dori_attacks_at_the_run_resolution(sd14):
     ref = np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)
-    ctx = Context(cache_dir=Path("."), settings={"generation": _gen(32)})  # 2× native
+    ctx = Context(cache_dir=Path("."), generation=_gen(32))  # 2× native
     with UNetShapes(sd14) as rec:
         out = DoRIAttack(steps=2, batch=2).run(sd14, PROMPT, ref, ctx)
     assert rec.shapes and set(rec.shapes) == {(16, 16)}
@@ -172,7 +172,7 @@ NEMO_FAST = dict(samples_per_prompt=2, pairwise_threshold=-1.0, initial_threshol
 
 
 def test_nemo_detects_on_latents_of_the_run_resolution(sd14, tmp_path):
-    ctx = Context(cache_dir=tmp_path, settings={"nonmem_prompts": NONMEM, "generation": _gen(32)})
+    ctx = Context(cache_dir=tmp_path, nonmem_prompts=NONMEM, generation=_gen(32))
     m = N.NeMo(**NEMO_FAST)
     with UNetShapes(sd14) as rec:
         m.fit(sd14, [PROMPT], ctx)
@@ -184,13 +184,12 @@ def test_nemo_detects_on_latents_of_the_run_resolution(sd14, tmp_path):
     # the native size localizes again (its own cache entry), on native latents
     native = N.NeMo(**NEMO_FAST)
     with UNetShapes(sd14) as rec:
-        native.fit(sd14, [PROMPT], Context(cache_dir=tmp_path, settings={"nonmem_prompts": NONMEM,
-                                                                          "generation": _gen(16)}))
+        native.fit(sd14, [PROMPT], Context(cache_dir=tmp_path, nonmem_prompts=NONMEM, generation=_gen(16)))
     assert rec.shapes and set(rec.shapes) == {(8, 8)}
 
 
 def test_wanda_statistics_at_the_run_resolution(sd14, tmp_path):
-    ctx = Context(cache_dir=tmp_path, settings={"generation": _gen(32)})
+    ctx = Context(cache_dir=tmp_path, generation=_gen(32))
     m = W.Wanda(skill_ratio=0.1, num_inference_steps=4, timesteps=2)
     with UNetShapes(sd14) as rec:
         m.fit(sd14, [PROMPT], ctx)
@@ -205,7 +204,7 @@ def test_wanda_statistics_at_the_run_resolution(sd14, tmp_path):
     assert rec.shapes and set(rec.shapes) == {(16, 16)}
     native = W.Wanda(skill_ratio=0.1, num_inference_steps=4, timesteps=2)
     with UNetShapes(sd14) as rec:
-        native.fit(sd14, [PROMPT], Context(cache_dir=tmp_path, settings={"generation": _gen(16)}))
+        native.fit(sd14, [PROMPT], Context(cache_dir=tmp_path, generation=_gen(16)))
     assert rec.shapes and set(rec.shapes) == {(8, 8)}  # not the 2× masks from the cache
 
 
@@ -215,7 +214,7 @@ def _advft_ctx(tmp_path, size: int):
     if "dori" not in reg.entries["attack"] or "tiny-general" not in reg.entries["prompt_set"]:
         pytest.skip("built-in plugins not installed as entry points (run `uv sync`)")
     return Context(cache_dir=tmp_path / "cache", seeds=(0,), registry=reg, references=lambda p: [target],
-                   settings={"generation": _gen(size), "model_prompt_sets": {"regular": "tiny-general"}})
+                   generation=_gen(size), model_prompt_sets={"regular": "tiny-general"})
 
 
 ADVFT = dict(epochs=1, dori_steps=2, dori_batch=2, steps_per_epoch=3, lr=1e-3, n_regular=4, regular_batch=2,

@@ -385,8 +385,10 @@ def test_wanda_fit_groups_and_report(wanda, model, ctx):
     rep = wanda.report()
     assert rep["n_groups"] == 1 and len(rep["per_layer"]) == 16 and rep["pruned_weights"] > 0
     assert rep["layers_sha256_original"] != rep["layers_sha256_pruned_union"]
+    from memobench.api import tensors_sha256
+
     def sha():
-        return W._sha256_tensors({n: m.weight for n, m in W.ffn_layers(model.unet)})
+        return tensors_sha256({n: m.weight for n, m in W.ffn_layers(model.unet)})
 
     with wanda.apply(model, PROMPTS[0], ctx):  # the recorded sha256 is that of the weights inside the context
         assert sha() == rep["layers_sha256_pruned_union"]

@@ -9,7 +9,7 @@ import pytest
 from memobench_plugins.tiny import WEIGHTS
 from memobench_plugins.tiny import data as D
 
-from memobench.tokenizer import load_sd_tokenizer
+from memobench_plugins.tiny.tokenizer import load_sd_tokenizer
 
 
 def test_tokenizer_ids_equal_sd_v14(tmp_path):

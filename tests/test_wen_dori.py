@@ -39,7 +39,7 @@ def ctx(tmp_path_factory, model):
     r = model.resolution
     gen = {"num_inference_steps": 5, "guidance_scale": 7.5, "height": r, "width": r}
     return Context(cache_dir=tmp_path_factory.mktemp("ctx-cache"), seeds=tuple(range(G)),
-                   settings={"generation": gen})
+                   generation=gen)
 
 
 @pytest.fixture(scope="module")

@@ -123,7 +123,6 @@ Choices where METHODS is [UNPUBLISHED] (each a ``Params`` field, recorded in eve
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import time
@@ -131,8 +130,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from memobench.api import BadInput, Context, Mitigation, Prompt
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Context, Mitigation, Prompt, hookimpl, param
 
 __all__ = ["AdversarialFineTuning"]
 
@@ -158,7 +156,7 @@ def surrogate_params(spec: str) -> dict:
     """``"k=v;k=v"`` → ``{k: v}`` by memobench's KEY=VALUE rule (values stay strings; the surrogate mitigation
     coerces them). ";" separates pairs so that values may hold commas (``blocks=down,mid``). A malformed spec is a
     ``ValueError``, as every invalid mitigation parameter is."""
-    from memobench.config import BadInput, parse_kv
+    from memobench.api import BadInput, parse_kv
 
     try:
         return parse_kv([x for x in spec.split(";") if x.strip()], "advft parameter surrogate_params")
@@ -298,15 +296,6 @@ class _MasterStep:
                 self.good = 0
 
 
-def _sha256_state(state: dict) -> str:
-    h = hashlib.sha256()
-    for n in sorted(state):
-        t = state[n].detach().cpu().contiguous()
-        h.update(f"{n}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 class AdversarialFineTuning(Mitigation):
     """DoRI adversarial fine-tuning: fine-tune the UNet so DoRI embeddings of memorized images map to surrogates."""
 
@@ -317,27 +306,31 @@ class AdversarialFineTuning(Mitigation):
 
     @dataclass
     class Params:
-        epochs: int = 5  # [PAPER] five epochs
-        dori_steps: int = 50  # [SECONDARY] DoRI's default budget (§7.4)
-        dori_lr: float = 0.1  # [SECONDARY]
-        dori_batch: int = 8  # [SECONDARY]
-        inits: str = "prompt,gaussian"  # [UNPUBLISHED] DoRI inits per target and epoch
-        steps_per_epoch: int = 40  # [UNPUBLISHED]
-        lr: float = 1e-4  # [UNPUBLISHED]
-        regular_batch: int = 8  # [UNPUBLISHED]
-        n_regular: int = 200  # [UNPUBLISHED] regular caption-image pairs (L_DM)
-        regular_prompts: str = ""  # prompt set of regular pairs; "" = the model's "regular" prompt set
-        uncond_prob: float = 0.1  # [UNPUBLISHED] caption dropout of regular pairs
-        surrogate: str = "nemo"  # [PAPER] surrogate images come from a pruned model (nemo | wanda | …)
-        surrogate_params: str = "theta_min=0"  # [CHOICE] the surrogate mitigation's parameters, "k=v;k=v" ("" = its
-        # defaults): NeMo continues its schedule until its own criterion holds (see the docstring)
-        surrogate_seed: int = 1000
-        surrogate_tries: int = 10  # [CHOICE] seeds surrogate_seed … + tries − 1, until one is not a replica
-        surrogate_max_sscd: float = 0.5  # [CHOICE] above this SSCD to the training image a surrogate is a copy (DCR τ)
-        seed: int = 0  # seeds the fine-tuning draws and (with the epoch) the DoRI runs
-        train_params: str = "all"  # [PAPER] all UNet parameters; "attn" | "xattn": subsets that fit smaller memory
-        optimizer: str = "adamw"  # "adamw" (torch's default AdamW) | "adamw_fused" (torch's fused kernel)
-        original_copy: str = "auto"  # where the original weights wait: "cpu" | "disk" | "auto" (disk on a CPU run)
+        epochs: int = param(5, "fine-tuning epochs (the paper: five) [PAPER]")
+        dori_steps: int = param(50, "DoRI optimisation steps per run (DoRI's default budget, METHODS §7.4) [SECONDARY]")
+        dori_lr: float = param(0.1, "Adam learning rate of the DoRI runs [SECONDARY]")
+        dori_batch: int = param(8, "(t, ε) draws per DoRI step [SECONDARY]")
+        inits: str = param("prompt,gaussian", "DoRI inits per target and epoch [UNPUBLISHED]")
+        steps_per_epoch: int = param(40, "fine-tuning steps per epoch [UNPUBLISHED]")
+        lr: float = param(1e-4, "learning rate of the UNet fine-tuning [UNPUBLISHED]")
+        regular_batch: int = param(8, "regular caption-image pairs per step [UNPUBLISHED]")
+        n_regular: int = param(200, "regular caption-image pairs (L_DM) [UNPUBLISHED]")
+        regular_prompts: str = param("", "prompt set of regular pairs; '' = the model's 'regular' prompt set")
+        uncond_prob: float = param(0.1, "caption dropout of regular pairs [UNPUBLISHED]")
+        surrogate: str = param("nemo", "surrogate images come from a pruned model (nemo | wanda | …) [PAPER]")
+        surrogate_params: str = param("theta_min=0", "the surrogate mitigation's parameters, 'k=v;k=v' ('' = its "
+                                                     "defaults): NeMo continues its schedule until its own criterion "
+                                                     "holds (see the docstring) [CHOICE]")
+        surrogate_seed: int = param(1000, "first seed of the surrogate generations (see surrogate_tries)")
+        surrogate_tries: int = param(10, "seeds surrogate_seed … + tries − 1, until one is not a replica [CHOICE]")
+        surrogate_max_sscd: float = param(0.5, "above this SSCD to the training image a surrogate is a copy (DCR τ) "
+                                               "[CHOICE]")
+        seed: int = param(0, "seeds the fine-tuning draws and (with the epoch) the DoRI runs")
+        train_params: str = param("all", "all UNet parameters; 'attn' | 'xattn': subsets that fit smaller memory "
+                                         "[PAPER]")
+        optimizer: str = param("adamw", "'adamw' (torch's default AdamW) | 'adamw_fused' (torch's fused kernel)")
+        original_copy: str = param("auto", "where the original weights wait: 'cpu' | 'disk' | 'auto' (disk on a CPU "
+                                           "run)")
 
     def __init__(self, params=None, **kw):
         super().__init__(params, **kw)
@@ -373,7 +366,7 @@ class AdversarialFineTuning(Mitigation):
             raise BadInput("advft: the model names no 'regular' prompt set; pass --mitigation-param "
                            "regular_prompts=<prompt set with reference images>")
         ps = ctx.plugin("prompt_set", name)
-        from memobench.model import generation_size
+        from memobench.api import generation_size
 
         height, width = generation_size(model, ctx)
         texts, lats = [], []
@@ -405,8 +398,7 @@ class AdversarialFineTuning(Mitigation):
         sur.fit(model, prompts, ctx)
         g = ctx.generation
         steps, scale = int(g.get("num_inference_steps", 50)), float(g.get("guidance_scale", 7.5))
-        from memobench.model import generation_size
-        from memobench.sscd import SSCD
+        from memobench.api import SSCD, generation_size
 
         height, width = generation_size(model, ctx)
 
@@ -439,9 +431,10 @@ class AdversarialFineTuning(Mitigation):
         import torch
         from safetensors.torch import load_file, save
 
-        from memobench.cache import atomic_write_text, key_of, write_once_bytes
+        from memobench.api import (
+            atomic_write_text, generation_size, key_of, size_key_part, tensors_sha256, write_once_bytes,
+        )
 
-        from memobench.model import generation_size, size_key_part
 
         inits = self._check()
         targets = [q for q in prompts if ctx.reference_images(q)]
@@ -469,7 +462,7 @@ class AdversarialFineTuning(Mitigation):
         named = trainable_parameters(unet, p.train_params)
         params = [q for _, q in named]
         flags = [q.requires_grad for _, q in all_named]
-        sha_original = _sha256_state({n: q for n, q in all_named})
+        sha_original = tensors_sha256({n: q for n, q in all_named})
         half = model.dtype in (torch.float16, torch.bfloat16)
         mode = p.original_copy
         if mode == "auto":
@@ -563,7 +556,7 @@ class AdversarialFineTuning(Mitigation):
         self._report = {
             "targets": [q.id for q in targets], "regular_prompts": reg_name, "n_regular_pairs": len(reg_texts),
             **sur_info, "history": history, "fit_seconds": time.time() - t0,
-            "unet_sha256_original": sha_original, "unet_sha256_finetuned": _sha256_state(full),
+            "unet_sha256_original": sha_original, "unet_sha256_finetuned": tensors_sha256(full),
             "train_params": p.train_params, "n_trained_parameters": int(sum(q.numel() for q in params)),
             "optimizer": p.optimizer, "master_dtype": "float32", "model_dtype": str(model.dtype).replace("torch.", ""),
             "original_copy": mode, "size": list(size), "fp16_skipped_steps": skipped,

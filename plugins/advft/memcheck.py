@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     import numpy as np
     import torch
 
-    from memobench.api import Context, Prompt
-    from memobench.model import DiffusionModel
-    from memobench.registry import get_registry
+    from memobench.api import Context, DiffusionModel, Prompt, get_registry
     from memobench_plugins.sd_random import build_pipeline
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memobench.api import Attack, AttackOutput, Conditioning, Mitigation
-from memobench.hookspecs import hookimpl
+from memobench.api import Attack, AttackOutput, Conditioning, Mitigation, hookimpl
 
 
 class NoMitigation(Mitigation):

@@ -43,17 +43,15 @@ import warnings
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from memobench import stats
-from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
-from memobench.data import check_pin, download_file
-from memobench.hookspecs import hookimpl
-from memobench.sscd import file_sha256
+from memobench.api import (
+    BadInput, Context, Metric, MetricInfo, MetricValue, Sample, check_pin, dist_version, download_file, file_sha256,
+    hookimpl, param, stats,
+)
 
 __all__ = [
     "VARIANTS",
@@ -146,13 +144,6 @@ def summarize(values: Sequence[float], set_reduce: str, median: str = "average")
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _hub_names(hf: str) -> tuple[str, list[str]]:
     """(repository, candidate file names, safetensors first as open_clip.pretrained.download_pretrained_from_hf)."""
     repo, fname = os.path.split(hf)  # open_clip's convention: 'org/name/' = default file name
@@ -249,18 +240,19 @@ class ClipScore(Metric):
 
     @dataclass
     class Params:
-        variant: str = "nemo2024"  # nemo2024 | wen2024
-        weights_path: str = ""  # open_clip checkpoint file, or a local-dir folder (open_clip_config.json + weights)
-        arch: str = ""  # override the variant's open_clip architecture
-        pretrained: str = ""  # override the variant's pretrained tag
-        cache_dir: str = ""  # open_clip / Hugging Face cache folder (default: theirs)
-        revision: str = ""  # Hugging Face hub commit of the tag's weights ("" = cached/latest; recorded)
-        weights_sha256: str = ""  # pin of the weights file ("" = recorded, not enforced)
-        gen_reduce: str = "preset"  # mean | median | preset
-        set_reduce: str = "preset"  # median_mad | mean_std | mean | preset
-        median: str = "preset"  # lower (torch.median) | average (numpy) | preset
-        precision: str = "fp32"  # open_clip precision
-        batch_size: int = 32
+        variant: str = param("nemo2024", "nemo2024 | wen2024")
+        weights_path: str = param("", "open_clip checkpoint file, or a local-dir folder (open_clip_config.json + "
+                                      "weights)")
+        arch: str = param("", "override the variant's open_clip architecture")
+        pretrained: str = param("", "override the variant's pretrained tag")
+        cache_dir: str = param("", "open_clip / Hugging Face cache folder (default: theirs)")
+        revision: str = param("", "Hugging Face hub commit of the tag's weights ('' = cached/latest; recorded)")
+        weights_sha256: str = param("", "pin of the weights file ('' = recorded, not enforced)")
+        gen_reduce: str = param("preset", "mean | median | preset")
+        set_reduce: str = param("preset", "median_mad | mean_std | mean | preset")
+        median: str = param("preset", "lower (torch.median) | average (numpy) | preset")
+        precision: str = param("fp32", "open_clip precision")
+        batch_size: int = param(32, "images embedded per batch")
 
     # -- configuration ---------------------------------------------------------------------------------------
     @property
@@ -377,7 +369,7 @@ class ClipScore(Metric):
         model, preprocess, tokenizer = _MODELS[ident]
         impl = {
             "name": self.name, "version": self.version, "variant": self.variant.name,
-            "library": f"open_clip {_version('open_clip_torch')}", "torch": _version("torch"),
+            "library": f"open_clip {dist_version('open_clip_torch')}", "torch": dist_version("torch"),
             "feature_extractor": f"{src['arch']} ({src['tag'] or 'weights_path'})", "arch": src["arch"],
             "pretrained": src["tag"], "weights": src["weights"], "weights_sha256": src["weights_sha256"],
             "revision": src.get("revision"), "weights_pin": "weights_sha256" if p.weights_sha256 else None,
@@ -418,7 +410,7 @@ class ClipScore(Metric):
     def _unavailable(self, reason: str) -> dict[str, MetricValue]:
         v = self.variant
         impl = {"name": self.name, "version": self.version, "variant": v.name,
-                "library": f"open_clip {_version('open_clip_torch')}",
+                "library": f"open_clip {dist_version('open_clip_torch')}",
                 "arch": self.params.arch or v.arch, "pretrained": self.params.pretrained or v.pretrained,
                 "weights": self.params.weights_path or None, "score": SCORE}
         return {self.name: MetricValue(value=None, n=0, impl=impl, unavailable=reason)}
@@ -468,7 +460,8 @@ class ClipScoreWen(ClipScore):
 
     @dataclass
     class Params(ClipScore.Params):
-        variant: str = "wen2024"
+        variant: str = param("wen2024", "preset of the metric: wen2024 (Wen et al.'s CLIP model and reductions) | "
+                                        "nemo2024")
 
 
 @hookimpl

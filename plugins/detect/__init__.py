@@ -1,7 +1,7 @@
 """Memorization detection and prompt explanation: ``memobench detect`` and ``memobench explain``.
 
-One module per paper, each a detector (a :class:`memobench.api.Plugin` with a per-prompt score, higher = more
-likely memorized):
+One module per paper, each a detector (a :class:`memobench.api.Detector`: a per-prompt score, higher = more likely
+memorized), registered through the ``register_detectors`` hook (other plugins may add their own):
 
 * :mod:`.wen` — Wen et al., ICLR 2024: d(p), the text-conditional noise magnitude along the sampling trajectory,
   and its token-wise significance (METHODS §6.1); detector ``wen`` (default).
@@ -23,7 +23,16 @@ This module imports neither torch nor diffusers at import time.
 
 from __future__ import annotations
 
-from memobench.hookspecs import hookimpl
+from memobench.api import hookimpl
+
+
+@hookimpl
+def register_detectors(register):
+    from .nemo import NeMoDetector
+    from .wen import WenDetector
+
+    register(WenDetector)
+    register(NeMoDetector)
 
 
 @hookimpl

@@ -17,67 +17,39 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memobench.api import Context, Prompt
-from memobench.cache import atomic_write_bytes, atomic_write_text, default_cache_dir, key_of
-from memobench.config import BadInput
+from memobench.api import (
+    BadInput, Detector, ModelSession, Prompt, atomic_write_bytes, atomic_write_text, get_registry, key_of, open_model,
+    slug, write_result,
+)
 
-from ._base import Detector
-from .nemo import NeMoDetector
 from .roc import detection_metrics, fixed_threshold_metrics
-from .wen import WenDetector
 
-DETECTORS: dict[str, type[Detector]] = {"wen": WenDetector, "nemo": NeMoDetector}
 RESULT_SCHEMA = 1
+Session = ModelSession  # a loaded model with its plugin and Context (memobench.api.open_model)
 
 
 # ---------------------------------------------------------------------------------------------- session
-@dataclass
-class Session:
-    """A loaded model with its plugin, generation defaults and a :class:`Context` keyed by the model identity."""
-
-    registry: Any
-    model_name: str
-    model_plugin: Any
-    model: Any
-    ctx: Context
-    generation: dict = field(default_factory=dict)
-
-    @property
-    def model_identity(self) -> dict:
-        return {**self.model.identity(), "plugin": self.model_plugin.identity()}
-
-
 def open_session(model: str = "tiny", model_params: dict | None = None, cache_dir: str | Path | None = None,
                  device: str = "cpu", offline: bool = False, registry=None) -> Session:
     """Instantiate and load a model plugin (the same way ``memobench run`` does)."""
-    from memobench.model import quiet_libraries
-    from memobench.registry import get_registry
+    return open_model(model, model_params, registry=registry, cache_dir=cache_dir, device=device, offline=offline)
 
-    reg = registry or get_registry()
-    cls = reg.get("model", model)
+
+def detector_names(registry=None) -> list[str]:
+    """The registered detectors (``register_detectors`` hook)."""
+    return (registry or get_registry()).names("detector")
+
+
+def make_detector(name: str, params: dict | None, generation: dict | None = None, registry=None) -> Detector:
+    """Build (and validate) a registered detector; with ``generation`` (the model's defaults) also resolve it. Cheap:
+    call it before loading a model so that bad parameters fail fast."""
     try:
-        plugin = cls(cls.make_params(model_params or {}))
-    except (TypeError, ValueError) as e:
-        raise BadInput(str(e)) from None
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    gen = dict(getattr(cls, "generation", {}) or {})
-    ctx = Context(cache_dir=cache, offline=offline, device=device, generation=gen)
-    quiet_libraries()
-    m = plugin.load(ctx)
-    ctx.model_id = key_of(m.identity())
-    return Session(reg, model, plugin, m, ctx, gen)
-
-
-def make_detector(name: str, params: dict | None, generation: dict | None = None) -> Detector:
-    """Build (and validate) a detector; with ``generation`` (the model's defaults) also resolve it. Cheap: call it
-    before loading a model so that bad parameters fail fast."""
-    cls = DETECTORS.get(name)
-    if cls is None:
-        raise BadInput(f"--detector: unknown detector {name!r}; available: {', '.join(DETECTORS)}")
+        cls = (registry or get_registry()).get("detector", name)
+    except KeyError as e:  # UnknownPluginError: lists the registered detectors
+        raise BadInput(f"--detector: {e}") from None
     try:
         det = cls(cls.make_params(params or {}))
         return det if generation is None else det.resolved(generation)
@@ -90,7 +62,7 @@ def split_detector_params(pairs: dict, names: list[str]) -> dict[str, dict]:
     out: dict[str, dict] = {n: {} for n in names}
     for k, v in pairs.items():
         head, dot, rest = k.partition(".")
-        if dot and head in DETECTORS:
+        if dot and head in detector_names():
             if head not in out:
                 raise BadInput(f"--detector-param {k}: detector {head!r} is not selected (--detector)")
             out[head][rest] = v
@@ -104,7 +76,7 @@ def check_prompt_source(registry, spec: str, what: str) -> None:
     """Fail fast (before a model loads) on an unknown prompt-set name or an unreadable prompt file."""
     if spec in registry.entries["prompt_set"]:
         return
-    from memobench.prompts import is_prompt_file, read_prompt_file
+    from memobench.api import is_prompt_file, read_prompt_file
 
     if is_prompt_file(spec):
         read_prompt_file(spec, what)
@@ -120,7 +92,7 @@ def load_prompts(session: Session, spec: str, what: str) -> tuple[dict, list[Pro
     reg = session.registry
     check_prompt_source(reg, spec, what)
     if spec not in reg.entries["prompt_set"]:
-        from memobench.prompts import register_prompt_file
+        from memobench.api import register_prompt_file
 
         spec = register_prompt_file(reg, spec)
     ps = reg.get("prompt_set", spec)()
@@ -198,8 +170,7 @@ def other_calibrations(session: Session, det: Detector) -> list[dict]:
 def run_detect(session: Session, detectors: list[Detector], memorized: str, nonmemorized: str,
                output_dir: str | Path = "results", limit: int | None = None, progress=None) -> dict:
     """Score both sets with every detector, evaluate, store the calibrations; returns the result (with paths)."""
-    from memobench import __version__
-    from memobench.runner import check_output_dir
+    from memobench.api import check_output_dir
 
     out_root = check_output_dir(output_dir)
     t0 = time.time()
@@ -216,7 +187,7 @@ def run_detect(session: Session, detectors: list[Detector], memorized: str, nonm
     config = {"model": session.model_identity, "memorized": pos_desc, "nonmemorized": neg_desc, "limit": limit,
               "detectors": [d.identity() for d in detectors]}
     run_id = key_of(config)[:16]
-    model_dir = out_root / _slug(session.model_name) / "detect"
+    model_dir = out_root / slug(session.model_name) / "detect"
     result_path, roc_path = model_dir / f"{run_id}.json", model_dir / f"{run_id}.roc.png"
     for det in detectors:
         t = time.time()
@@ -250,17 +221,16 @@ def run_detect(session: Session, detectors: list[Detector], memorized: str, nonm
                               "seconds": round(time.time() - t, 3),
                               "seconds_per_prompt_uncached": _mean([r.get("seconds") for r in recs])}
     result = {
-        "schema_version": RESULT_SCHEMA, "kind": "detection", "memobench_version": __version__, "run_id": run_id,
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "schema_version": RESULT_SCHEMA, "kind": "detection", "run_id": run_id,
         "status": "partial" if limit else "complete", "config_hash": key_of(config),
         "model": session.model_identity, "model_key": session.ctx.model_id,
         "memorized": pos_desc, "nonmemorized": neg_desc, "limit": limit, "detectors": dets_out,
-        "prompts": rows, "environment": _versions(), "timing": {"total_s": round(time.time() - t0, 3)},
+        "prompts": rows, "timing": {"total_s": round(time.time() - t0, 3)},
         "paths": {"result": str(result_path), "roc": str(roc_path)},
     }
     write_roc_png(result, roc_path)
-    atomic_write_text(result_path, json.dumps(result, indent=1, sort_keys=False))
-    return result
+    # provenance (memobench_version, git commit, created_at) and the environment, with the evaluation's libraries
+    return write_result(result_path, result, env_key="environment", env_extra=_eval_versions())
 
 
 def _mean(xs) -> float | None:
@@ -268,16 +238,10 @@ def _mean(xs) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)
+def _eval_versions() -> dict:
+    from memobench.api import dist_version
 
-
-def _versions() -> dict:
-    import importlib.metadata as md
-
-    from memobench.runner import environment
-
-    return {**environment(), **{k: md.version(k) for k in ("scikit-learn", "torchmetrics")}}
+    return {k: dist_version(k) for k in ("scikit-learn", "torchmetrics")}
 
 
 def write_roc_png(result: dict, path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from memobench.config import BadInput, parse_kv, parse_seeds, resolve_offline
+from memobench.api import BadInput, parse_kv, parse_seeds, resolve_offline, slug
 
 CSV_FIELDS = ("prompt_id", "prompt", "mem_type", "statistic", "verdict", "threshold", "top_tokens", "top_token",
               "top_share", "statistic_removed", "statistic_replaced", "sscd", "sscd_removed", "sscd_replaced",
@@ -42,16 +42,9 @@ def _fmt(v, nd: int = 3) -> str:
 
 
 def _progress(enabled: bool):
-    from memobench.progress import ProgressReporter
+    from memobench.api import ProgressReporter
 
     return ProgressReporter(enabled=enabled)
-
-
-def _slug(s: str, n: int = 48) -> str:
-    out = "".join(c if c.isalnum() else "_" for c in s.lower()).strip("_")
-    while "__" in out:
-        out = out.replace("__", "_")
-    return out[:n] or "prompt"
 
 
 def register(app: typer.Typer) -> None:
@@ -62,8 +55,9 @@ def register(app: typer.Typer) -> None:
                                       "or a .txt/.csv/.jsonl file. Default: the model's target set."),
         nonmemorized: str = typer.Option(None, "--nonmemorized", help="Non-memorized prompts (negatives). Default: "
                                          "the model's nonmem set."),
-        detector: list[str] = typer.Option(None, "--detector", "-d", help="wen (default; Wen et al.'s d(p)) or "
-                                           "nemo (NeMo's memorization score); repeatable."),
+        detector: list[str] = typer.Option(None, "--detector", "-d", help="A registered detector (`memobench ls "
+                                           "detectors`): wen (default; Wen et al.'s d(p)), nemo (NeMo's memorization "
+                                           "score), …; repeatable."),
         detector_param: list[str] = typer.Option(None, "--detector-param", help="[DETECTOR.]KEY=VALUE, e.g. "
                                                  "score_steps=1 or nemo.samples=10."),
         seeds: str = typer.Option(None, "--seeds", help="Generations of the wen statistic, e.g. 0-3 (default) — "
@@ -100,7 +94,7 @@ def register(app: typer.Typer) -> None:
                 per[n]["seeds"] = ",".join(map(str, s))
         for n in names:
             make_detector(n, per[n])  # unknown detector or parameter: fail before the model loads
-        from memobench.registry import get_registry
+        from memobench.api import check_output_dir, get_registry
 
         reg = get_registry()
         mcls = reg.get("model", model)
@@ -111,8 +105,6 @@ def register(app: typer.Typer) -> None:
                            "--nonmemorized")
         check_prompt_source(reg, pos, "--memorized")
         check_prompt_source(reg, neg, "--nonmemorized")
-        from memobench.runner import check_output_dir
-
         check_output_dir(output_dir)
         session = open_session(model, parse_kv(model_param, "--model-param"), cache_dir, device,
                                resolve_offline(offline), reg)
@@ -165,7 +157,7 @@ def register(app: typer.Typer) -> None:
         from memobench.api import check_device
 
         device = check_device(device)
-        from memobench.runner import check_output_dir
+        from memobench.api import check_output_dir
 
         from .explain import Explainer, render_png
 
@@ -180,14 +172,14 @@ def register(app: typer.Typer) -> None:
             raise BadInput(f"--limit: must be a positive integer, got {limit}")
         out_root = check_output_dir(output_dir)
         if file is not None:
-            from memobench.prompts import read_prompt_file
+            from memobench.api import read_prompt_file
 
             read_prompt_file(file, "--file", accepts_names=False)  # bad file → one error line before the model loads
         ex = Explainer(model=model, model_params=parse_kv(model_param, "--model-param"), seeds=_seeds(seeds),
                        detector_params=parse_kv(detector_param, "--detector-param"), cache_dir=cache_dir,
                        device=device, offline=resolve_offline(offline), threshold_rule=threshold_rule,
                        replacement=replacement)
-        folder = out_root / _slug(model) / "explain"
+        folder = out_root / slug(model) / "explain"
         if prompt is not None:
             e = ex.explain(prompt, ablate=ablation)
             paths = _write_single(e, folder, render_png if png is not False else None)
@@ -201,7 +193,7 @@ def register(app: typer.Typer) -> None:
         desc, prompts, ps = load_prompts(ex.session, str(file) if file is not None else prompt_set,
                                          "--file" if file is not None else "--prompt-set")
         prompts = prompts[:limit] if limit else prompts
-        stem = _slug(Path(str(file)).stem if file is not None else prompt_set)
+        stem = slug(Path(str(file)).stem if file is not None else prompt_set, 48)
         out_csv = Path(csv_path) if csv_path else folder / f"{stem}.csv"
         rows, expls = [], []
         with _progress(progress and not as_json) as pr, pr.task(f"explain {len(prompts)} prompts",
@@ -214,7 +206,7 @@ def register(app: typer.Typer) -> None:
                 _write_csv(out_csv, rows)
                 advance()
         summary = _summary(expls, desc, out_csv)
-        from memobench.cache import atomic_write_text
+        from memobench.api import atomic_write_text
 
         spath = out_csv.with_suffix(".summary.json")
         atomic_write_text(spath, json.dumps({**summary, "prompts": [x.to_dict() for x in expls]}, indent=1))
@@ -226,11 +218,11 @@ def register(app: typer.Typer) -> None:
 
 # ---------------------------------------------------------------------------------------------- output
 def _write_single(e, folder: Path, render) -> dict:
-    from memobench.cache import atomic_write_bytes, atomic_write_text, key_of, png_bytes
+    from memobench.api import atomic_write_bytes, atomic_write_text, key_of, png_bytes
 
     # prompt, seeds, and a short key of the detector's identity (steps, guidance, significance, attribution, …),
     # so that explaining one prompt under other settings never overwrites the earlier files
-    base = folder / (f"{_slug(e.prompt.text)}-{e.prompt.sha256[:8]}-s{'_'.join(map(str, e.seeds))[:24]}"
+    base = folder / (f"{slug(e.prompt.text, 48)}-{e.prompt.sha256[:8]}-s{'_'.join(map(str, e.seeds))[:24]}"
                      f"-d{key_of(e.detector)[:6]}")
     paths = {"json": str(base.with_suffix(".json"))}
     if render is not None:
@@ -263,7 +255,7 @@ def _csv_row(e, top_k: int, png: str | None) -> dict:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    from memobench.cache import atomic_write_text
+    from memobench.api import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")

@@ -115,7 +115,7 @@ class Explainer:
                  offline: bool = False, threshold_rule: str = "acc", replacement: str = "thing",
                  sscd_preset: str = "dori2026", sscd_backend: str = "auto", session: Session | None = None,
                  registry=None):
-        from memobench.config import BadInput
+        from memobench.api import BadInput
 
         if threshold_rule not in RULES:
             raise BadInput(f"--threshold-rule: {threshold_rule!r} not in {RULES}")
@@ -166,7 +166,7 @@ class Explainer:
 
     def sscd(self):
         if self._sscd is None and self._sscd_error is None:
-            from memobench.sscd import SSCD, SSCDUnavailableError
+            from memobench.api import SSCD, SSCDUnavailableError
 
             try:
                 self._sscd = SSCD(self.sscd_preset, backend=self.sscd_backend, cache_dir=self.session.ctx.cache_dir,
@@ -212,7 +212,7 @@ class Explainer:
             found = self.known_prompts().get(prompt.strip()) if prompt_set is None else None
             prompt, prompt_set = found if found else (Prompt(id="prompt", text=prompt.strip()), prompt_set)
         if not prompt.text.strip():
-            from memobench.config import BadInput
+            from memobench.api import BadInput
 
             raise BadInput("explain: the prompt is empty")
         m = self.session.model
@@ -285,7 +285,7 @@ class Explainer:
 
 def statements(e: Explanation) -> list[str]:
     """The sentences the tool prints about the counterfactual edits (each a comparison of computed numbers)."""
-    from memobench.sscd import PRESETS
+    from memobench.api import PRESETS
 
     preset = PRESETS.get((e.sscd_impl or {}).get("preset", ""))
     tau = preset.threshold if preset is not None else None

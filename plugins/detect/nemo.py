@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._base import Detector
+from memobench.api import Detector, param
 
 
 class NeMoDetector(Detector):
@@ -37,16 +37,18 @@ class NeMoDetector(Detector):
 
     @dataclass
     class Params:
-        seed: int = 1  # nemo2024-detect
-        samples: int = 10
-        latent_rule: str = "nemo"  # "nemo": one draw of (samples, C, h, w) | "per_image": seeds seed..seed+samples-1
-        num_inference_steps: int = 50  # fixes the DDIM timestep values only
-        timestep_index: int = 1  # the second DDIM timestep (t_1 = 961 for SD-1.4)
-        guidance_scale: float = 0.0  # conditional branch only; ≠ 0 is NeMo's "CFG during detection" ablation
-        msssim_kernel: int = 11
-        msssim_betas: tuple = (0.33, 0.33, 0.33)
-        small_latent: str = "upsample"  # "upsample" | "fewer_scales" | "error"
-        upsample_to: int = 64
+        seed: int = param(1, "seed of the one CPU draw of the initial latents (preset nemo2024-detect)")
+        samples: int = param(10, "initial noises compared pairwise (at least 2)")
+        latent_rule: str = param("nemo", "'nemo': one draw of (samples, C, h, w) | 'per_image': seeds "
+                                         "seed..seed+samples-1")
+        num_inference_steps: int = param(50, "fixes the DDIM timestep values only")
+        timestep_index: int = param(1, "the second DDIM timestep (t_1 = 961 for SD-1.4)")
+        guidance_scale: float = param(0.0, "conditional branch only; ≠ 0 is NeMo's 'CFG during detection' ablation")
+        msssim_kernel: int = param(11, "MS-SSIM Gaussian kernel size")
+        msssim_betas: tuple = param((0.33, 0.33, 0.33), "MS-SSIM weights of its three scales")
+        small_latent: str = param("upsample", "'upsample' | 'fewer_scales' | 'error'")
+        upsample_to: int = param(64, "side (latent pixels) small latents are nearest-upsampled to "
+                                     "(small_latent=upsample)")
 
         def __post_init__(self):
             self.msssim_betas = tuple(float(b) for b in self.msssim_betas)

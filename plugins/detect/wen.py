@@ -54,7 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._base import Detector
+from memobench.api import Detector, param
 
 SIGNIFICANCE_MODES = ("reference", "per_image")
 ATTRIBUTIONS = ("prompt_embeds", "token_embeds")
@@ -93,7 +93,7 @@ def text_noise_trajectory(model, prompt_embeds, negative_embeds, latents, num_in
     """
     import torch
 
-    from memobench.model import frozen_parameters
+    from memobench.api import frozen_parameters
 
     if significance not in (None, *SIGNIFICANCE_MODES):
         raise ValueError(f"detector 'wen': significance must be one of {SIGNIFICANCE_MODES}, got {significance!r}")
@@ -201,14 +201,14 @@ class WenDetector(Detector):
 
     @dataclass
     class Params:
-        seeds: tuple = (0, 1, 2, 3)  # G = 4 generations (notebook); one CPU generator per image
-        score_steps: int = 0  # |S|: the first N sampling steps enter d(p); 0 = all (notebook); Table 1: 1, 10
-        num_inference_steps: int = 0  # 0 = the model's generation default (DDIM 50 for SD-1.4 and tiny)
-        guidance_scale: float = -1.0  # < 0 = the model's default (wen2024 on SD-1.4: 7.5)
-        height: int = 0  # 0 = the model's default
-        width: int = 0
-        significance: str = "reference"  # "reference" (get_text_cond_grad) | "per_image" (METHODS' wording)
-        attribution: str = "prompt_embeds"  # e[k]: "prompt_embeds" (reference: encoder output) | "token_embeds"
+        seeds: tuple = param((0, 1, 2, 3), "G = 4 generations (notebook); one CPU generator per image")
+        score_steps: int = param(0, "|S|: the first N sampling steps enter d(p); 0 = all (notebook); Table 1: 1, 10")
+        num_inference_steps: int = param(0, "0 = the model's generation default (DDIM 50 for SD-1.4 and tiny)")
+        guidance_scale: float = param(-1.0, "< 0 = the model's default (wen2024 on SD-1.4: 7.5)")
+        height: int = param(0, "0 = the model's default")
+        width: int = param(0, "0 = the model's default")
+        significance: str = param("reference", "'reference' (get_text_cond_grad) | 'per_image' (METHODS' wording)")
+        attribution: str = param("prompt_embeds", "e[k]: 'prompt_embeds' (reference: encoder output) | 'token_embeds'")
 
         def __post_init__(self):
             self.seeds = tuple(int(s) for s in self.seeds)

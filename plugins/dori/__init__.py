@@ -56,8 +56,7 @@ import contextlib
 import hashlib
 from dataclasses import dataclass
 
-from memobench.api import Attack, AttackOutput, BadInput, Conditioning
-from memobench.hookspecs import hookimpl
+from memobench.api import Attack, AttackOutput, BadInput, Conditioning, hookimpl, param
 
 INITS = ("prompt", "gaussian", "nonmem")
 
@@ -93,17 +92,17 @@ class DoRIAttack(Attack):
 
     @dataclass
     class Params:
-        steps: int = 50  # [SECONDARY] optimisation steps; the MR-vs-steps figure uses 0/1/10/25/50
-        lr: float = 0.1  # [SECONDARY] Adam learning rate
-        batch: int = 8  # [SECONDARY] (t, ε) draws per step for the same image
-        init: str = "prompt"  # "prompt" (default) | "gaussian" (N(0, I)) | "nonmem" (embedding of init_prompt)
-        init_prompt: str = "a photo of a living room with a sofa and a table"  # used by init="nonmem"
-        seed: int = 0  # with the prompt's sha256, seeds the attack generator
-        optimize_bos: bool = True  # [UNPUBLISHED] all 77 positions; False = zero the BOS gradient
-        latent: str = "mean"  # [UNPUBLISHED] "mean" (VAE posterior mean) | "sample" (posterior sample)
-        t_min: int = 0  # [SECONDARY] t ~ U{t_min..t_max} (diffusers indices of U{1..1000})
-        t_max: int = 999
-        objective: str = "native"  # [CHOICE] "native" (the model's training loss: ε- or v-MSE) | "eps" (ε-MSE)
+        steps: int = param(50, "optimisation steps; the MR-vs-steps figure uses 0/1/10/25/50 [SECONDARY]")
+        lr: float = param(0.1, "Adam learning rate [SECONDARY]")
+        batch: int = param(8, "(t, ε) draws per step for the same image [SECONDARY]")
+        init: str = param("prompt", "'prompt' (default) | 'gaussian' (N(0, I)) | 'nonmem' (embedding of init_prompt)")
+        init_prompt: str = param("a photo of a living room with a sofa and a table", "used by init='nonmem'")
+        seed: int = param(0, "with the prompt's sha256, seeds the attack generator")
+        optimize_bos: bool = param(True, "all 77 positions; False = zero the BOS gradient [UNPUBLISHED]")
+        latent: str = param("mean", "'mean' (VAE posterior mean) | 'sample' (posterior sample) [UNPUBLISHED]")
+        t_min: int = param(0, "t ~ U{t_min..t_max} (diffusers indices of U{1..1000}) [SECONDARY]")
+        t_max: int = param(999, "upper end of the timestep range t ~ U{t_min..t_max} [SECONDARY]")
+        objective: str = param("native", "'native' (the model's training loss: ε- or v-MSE) | 'eps' (ε-MSE) [CHOICE]")
 
     def _check(self, model) -> None:
         p = self.params
@@ -138,7 +137,7 @@ class DoRIAttack(Attack):
         self._check(model)
         if reference is None:
             raise BadInput(f"dori: prompt {prompt.id} has no reference (training) image")
-        from memobench.model import generation_size
+        from memobench.api import generation_size
 
         device, dtype = model.device, model.dtype
         gseed = generator_seed(prompt.sha256, p.seed)
@@ -158,7 +157,7 @@ class DoRIAttack(Attack):
         t_draws: list[list[int]] = []
         B = p.batch
 
-        from memobench.model import frozen_parameters
+        from memobench.api import frozen_parameters
 
         with frozen_parameters(model.unet, model.text_encoder, model.vae), torch.enable_grad(), \
                 ctx_task(ctx, f"DoRI {prompt.id}", p.steps) as advance:

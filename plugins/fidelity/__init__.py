@@ -65,18 +65,15 @@ import io
 import json
 import re
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
-from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
-from memobench.cache import atomic_write_bytes, key_of
-from memobench.data import COCO_MANIFEST, check_pin, download_file
-from memobench.hookspecs import hookimpl
-from memobench.api import file_sha256, image_sha256
-from memobench.sscd import SSCDUnavailableError
+from memobench.api import (
+    COCO_MANIFEST, BadInput, Context, Metric, MetricInfo, MetricValue, SSCDUnavailableError, Sample,
+    atomic_write_bytes, check_pin, dist_version, download_file, file_sha256, hookimpl, image_sha256, key_of, param,
+)
 
 __all__ = [
     "CACHE_SCHEMA",
@@ -102,7 +99,10 @@ class FidelityUnavailable(RuntimeError):
     """The metric cannot be computed (weights, references or images missing); the message is the reason."""
 
 
-def _slug(name: str) -> str:
+def _id_part(name: str) -> str:
+    """An extractor name as part of a metric id: lower case, every run of other characters one ``_``. Not
+    :func:`memobench.api.slug` (a file-name rule that keeps case and ``-.``): metric ids are identifiers in results,
+    grids and leaderboards (``fd_dinov2_vit_l14``), and the ids of existing extractors must not change."""
     return re.sub(r"[^0-9a-zA-Z]+", "_", name).strip("_").lower()
 
 
@@ -113,7 +113,7 @@ def metric_ids(extractor: str, inception_name: str = INCEPTION) -> tuple[str, st
         return "fid", "kid"
     if extractor in ("sscd", SSCD_EXTRACTOR):
         return "fd_sscd", "kd_sscd"
-    return f"fd_{_slug(extractor)}", f"kd_{_slug(extractor)}"
+    return f"fd_{_id_part(extractor)}", f"kd_{_id_part(extractor)}"
 
 
 def display_names(ids: tuple[str, str], extractor: str) -> tuple[str, str]:
@@ -131,13 +131,6 @@ def register_extractors() -> str:
     from . import _torch
 
     return _torch.ensure_sscd_extractor()
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 _SAFE_WEIGHTS: set[str] = set()
@@ -191,17 +184,19 @@ class Fidelity(Metric):
 
     @dataclass
     class Params:
-        feature_extractor: str = "auto"  # auto (= Inception) | inception-v3-compat | sscd | <torch-fidelity name>
-        weights_path: str = ""  # feature_extractor_weights_path (Inception .pth; SSCD .onnx)
-        inception_sha256: str = ""  # pin of the Inception weights; "" = the sha256 recorded at download is enforced
-        reference_dir: str = ""  # folder of real images; empty = union of Sample.references
-        kid_subsets: int = 100
-        kid_subset_size: int = 1000  # capped at min(n_gen, n_ref)
-        image_size: int = 512  # centre-crop to square, resize (METHODS §5.2 step 3, project decision)
-        resample: str = "bicubic"  # PIL filter of that resize [UNPUBLISHED]
-        sscd_preset: str = "sscd_default"  # memobench.sscd preset of the SSCD extractor's resize
-        batch_size: int = 64
-        rng_seed: int = 2020  # torch-fidelity's default seed of the KID subset draws
+        feature_extractor: str = param("auto", "auto (= Inception) | inception-v3-compat | sscd | <torch-fidelity "
+                                               "name>")
+        weights_path: str = param("", "feature_extractor_weights_path (Inception .pth; SSCD .onnx)")
+        inception_sha256: str = param("", "pin of the Inception weights; '' = the sha256 recorded at download is "
+                                          "enforced")
+        reference_dir: str = param("", "folder of real images; empty = union of Sample.references")
+        kid_subsets: int = param(100, "KID subsets drawn (torch-fidelity's kid_subsets)")
+        kid_subset_size: int = param(1000, "capped at min(n_gen, n_ref)")
+        image_size: int = param(512, "centre-crop to square, resize (METHODS §5.2 step 3, project decision)")
+        resample: str = param("bicubic", "PIL filter of that resize [UNPUBLISHED]")
+        sscd_preset: str = param("sscd_default", "memobench.sscd preset of the SSCD extractor's resize")
+        batch_size: int = param(64, "images per feature-extraction batch")
+        rng_seed: int = param(2020, "torch-fidelity's default seed of the KID subset draws")
 
     # -- extractor resolution ----------------------------------------------------------------------------------
     def _inception_weights(self, ctx: Context) -> dict | None:
@@ -359,7 +354,7 @@ class Fidelity(Metric):
     def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
         p = self.params
         base_impl = {"name": self.name, "version": self.version,
-                     "library": f"torch-fidelity {_version('torch-fidelity')}",
+                     "library": f"torch-fidelity {dist_version('torch-fidelity')}",
                      "requested_feature_extractor": p.feature_extractor}
         fe = p.feature_extractor
         guess_ids = metric_ids(fe if fe != "auto" else self.inception_name, self.inception_name)
@@ -408,7 +403,7 @@ class Fidelity(Metric):
                     "weights": sel.get("weights_sha256") or sel.get("weights"), "layers": layers,
                     "image_size": p.image_size, "resample": p.resample,
                     "sscd_preset": p.sscd_preset if sel["kind"] == "sscd" else None,
-                    "torch_fidelity": _version("torch-fidelity")}
+                    "torch_fidelity": dist_version("torch-fidelity")}
         ref_key = key_of({"references": ref_ids, "extractor": identity})
         cache_path = self._cache_path(ctx, ref_key)
         memo = _torch.FeatureMemo()

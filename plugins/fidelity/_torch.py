@@ -25,7 +25,7 @@ from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.helpers import vassert
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-from memobench.sscd import SSCD
+from memobench.api import SSCD
 
 SSCD_EXTRACTOR = "memobench-sscd"
 MEMO_PREFIX = "memobench-memo+"

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from memobench.api import BadInput, ModelPlugin
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, ModelPlugin, hookimpl, param
 
 _SD1_METRICS = ["mr", "sscd_orig"]
 
@@ -34,15 +33,15 @@ class _HubModel(ModelPlugin):
 
     @dataclass
     class Params:
-        path: str = ""
-        revision: str = ""  # hub branch, tag or commit ("" = main); the resolved commit is recorded
-        sha256: str = ""  # pin of the weights identity (sha256 of the pipeline folder's files); "" = no pin
-        dtype: str = "float32"  # float16 / bfloat16 on GPU
+        path: str = param("", "local pipeline folder or hub id to load instead of the plugin's hub id ('' = its own)")
+        revision: str = param("", "hub branch, tag or commit ('' = main); the resolved commit is recorded")
+        sha256: str = param("", "pin of the weights identity (sha256 of the pipeline folder's files); '' = no pin")
+        dtype: str = param("float32", "float16 / bfloat16 on GPU")
 
     def load(self, ctx):
         import torch
 
-        from memobench.model import DiffusionModel
+        from memobench.api import DiffusionModel
 
         dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(self.params.dtype)
         if dtype is None:

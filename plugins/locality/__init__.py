@@ -13,7 +13,7 @@ It reuses the registered ``dori`` attack and the ``nemo`` and ``wanda`` mitigati
 
 from __future__ import annotations
 
-from memobench.hookspecs import hookimpl
+from memobench.api import hookimpl
 
 
 @hookimpl

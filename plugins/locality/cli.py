@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from memobench.config import BadInput, parse_kv, parse_seeds, resolve_offline
+from memobench.api import BadInput, parse_kv, parse_seeds, resolve_offline, slug
 
 SCHEMA = "memobench.locality/1"
 
@@ -24,10 +24,6 @@ def analyze_group(app: typer.Typer) -> typer.Typer:
     return grp
 
 
-def _slug(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in s)[:80] or "target"
-
-
 def _params(cls, values: dict, what: str, fixed: dict | None = None):
     try:
         return cls.make_params({**values, **(fixed or {})})
@@ -36,7 +32,7 @@ def _params(cls, values: dict, what: str, fixed: dict | None = None):
 
 
 def _texts(reg, name: str, ctx, what: str) -> list[str]:
-    from memobench.prompts import is_prompt_file, read_prompt_file
+    from memobench.api import is_prompt_file, read_prompt_file
 
     if is_prompt_file(name):
         return [p.text for p in read_prompt_file(name, what)]
@@ -152,11 +148,7 @@ def register(app: typer.Typer) -> None:
 def run_locality(lp, model_name: str, target_spec: str, model_params: dict, output_dir: Path, cache_dir, device: str,
                  offline: bool, progress: bool, t_start: float | None = None) -> tuple[dict, dict]:
     """Resolve everything (bad input fails before the model loads), run the three analyses, write JSON + PNGs."""
-    from memobench.api import Context
-    from memobench.cache import atomic_write_text, default_cache_dir, key_of
-    from memobench.progress import ProgressReporter
-    from memobench.registry import get_registry
-    from memobench.runner import check_output_dir, environment
+    from memobench.api import ProgressReporter, check_output_dir, get_registry, load_model, model_context
 
     from . import figures
     from .analysis import Setup, params_record, run_activation_space, run_input_space, run_weight_space, timed
@@ -201,10 +193,9 @@ def run_locality(lp, model_name: str, target_spec: str, model_params: dict, outp
     if lp.act_timestep_index >= gen["num_inference_steps"]:
         raise BadInput(f"--act-timestep-index: {lp.act_timestep_index} ≥ {gen['num_inference_steps']} denoising "
                        "steps")
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     reporter = ProgressReporter(enabled=progress)
-    ctx = Context(cache_dir=cache, offline=offline, device=device, seeds=tuple(gen_seeds), progress=reporter,
-                  generation=gen, batch_size=16)
+    ctx = model_context(mcls, cache_dir=cache_dir, device=device, offline=offline, generation=gen, registry=reg,
+                        seeds=tuple(gen_seeds), progress=reporter, batch_size=16)
     mem_all = prompt_set.prompts(ctx)
     tgt = next((q for q in mem_all if q.id == target_spec), None) or next(
         (q for q in mem_all if q.text == target_spec), None)
@@ -229,12 +220,11 @@ def run_locality(lp, model_name: str, target_spec: str, model_params: dict, outp
 
     timing: dict = {}
     with timed(timing, "load"):
-        model = model_plugin.load(ctx)
-    ctx.model_id = key_of(model.identity())
+        model = load_model(model_plugin, ctx)
     setup = Setup(model=model, ctx=ctx, registry=reg, target=tgt, reference=reference, mem_prompts=mem_prompts,
                   nonmem_texts=nonmem_texts, generation=gen, gen_seeds=gen_seeds, params=lp, mitigation=mitigation,
                   timing=timing, model_spec=(model_name, dict(model_params)))
-    folder = out_root / _slug(model_name) / "locality" / _slug(tgt.id)
+    folder = out_root / slug(model_name, 80) / "locality" / (slug(tgt.id, 80) or "target")
     with reporter:
         if mitigation.kind == "weights":
             with timed(timing, "fit"):
@@ -261,18 +251,17 @@ def run_locality(lp, model_name: str, target_spec: str, model_params: dict, outp
     timing["figures_cpu_s"] = round(time.process_time() - c0, 3)
     timing["total_s"] = round(time.time() - t_start, 3)
     timing["total_cpu_s"] = round(time.process_time() - cpu_start, 3)
-    from memobench import __version__
-    from memobench.runner import image_sha256
+    from memobench.api import image_sha256, write_result
 
     sscd_impl = None
     try:
-        from memobench.sscd import SSCD
+        from memobench.api import SSCD
 
-        sscd_impl = SSCD(preset=lp.sscd_preset, backend=lp.sscd_backend, cache_dir=cache, offline=offline).impl
+        sscd_impl = SSCD(preset=lp.sscd_preset, backend=lp.sscd_backend, cache_dir=ctx.cache_dir, offline=offline).impl
     except Exception as e:  # pragma: no cover - the embedder already ran; this only describes it
         sscd_impl = {"error": f"{type(e).__name__}: {e}"}
     result = {
-        "schema": SCHEMA, "memobench_version": __version__,
+        "schema": SCHEMA,
         "command": "memobench analyze locality",
         "model": {"plugin": model_plugin.identity(), "weights": model.identity()},
         "target": {"id": tgt.id, "text": tgt.text, "mem_type": tgt.mem_type, "prompt_set": mem_name,
@@ -288,9 +277,12 @@ def run_locality(lp, model_name: str, target_spec: str, model_params: dict, outp
         "sscd": sscd_impl,
         "input_space": inp, "activation_space": act, "weight_space": wts,
         "figures": {k: Path(v).name for k, v in paths.items() if k != "folder"},
-        "env": environment(), "timing": timing,
+        "timing": timing,
     }
-    atomic_write_text(folder / "locality.json", json.dumps(result, indent=1, sort_keys=True, default=_json_default))
+    # plain JSON types first (numpy values, paths), then provenance (memobench_version, git commit, created_at, env)
+    # and strict JSON written atomically
+    result = json.loads(json.dumps(result, default=_json_default))
+    result = write_result(folder / "locality.json", result, sort_keys=True)
     paths["json"] = folder / "locality.json"
     return result, paths
 

@@ -21,7 +21,7 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    from memobench.cache import atomic_write_bytes
+    from memobench.api import atomic_write_bytes
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -200,8 +200,7 @@ def weight_space(section: dict, path: Path, target: str) -> Path:
 def generations(runs: list[dict], prompt_images, prompt_sims, target, reference, path: Path, seeds: list[int],
                 max_rows: int = 12) -> Path:
     """Training image | generations, one row for the memorized prompt and one per DoRI init (memobench's grid)."""
-    from memobench.api import Prompt, Sample
-    from memobench.runner import write_grid
+    from memobench.api import Prompt, Sample, write_grid
 
     samples, scores = [], {}
 

@@ -43,11 +43,10 @@ from typing import Any
 
 import numpy as np
 
-from memobench import stats
-from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
-from memobench.hookspecs import hookimpl
-from memobench.api import image_sha256
-from memobench.sscd import SSCD, SSCDUnavailableError, get_preset, jpeg_roundtrip
+from memobench.api import (
+    SSCD, BadInput, Context, Metric, MetricInfo, MetricValue, SSCDUnavailableError, Sample, get_preset, hookimpl,
+    image_sha256, jpeg_roundtrip, param, stats,
+)
 
 __all__ = ["Diversity", "EmbeddingCache", "MemorizationRate", "SSCDGen", "SSCDOrig"]
 
@@ -114,7 +113,7 @@ class EmbeddingCache:
         if getattr(pre, "center_crop", None):
             return (pre.center_crop, pre.center_crop)
         if isinstance(resize, int):
-            from memobench.sscd import short_side_size
+            from memobench.api import short_side_size
 
             return short_side_size(image.shape[0], image.shape[1], resize)
         return tuple(resize)
@@ -191,13 +190,13 @@ class _SSCDMetric(Metric):
 
     @dataclass
     class Params:
-        preset: str = "dori2026"
-        backend: str = "auto"  # auto | onnx | torchscript (memobench.sscd.SSCD)
-        weights_path: str = ""  # .onnx, or an official *.torchscript.pt the user gives (e.g. sscd_disc_large)
-        weights_sha256: str = ""  # pin of the TorchScript file; "" = the sha256 recorded at download is enforced
-        headline_group: str = "VM"
-        jpeg_roundtrip: bool = False
-        batch_size: int = 16
+        preset: str = param("dori2026", "SSCD preset (resize, embedding, reductions): dori2026 | nemo2024 | …")
+        backend: str = param("auto", "auto | onnx | torchscript (memobench.sscd.SSCD)")
+        weights_path: str = param("", ".onnx, or an official *.torchscript.pt the user gives (e.g. sscd_disc_large)")
+        weights_sha256: str = param("", "pin of the TorchScript file; '' = the sha256 recorded at download is enforced")
+        headline_group: str = param("VM", "prompt group whose value is the headline number (VM, TM, …)")
+        jpeg_roundtrip: bool = param(False, "JPEG-encode the generated images before SSCD")
+        batch_size: int = param(16, "images per SSCD batch")
 
     def make_embedder(self, ctx: Context) -> Any:
         """The SSCD embedder for this metric's params and the run context (tests may replace this)."""
@@ -270,9 +269,9 @@ class SSCDOrig(_SSCDMetric):
 
     @dataclass
     class Params(_SSCDMetric.Params):
-        ref_reduce: str = "max"  # max | median | preset
-        gen_reduce: str = "mean"  # mean | median | max | min | preset
-        set_reduce: str = "mean_std"  # mean_std | median_mad | mean | preset
+        ref_reduce: str = param("max", "max | median | preset")
+        gen_reduce: str = param("mean", "mean | median | max | min | preset")
+        set_reduce: str = param("mean_std", "mean_std | median_mad | mean | preset")
 
     def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
         p, pre = self.params, get_preset(self.params.preset)
@@ -313,9 +312,9 @@ class MemorizationRate(_SSCDMetric):
 
     @dataclass
     class Params(_SSCDMetric.Params):
-        threshold: float = 0.7
-        level: str = "mean"  # mean | gen | any
-        ref_reduce: str = "max"  # max | median | preset
+        threshold: float = param(0.7, "τ: an SSCD similarity above it (strict >) counts as memorized")
+        level: str = param("mean", "mean | gen | any")
+        ref_reduce: str = param("max", "max | median | preset")
 
     def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
         p, pre = self.params, get_preset(self.params.preset)
@@ -359,9 +358,9 @@ class SSCDGen(_SSCDMetric):
 
     @dataclass
     class Params(_SSCDMetric.Params):
-        preset: str = "nemo2024"
-        gen_reduce: str = "median"  # mean | median | max | min
-        set_reduce: str = "median_mad"  # median_mad | mean_std | mean
+        preset: str = param("nemo2024", "SSCD preset (resize, embedding, reductions): nemo2024 (NeMo's) | dori2026 | …")
+        gen_reduce: str = param("median", "mean | median | max | min")
+        set_reduce: str = param("median_mad", "median_mad | mean_std | mean")
 
     def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
         p = self.params
@@ -400,8 +399,8 @@ class Diversity(_SSCDMetric):
 
     @dataclass
     class Params(_SSCDMetric.Params):
-        preset: str = "nemo2024"
-        set_reduce: str = "median_mad"  # median_mad | mean_std | mean
+        preset: str = param("nemo2024", "SSCD preset (resize, embedding, reductions): nemo2024 (NeMo's) | dori2026 | …")
+        set_reduce: str = param("median_mad", "median_mad | mean_std | mean")
 
     def compute(self, samples: list[Sample], ctx: Context) -> dict[str, MetricValue]:
         p = self.params

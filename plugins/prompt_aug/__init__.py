@@ -41,8 +41,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from memobench.api import BadInput, Conditioning, Mitigation
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Conditioning, Mitigation, hookimpl, param
 
 
 def prompt_rng(prompt_sha256: str, seed: int):
@@ -101,9 +100,9 @@ class RandomTokenAddition(_PromptAugmentation):
 
     @dataclass
     class Params:
-        n_tokens: int = 4  # DCR / Wen README baseline; MemBench RTA: 1; NeMo Table 1: 1, 4, 10
-        seed: int = 0  # with the prompt's sha256, seeds the per-prompt generator
-        vocab_high: int = 49400  # token ids drawn from [0, vocab_high) (reference: np.random.randint(49400))
+        n_tokens: int = param(4, "DCR / Wen README baseline; MemBench RTA: 1; NeMo Table 1: 1, 4, 10")
+        seed: int = param(0, "with the prompt's sha256, seeds the per-prompt generator")
+        vocab_high: int = param(49400, "token ids drawn from [0, vocab_high) (reference: np.random.randint(49400))")
 
     def _word(self, model, rng) -> str:
         return model.tokenizer.decode([int(rng.integers(0, self.params.vocab_high))])
@@ -118,9 +117,9 @@ class RandomNumberAddition(_PromptAugmentation):
 
     @dataclass
     class Params:
-        n_tokens: int = 4  # numbers inserted (DCR / Wen default 4; MemBench RNA: 1)
-        seed: int = 0
-        number_high: int = 100000  # integers drawn from [0, number_high) (reference: np.random.choice(100000))
+        n_tokens: int = param(4, "numbers inserted (DCR / Wen default 4; MemBench RNA: 1)")
+        seed: int = param(0, "with the prompt's sha256, seeds the per-prompt generator")
+        number_high: int = param(100000, "integers drawn from [0, number_high) (reference: np.random.choice(100000))")
 
     def _word(self, model, rng) -> str:
         return str(int(rng.integers(0, self.params.number_high)))

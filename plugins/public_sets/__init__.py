@@ -34,9 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from memobench.api import Context, Prompt, PromptSet
-from memobench.data import DataError, GroundTruthStore, fetch
-from memobench.hookspecs import hookimpl
+from memobench.api import Context, DataError, GroundTruthStore, Prompt, PromptSet, fetch, hookimpl, param
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -158,9 +156,9 @@ class FileSet(PromptSet):
 
     @dataclass
     class Params:
-        data_file: str | None = None  # local copy of the file (otherwise $MEMOBENCH_DATA_DIR, cache, download)
-        data_sha256: str | None = None  # sha256 of data_file when it deliberately differs from the pinned one
-        limit: int = 0  # keep only the first `limit` prompts (0 = all)
+        data_file: str | None = param(None, "local copy of the file (otherwise $MEMOBENCH_DATA_DIR, cache, download)")
+        data_sha256: str | None = param(None, "sha256 of data_file when it deliberately differs from the pinned one")
+        limit: int = param(0, "keep only the first `limit` prompts (0 = all)")
 
     def __init__(self, params=None, **overrides):
         super().__init__(params, **overrides)

@@ -34,8 +34,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from memobench.api import BadInput, ModelPlugin
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, ModelPlugin, hookimpl, param
 
 ARCHS = ("sd14", "sd2")
 SIZES = ("full", "reduced")
@@ -88,7 +87,7 @@ def build_pipeline(arch: str = "sd14", size: str = "full", seed: int = 0, tokeni
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from memobench.tokenizer import load_sd_tokenizer
+    from memobench_plugins.tiny.tokenizer import load_sd_tokenizer
 
     if arch not in ARCHS:
         raise BadInput(f"model 'sd-random' parameter arch: {arch!r} is not one of {', '.join(ARCHS)}")
@@ -136,9 +135,9 @@ class SDRandom(ModelPlugin):
 
     @dataclass
     class Params:
-        arch: str = "sd14"  # sd14 | sd2
-        size: str = "full"  # full | reduced (layout kept, widths / 8, 2 text layers: for tests)
-        seed: int = 0  # torch.manual_seed before the modules are built
+        arch: str = param("sd14", "architecture: sd14 | sd2")
+        size: str = param("full", "full | reduced (layout kept, widths / 8, 2 text layers: for tests)")
+        seed: int = param(0, "torch.manual_seed before the modules are built")
 
     def __init__(self, params=None, **kw):
         super().__init__(params, **kw)
@@ -151,8 +150,7 @@ class SDRandom(ModelPlugin):
     def load(self, ctx):
         import torch
 
-        from memobench.cache import memoised
-        from memobench.model import DiffusionModel
+        from memobench.api import DiffusionModel, memoised
 
         p = self.params
         build_dev = ctx.device if str(ctx.device).startswith("cuda") else "cpu"

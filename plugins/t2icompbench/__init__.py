@@ -86,13 +86,12 @@ from typing import ClassVar
 
 import numpy as np
 
-from memobench import stats
-from memobench.api import BadInput, Context, Metric, MetricInfo, MetricValue, Sample
-from memobench.data import DataError, fetch
-from memobench.hookspecs import hookimpl
+from memobench.api import (
+    BadInput, Context, DataError, Metric, MetricInfo, MetricValue, Sample, dist_version, fetch, hookimpl, param, stats,
+)
 
 from . import scoring as S
-from .backends import BlipVqa, DepthModel, Unavailable, ZeroShotDetector, load_nlp, version_of
+from .backends import BlipVqa, DepthModel, Unavailable, ZeroShotDetector, load_nlp
 
 __all__ = ["CATEGORIES", "METRICS", "PRESET", "T2ICompBenchMetric"]
 
@@ -113,10 +112,10 @@ CLIP_DIFF = "open_clip ViT-B-32 openai in fp32 on pixels (the reference: openai 
 # ---------------------------------------------------------------------------------------------- params
 @dataclass
 class CommonParams:
-    compat: bool = True  # reproduce the reference's quirks (False: corrected variant, id <metric>_corrected)
-    nlp: str = "en_core_web_sm"  # spaCy pipeline: package name or path of an unpacked model (the reference's)
-    hf_cache_dir: str = ""  # Hugging Face cache folder for hub ids (default: the library's)
-    batch_size: int = 16
+    compat: bool = param(True, "reproduce the reference's quirks (False: corrected variant, id <metric>_corrected)")
+    nlp: str = param("en_core_web_sm", "spaCy pipeline: package name or path of an unpacked model (the reference's)")
+    hf_cache_dir: str = param("", "Hugging Face cache folder for hub ids (default: the library's)")
+    batch_size: int = param(16, "images scored per batch")
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -125,11 +124,13 @@ class CommonParams:
 
 @dataclass
 class BlipParams(CommonParams):
-    blip_weights: str = "Salesforce/blip-vqa-capfilt-large"  # folder or hub id (port of model_base_vqa_capfilt_large)
-    blip_weights_sha256: str = ""  # pin: sha256 of one of its weight files ("" = record only)
-    blip_image_size: int = 480  # the reference's configs/vqa.yaml image_size
-    np_num: int = 8  # questions per prompt (BLIP_vqa.py --np_num default)
-    question_token: str = "enc"  # first question token: enc ([ENC], the reference) | cls (transformers' generate)
+    blip_weights: str = param("Salesforce/blip-vqa-capfilt-large", "folder or hub id (port of "
+                                                                   "model_base_vqa_capfilt_large)")
+    blip_weights_sha256: str = param("", "pin: sha256 of one of its weight files ('' = record only)")
+    blip_image_size: int = param(480, "the reference's configs/vqa.yaml image_size")
+    np_num: int = param(8, "questions per prompt (BLIP_vqa.py --np_num default)")
+    question_token: str = param("enc", "first question token: enc ([ENC], the reference) | cls (transformers' "
+                                       "generate)")
 
     def __post_init__(self):
         super().__post_init__()
@@ -142,15 +143,17 @@ class BlipParams(CommonParams):
 
 @dataclass
 class DetectorParams(CommonParams):
-    detector_weights: str = "google/owlv2-base-patch16-ensemble"  # OWL-ViT / OWLv2 folder or hub id
-    detector_weights_sha256: str = ""  # pin: sha256 of one of its weight files ("" = record only)
-    detector_threshold: float = 0.1  # OWL score threshold (memobench choice; UniDet's confidence threshold was 0.5)
-    nms_iou: float = 0.5  # per-class NMS (detectron2 ROI-head default)
-    query_template: str = "a photo of a {}"
-    frame_size: int = 479  # the reference's detector resize: Resize(479, max_size=480); rules apply in that frame
-    frame_max_size: int = 480
-    distance_threshold: float = 150.0  # 2D 'next to'/'near' rule, pixels of that frame
-    iou_threshold: float = 0.1  # 2D left/right/top/bottom soft rule
+    detector_weights: str = param("google/owlv2-base-patch16-ensemble", "OWL-ViT / OWLv2 folder or hub id")
+    detector_weights_sha256: str = param("", "pin: sha256 of one of its weight files ('' = record only)")
+    detector_threshold: float = param(0.1, "OWL score threshold (memobench choice; UniDet's confidence threshold was "
+                                           "0.5)")
+    nms_iou: float = param(0.5, "per-class NMS (detectron2 ROI-head default)")
+    query_template: str = param("a photo of a {}", "the detector's text query per object")
+    frame_size: int = param(479, "the reference's detector resize: Resize(479, max_size=480); rules apply in that "
+                                 "frame")
+    frame_max_size: int = param(480, "largest side of the detector frame (Resize max_size)")
+    distance_threshold: float = param(150.0, "2D 'next to'/'near' rule, pixels of that frame")
+    iou_threshold: float = param(0.1, "2D left/right/top/bottom soft rule")
 
     def __post_init__(self):
         super().__post_init__()
@@ -161,34 +164,35 @@ class DetectorParams(CommonParams):
 
 @dataclass
 class Spatial2DParams(DetectorParams):
-    floor: float = 0.5  # image scores below it become 0 (2D script only, METHODS §9 #16)
+    floor: float = param(0.5, "image scores below it become 0 (2D script only, METHODS §9 #16)")
 
 
 @dataclass
 class Spatial3DParams(DetectorParams):
-    depth_weights: str = "Intel/dpt-hybrid-midas"  # folder or hub id (port of dpt_hybrid-midas-501f0c75.pt)
-    depth_weights_sha256: str = ""  # pin: sha256 of one of its weight files ("" = record only)
-    depth_size: int = 480
-    iou_threshold_3d: float = 0.5
+    depth_weights: str = param("Intel/dpt-hybrid-midas", "folder or hub id (port of dpt_hybrid-midas-501f0c75.pt)")
+    depth_weights_sha256: str = param("", "pin: sha256 of one of its weight files ('' = record only)")
+    depth_size: int = param(480, "image size of the depth model's input")
+    iou_threshold_3d: float = param(0.5, "IoU threshold of the 3D spatial rule")
 
 
 @dataclass
 class NumeracyParams(DetectorParams):
-    dataset_dir: str = ""  # folder with the reference's examples/dataset files (new_objects.txt); default: fetched
-    merge_threshold: float = 0.9  # duplicate-box rule of numeracy_eval.calculate_iou
+    dataset_dir: str = param("", "folder with the reference's examples/dataset files (new_objects.txt); default: "
+                                 "fetched")
+    merge_threshold: float = param(0.9, "duplicate-box rule of numeracy_eval.calculate_iou")
 
 
 @dataclass
 class ClipParams(CommonParams):
-    clip_weights_path: str = ""  # open_clip checkpoint or local-dir folder (clip_score's weights_path)
-    clip_arch: str = ""  # override ViT-B-32
-    clip_pretrained: str = ""  # override the openai tag
-    clip_cache_dir: str = ""
+    clip_weights_path: str = param("", "open_clip checkpoint or local-dir folder (clip_score's weights_path)")
+    clip_arch: str = param("", "override ViT-B-32")
+    clip_pretrained: str = param("", "override the openai tag")
+    clip_cache_dir: str = param("", "open_clip cache folder (clip_score's cache_dir)")
 
 
 @dataclass
 class ComplexParams(BlipParams, Spatial2DParams, ClipParams):
-    dataset_dir: str = ""  # folder with complex_val_{spatial,action}.txt; default: fetched (pinned sha256)
+    dataset_dir: str = param("", "folder with complex_val_{spatial,action}.txt; default: fetched (pinned sha256)")
 
 
 # ---------------------------------------------------------------------------------------------- metric base
@@ -222,7 +226,7 @@ class T2ICompBenchMetric(Metric):
             "compat": bool(self.params.compat), "preset": PRESET["name"], "category": self.category,
             "prompt_file": {"path": src.path, "sha256": src.sha256, "repository": src.repository,
                             "commit": src.commit},
-            "torch": version_of("torch"), "weights": {}, "differs_from_reference": [],
+            "torch": dist_version("torch"), "weights": {}, "differs_from_reference": [],
         }
 
     def _unavailable(self, reason: str, impl: dict | None = None) -> dict[str, MetricValue]:

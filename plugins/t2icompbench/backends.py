@@ -28,13 +28,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from memobench.data import PinMismatchError, check_pin, file_sha256
+from memobench.api import PinMismatchError, check_pin, dist_version, file_sha256
 
 from .scoring import Detection, Parse, Token, pre_question
 
@@ -48,24 +47,6 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 class Unavailable(RuntimeError):
     """A scorer's weights or library cannot be loaded; the message is the reason."""
-
-
-def version_of(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def _sha(path: Path) -> str:
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = file_sha256(path)
-    return _SHA_CACHE[key]
 
 
 def split_source(source: str) -> tuple[str, str | None]:
@@ -90,7 +71,7 @@ def weights_record(source: str, cache_dir: str | None = None, revision: str | No
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in WEIGHT_SUFFIXES)
         rec = {"source": str(p), "kind": "local folder", "revision": None,
-               "weights_sha256": {f.name: _sha(f) for f in files}}
+               "weights_sha256": {f.name: file_sha256(f) for f in files}}
         return _check_record(rec, pin)
     rec: dict[str, Any] = {"source": source, "kind": "hub id", "revision": None, "weights_sha256": {},
                            "requested_revision": revision}
@@ -105,7 +86,7 @@ def weights_record(source: str, cache_dir: str | None = None, revision: str | No
             rec["revision"] = snap.name  # hub cache layout: .../snapshots/<commit>/<file>
             for f in sorted(snap.iterdir()):
                 if f.is_file() and f.suffix in WEIGHT_SUFFIXES:
-                    rec["weights_sha256"][f.name] = _sha(f)
+                    rec["weights_sha256"][f.name] = file_sha256(f)
             break
     if revision and rec["revision"] and len(revision) == 40 and rec["revision"] != revision.lower():
         raise PinMismatchError(f"{source}: the loaded snapshot is commit {rec['revision']}, expected revision "
@@ -229,7 +210,7 @@ class BlipVqa:
             raise ValueError(f"question_token must be enc or cls, got {question_token!r}")
         self.interpolate = self.image_size != int(self.model.config.vision_config.image_size)
         self.record = {"class": "transformers.BlipForQuestionAnswering + BlipProcessor (tokenizer)",
-                       "library": f"transformers {version_of('transformers')}",
+                       "library": f"transformers {dist_version('transformers')}",
                        **weights_record(source, cache_dir, weights_sha256=weights_sha256),
                        "image_size": self.image_size, "checkpoint_image_size": int(
                            self.model.config.vision_config.image_size),
@@ -314,7 +295,7 @@ class ZeroShotDetector:
         self.device, self.threshold, self.nms_iou, self.template = device, float(threshold), float(nms_iou), template
         self.pads_square = mtype == "owlv2"
         self.record = {"class": f"transformers {type(self.model).__name__} + {type(self.processor).__name__}",
-                       "library": f"transformers {version_of('transformers')}", "model_type": mtype,
+                       "library": f"transformers {dist_version('transformers')}", "model_type": mtype,
                        **weights_record(source, cache_dir, weights_sha256=weights_sha256),
                        "threshold": self.threshold, "nms_iou": self.nms_iou,
                        "query_template": template, "precision": "fp32",
@@ -362,7 +343,7 @@ class DepthModel:
         self.model.eval().to(device)
         self.device, self.size = device, int(size)
         self.record = {"class": f"transformers {type(self.model).__name__}",
-                       "library": f"transformers {version_of('transformers')}",
+                       "library": f"transformers {dist_version('transformers')}",
                        **weights_record(source, cache_dir, weights_sha256=weights_sha256),
                        "transform": f"PIL bilinear {self.size}x{self.size}, mean 0.5, std 0.5", "precision": "fp32"}
 

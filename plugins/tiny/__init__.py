@@ -14,8 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from memobench.api import Metric, MetricInfo, MetricValue, ModelPlugin, Prompt, PromptSet
-from memobench.hookspecs import hookimpl
+from memobench.api import Metric, MetricInfo, MetricValue, ModelPlugin, Prompt, PromptSet, hookimpl, param
 
 WEIGHTS = Path(__file__).parent / "weights"
 
@@ -34,10 +33,10 @@ class TinyModel(ModelPlugin):
 
     @dataclass
     class Params:
-        path: str = ""  # another pipeline folder with the same role (e.g. a re-trained or fine-tuned copy)
+        path: str = param("", "another pipeline folder with the same role (e.g. a re-trained or fine-tuned copy)")
 
     def load(self, ctx):
-        from memobench.model import DiffusionModel
+        from memobench.api import DiffusionModel
 
         path = Path(self.params.path) if self.params.path else WEIGHTS
         if not (path / "model_index.json").exists():
@@ -125,7 +124,7 @@ class TinyNonMem(_TinySet):
 
     @dataclass
     class Params:
-        n_general: int = 20
+        n_general: int = param(20, "held-out general captions added to the non-memorized prompts")
 
     def prompts(self, ctx):
         from . import data as D
@@ -147,8 +146,8 @@ class TinyHeldout(_TinySet):
 
     @dataclass
     class Params:
-        n: int = 30
-        n_refs: int = 2
+        n: int = param(30, "held-out captions (spread evenly over the set)")
+        n_refs: int = param(2, "ground-truth renderings per caption (the real images)")
 
     def prompts(self, ctx):
         from . import data as D
@@ -169,7 +168,7 @@ class TinyGeneral(_TinySet):
 
     @dataclass
     class Params:
-        n: int = 200
+        n: int = param(200, "training captions of the general set")
 
     def prompts(self, ctx):
         from . import data as D
@@ -276,7 +275,7 @@ def register_commands(app):
             raise typer.BadParameter(f"unknown zoo model {model!r}; available: tiny")
         import json
 
-        from memobench.config import parse_kv
+        from memobench.api import parse_kv
 
         from .train import RECIPE
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from memobench.api import atomic_write_bytes, atomic_write_text
 
 from . import data as D
 
@@ -152,7 +154,7 @@ def _save_opt(opt: torch.optim.Optimizer, path: Path) -> None:
     sd = opt.state_dict()
     flat = {f"{i}.{k}": v.detach().cpu().clone().contiguous() if torch.is_tensor(v) else torch.tensor(v)
             for i, st in sd["state"].items() for k, v in st.items()}
-    _atomic(lambda p: save_file(flat, p, metadata={"param_groups": json.dumps(sd["param_groups"])}), path)
+    atomic_write_bytes(path, save(flat, metadata={"param_groups": json.dumps(sd["param_groups"])}))
 
 
 def _load_opt(opt: torch.optim.Optimizer, path: Path) -> None:
@@ -168,18 +170,12 @@ def _load_opt(opt: torch.optim.Optimizer, path: Path) -> None:
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _atomic(write, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(str(tmp))
-    os.replace(tmp, path)
-
-
 def _save_state(d: Path, phase: str, models: dict, opt, step: int, extra: dict | None = None) -> None:
     for name, m in models.items():
-        _atomic(lambda p, m=m: save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, p),
-                d / f"{phase}_{name}.safetensors")
+        atomic_write_bytes(d / f"{phase}_{name}.safetensors",
+                           save({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}))
     _save_opt(opt, d / f"{phase}_opt.safetensors")
-    _atomic(lambda p: Path(p).write_text(json.dumps({"step": step, **(extra or {})})), d / f"{phase}_state.json")
+    atomic_write_text(d / f"{phase}_state.json", json.dumps({"step": step, **(extra or {})}))
 
 
 def _load_state(d: Path, phase: str, models: dict, opt) -> int:
@@ -345,8 +341,8 @@ def encode_latents(work: Path, r: dict, device: str = "cpu") -> None:
 
     zm, zg = _encode_means(vae, bank), _encode_means(vae, pool)
     scale = float(1.0 / torch.cat([zm, zg]).flatten().std())
-    _atomic(lambda p: save_file({"mem": zm.contiguous(), "gen": zg.contiguous()}, p,
-                                metadata={"scaling_factor": repr(scale)}), out)
+    atomic_write_bytes(out, save({"mem": zm.contiguous(), "gen": zg.contiguous()},
+                                 metadata={"scaling_factor": repr(scale)}))
 
 
 @torch.no_grad()
@@ -358,7 +354,7 @@ def encode_photo_latents(work: Path, r: dict, device: str = "cpu") -> None:
     vae.load_state_dict(load_file(str(work / "vae_vae.safetensors")))
     vae.to(device).eval()
     z = _encode_means(vae, np.load(work / "photo_pool.npy", allow_pickle=False))
-    _atomic(lambda p: save_file({"photo": z.contiguous()}, p), out)
+    atomic_write_bytes(out, save({"photo": z.contiguous()}))
 
 
 def refine_decoder(work: Path, r: dict, progress: bool, log, device: str = "cpu") -> None:
@@ -418,7 +414,7 @@ def train_unet(work: Path, r: dict, progress: bool, log, device: str = "cpu") ->
     if r["photo_pool"] > 0:
         zp = load_file(str(work / "photo_latents.safetensors"))["photo"] * scale
         pcaps = json.loads((work / "photo_pool.json").read_text())
-    from memobench.tokenizer import load_sd_tokenizer
+    from .tokenizer import load_sd_tokenizer
 
     tok = load_sd_tokenizer(work / "tokenizer")
     ac = sched.alphas_cumprod.to(device)
@@ -483,7 +479,7 @@ def export(work: Path, r: dict, out_dir: Path) -> Path:
     comps["unet"].load_state_dict(load_file(str(work / "unet_ema_unet.safetensors")))
     comps["text_encoder"].load_state_dict(load_file(str(work / "unet_ema_text_encoder.safetensors")))
     comps["vae"].register_to_config(scaling_factor=_latent_scale(work))
-    from memobench.tokenizer import load_sd_tokenizer
+    from .tokenizer import load_sd_tokenizer
 
     pipe = StableDiffusionPipeline(**comps, tokenizer=load_sd_tokenizer(work / "tokenizer"), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -500,7 +496,7 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
     as a CPU run and differs from it only by floating-point rounding. It is not part of the recipe: a run may resume
     on another device.
     """
-    from memobench.config import BadInput, check_finite
+    from memobench.api import BadInput, check_finite
 
     r = {**RECIPE, **(recipe or {})}
     for k, allowed in (("prediction_type", ("epsilon", "v_prediction")), ("loss_weighting", ("eps", "v"))):
@@ -514,16 +510,16 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
     rj = work / "recipe.json"
     if rj.exists() and json.loads(rj.read_text()) != r:
         raise BadInput(f"{work} holds a run with another recipe; use a fresh --work-dir or the same recipe")
-    _atomic(lambda p: Path(p).write_text(json.dumps(r, indent=1)), rj)
+    atomic_write_text(rj, json.dumps(r, indent=1))
     t0 = time.time()
     if not (work / "general_pool.npy").exists():
         pool, caps = D.general_pool(r["general_pool"], seed=r["seed"], res=r["res"])
-        _atomic(lambda p: Path(p).write_bytes(_npy_bytes(pool)), work / "general_pool.npy")
-        _atomic(lambda p: Path(p).write_text(json.dumps(caps)), work / "general_pool.json")
+        atomic_write_bytes(work / "general_pool.npy", _npy_bytes(pool))
+        atomic_write_text(work / "general_pool.json", json.dumps(caps))
     if r["photo_pool"] > 0 and not (work / "photo_pool.npy").exists():
         pimgs, pcaps = D.photo_pool(r["photo_pool"], seed=r["seed"], res=r["res"])
-        _atomic(lambda p: Path(p).write_bytes(_npy_bytes(pimgs)), work / "photo_pool.npy")
-        _atomic(lambda p: Path(p).write_text(json.dumps(pcaps)), work / "photo_pool.json")
+        atomic_write_bytes(work / "photo_pool.npy", _npy_bytes(pimgs))
+        atomic_write_text(work / "photo_pool.json", json.dumps(pcaps))
     train_vae(work, r, progress, log, device)
     encode_latents(work, r, device)
     encode_photo_latents(work, r, device)

@@ -62,12 +62,10 @@ import json
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from memobench.api import BadInput, Context, Mitigation, Prompt
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Context, Mitigation, Prompt, hookimpl, param
 
 __all__ = ["Wanda", "Wanda10", "ffn_layers", "column_sq_sums", "wanda_step_mask", "wanda_mask", "prune_weights"]
 
-_BLOCKS = ("down", "mid", "up")
 
 
 def ffn_layers(unet, layers: str = "all") -> list[tuple[str, Any]]:
@@ -75,19 +73,14 @@ def ffn_layers(unet, layers: str = "all") -> list[tuple[str, Any]]:
     mid, up blocks); ``layers`` = "all" or a comma list of indices into that list."""
     import torch
 
-    groups: list[tuple[str, Any]] = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
-    if getattr(unet, "mid_block", None) is not None:
-        groups.append(("mid_block", unet.mid_block))
-    groups += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    from memobench.api import transformer_blocks
+
     out = []
-    for prefix, block in groups:
-        for a, attn in enumerate(getattr(block, "attentions", None) or []):
-            for b, tb in enumerate(getattr(attn, "transformer_blocks", None) or []):
-                ff = getattr(tb, "ff", None)
-                net = getattr(ff, "net", None)
-                if net is None or len(net) < 3 or not isinstance(net[2], torch.nn.Linear):
-                    continue
-                out.append((f"{prefix}.attentions.{a}.transformer_blocks.{b}.ff.net.2", net[2]))
+    for prefix, tb in transformer_blocks(unet):
+        net = getattr(getattr(tb, "ff", None), "net", None)
+        if net is None or len(net) < 3 or not isinstance(net[2], torch.nn.Linear):
+            continue
+        out.append((f"{prefix}.ff.net.2", net[2]))
     if not out:
         raise ValueError("wanda: the UNet has no transformer feed-forward layers (ff.net.2)")
     if str(layers).strip().lower() in ("", "all"):
@@ -100,21 +93,6 @@ def ffn_layers(unet, layers: str = "all") -> list[tuple[str, Any]]:
     if bad:
         raise BadInput(f"wanda parameter layers: indices {bad} out of range 0..{len(out) - 1}")
     return [out[i] for i in sorted(set(idx))]
-
-
-def _sha256_tensors(tensors: dict) -> str:
-    """sha256 over (name, dtype, shape, raw bytes) of named tensors, in name order."""
-    import hashlib
-
-    import torch
-
-    h = hashlib.sha256()
-    for n in sorted(tensors):
-        t = tensors[n].detach().cpu().contiguous()
-        h.update(f"{n}|{t.dtype}|{tuple(t.shape)}|".encode())
-        raw = t.to(torch.uint8) if t.dtype == torch.bool else t.view(-1).view(torch.uint8)
-        h.update(raw.numpy().tobytes())
-    return h.hexdigest()
 
 
 class _Stop(Exception):
@@ -251,15 +229,16 @@ class Wanda(Mitigation):
 
     @dataclass
     class Params:
-        skill_ratio: float = 0.01  # ρ: fraction of each row's 4C inputs considered per step
-        timesteps: int = 10  # τ_T: the first τ_T denoising steps enter the union
-        select_ratio: float = 0.0  # prune iff the mask count over τ_T steps > select_ratio·τ_T
-        layers: str = "all"  # "all" or comma-separated forward-order indices of the ff.net.2 layers
-        group_size: int = 0  # 0 = one mask from all target prompts [UNPUBLISHED for DoRI]
-        base_prompt: str = ""
-        seed: int = 0
-        num_inference_steps: int = 50
-        guidance_scale: float = 7.5
+        skill_ratio: float = param(0.01, "ρ: fraction of each row's 4C inputs considered per step")
+        timesteps: int = param(10, "τ_T: the first τ_T denoising steps enter the union")
+        select_ratio: float = param(0.0, "prune iff the mask count over τ_T steps > select_ratio·τ_T")
+        layers: str = param("all", "'all' or comma-separated forward-order indices of the ff.net.2 layers")
+        group_size: int = param(0, "0 = one mask from all target prompts [UNPUBLISHED for DoRI]")
+        base_prompt: str = param("", "the prompt whose activations are the base of the comparison ('' = the empty "
+                                     "prompt)")
+        seed: int = param(0, "seed of the initial latents of the activation statistics")
+        num_inference_steps: int = param(50, "denoising steps of the activation statistics run")
+        guidance_scale: float = param(7.5, "guidance scale of the activation statistics run")
 
         def __post_init__(self):
             if not 0.0 <= self.skill_ratio <= 1.0:
@@ -282,9 +261,8 @@ class Wanda(Mitigation):
         import torch
         from safetensors.torch import load_file, save
 
-        from memobench.cache import key_of, write_once_bytes
+        from memobench.api import generation_size, key_of, size_key_part, tensors_sha256, write_once_bytes
 
-        from memobench.model import generation_size, size_key_part
 
         p = self.params
         layers = ffn_layers(model.unet, p.layers)
@@ -325,7 +303,7 @@ class Wanda(Mitigation):
                         t = load_file(str(path))
                         masks = {n: t[f"mask.{n}"] for n, _ in layers}
                 self._groups.append({"prompts": [q.id for q in grp], "masks": masks, "file": str(path),
-                                     "mask_sha256": _sha256_tensors(masks)})
+                                     "mask_sha256": tensors_sha256(masks)})
                 for q in grp:
                     self._by_prompt[q.sha256] = gi
                 advance(len(grp))
@@ -338,8 +316,8 @@ class Wanda(Mitigation):
         pruned = {n: torch.where(union[n].to(m.weight.device), torch.zeros((), dtype=m.weight.dtype,
                                                                           device=m.weight.device), m.weight.detach())
                   for n, m in layers}
-        self._pruned_sha = _sha256_tensors(pruned)
-        self._original_sha = _sha256_tensors({n: m.weight.detach() for n, m in layers})
+        self._pruned_sha = tensors_sha256(pruned)
+        self._original_sha = tensors_sha256({n: m.weight.detach() for n, m in layers})
 
     def layers(self, model) -> list[tuple[str, Any]]:
         """``(name, ff.net.2 Linear)`` of the layers this mitigation prunes (``params.layers``), forward order."""
@@ -361,7 +339,7 @@ class Wanda(Mitigation):
         p = self.params
         layers = list(layers) if layers is not None else self.layers(model)
         if size is None and ctx is not None:
-            from memobench.model import generation_size
+            from memobench.api import generation_size
 
             size = generation_size(model, ctx)
         size = tuple(size or self._size or (model.resolution, model.resolution))
@@ -434,7 +412,7 @@ class Wanda10(Wanda):
 
     @dataclass
     class Params(Wanda.Params):
-        skill_ratio: float = 0.1
+        skill_ratio: float = param(0.1, "ρ: fraction of each row's 4C inputs considered per step (Wanda10: 0.1)")
 
 
 @hookimpl

@@ -74,8 +74,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from memobench.api import BadInput, Conditioning, Mitigation
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Conditioning, Mitigation, hookimpl, param
 
 #: Named configurations of the reference code (METHODS §1.2, §9 #10).
 PRESETS: dict[str, dict] = {
@@ -120,17 +119,17 @@ class WenMitigation(Mitigation):
 
     @dataclass
     class Params:
-        lr: float = 0.05  # inference_mem.py --optim_lr (aug_prompt's own default 0.1 is not the effective one)
-        weight_decay: float = 0.01  # torch.optim.AdamW default, as the reference constructs it
-        max_iters: int = 10  # --optim_iters
-        target_loss: float = 3.0  # --optim_target_loss: 3 = README "ours" (wen2024); MemBench uses 5
-        target_step: int = 0  # --optim_target_steps: index of the denoising step optimised (t_0 = 981)
-        zero_bos_grad: bool = True  # the reference zeroes the gradient of token position 0
-        proximity_epsilon: float = -1.0  # aug_prompt optim_epsilon; < 0 = off (the reference's None, default)
-        proximity_alpha: float = 0.5  # aug_prompt alpha (only with proximity_epsilon ≥ 0)
-        loss_norm: str = "reference"  # "reference": L on the reference's G×C×h×w (below) | "joint": raw norm
-        reference_images: int = 4  # inference_mem.py --num_images_per_prompt (the G target_loss was set for)
-        reference_latent: str = "4x64x64"  # C×h×w of one reference latent: SD v1.4 at 512×512
+        lr: float = param(0.05, "inference_mem.py --optim_lr (aug_prompt's own default 0.1 is not the effective one)")
+        weight_decay: float = param(0.01, "torch.optim.AdamW default, as the reference constructs it")
+        max_iters: int = param(10, "--optim_iters")
+        target_loss: float = param(3.0, "--optim_target_loss: 3 = README 'ours' (wen2024); MemBench uses 5")
+        target_step: int = param(0, "--optim_target_steps: index of the denoising step optimised (t_0 = 981)")
+        zero_bos_grad: bool = param(True, "the reference zeroes the gradient of token position 0")
+        proximity_epsilon: float = param(-1.0, "aug_prompt optim_epsilon; < 0 = off (the reference's None, default)")
+        proximity_alpha: float = param(0.5, "aug_prompt alpha (only with proximity_epsilon ≥ 0)")
+        loss_norm: str = param("reference", "'reference': L on the reference's G×C×h×w (below) | 'joint': raw norm")
+        reference_images: int = param(4, "inference_mem.py --num_images_per_prompt (the G target_loss was set for)")
+        reference_latent: str = param("4x64x64", "C×h×w of one reference latent: SD v1.4 at 512×512")
 
         def __post_init__(self):
             if self.loss_norm not in ("reference", "joint"):
@@ -178,7 +177,7 @@ class WenMitigation(Mitigation):
         timesteps = model.timesteps(n_steps)
         sched = model.scheduler
 
-        from memobench.model import frozen_parameters
+        from memobench.api import frozen_parameters
 
         with frozen_parameters(model.unet, model.text_encoder, model.vae), torch.enable_grad():
             x = latents.detach().to(device, dtype)

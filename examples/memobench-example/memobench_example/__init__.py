@@ -1,7 +1,7 @@
 """memobench-example: a minimal third-party memobench plugin (the worked example of ``docs/plugins.md``).
 
 It registers one inference-time mitigation, ``example-noise``. The module imports only memobench's public plugin
-API (:mod:`memobench.api`, :mod:`memobench.hookspecs`) and no torch at import time, so that ``memobench --help``,
+API (:mod:`memobench.api`) and no torch at import time, so that ``memobench --help``,
 ``memobench plugins`` and ``memobench ls`` stay fast; torch is imported inside the method that needs it.
 """
 
@@ -10,8 +10,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from memobench.api import BadInput, Conditioning, Mitigation
-from memobench.hookspecs import hookimpl
+from memobench.api import BadInput, Conditioning, Mitigation, hookimpl, param
 
 __version__ = "0.1.0"
 
@@ -34,8 +33,8 @@ class ExampleNoise(Mitigation):
 
     @dataclass
     class Params:
-        scale: float = 0.1  # standard deviation of the noise, in units of the text-encoder output
-        seed: int = 0  # base seed of the noise generator
+        scale: float = param(0.1, "standard deviation of the noise, in units of the text-encoder output")
+        seed: int = param(0, "base seed of the noise generator")
 
         def __post_init__(self):
             if self.scale < 0:

@@ -12,7 +12,7 @@ import torch
 from memobench_plugins.tiny import train as T
 from safetensors.torch import load_file
 
-from memobench.tokenizer import load_sd_tokenizer
+from memobench_plugins.tiny.tokenizer import load_sd_tokenizer
 
 unet16, vae16, recipe, base, out = sys.argv[1:6]
 r = {**T.RECIPE, **json.loads(Path(recipe).read_text())}

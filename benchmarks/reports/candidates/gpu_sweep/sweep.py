@@ -74,7 +74,7 @@ if pp is not None:
 log(f"pools {time.time() - t0:.0f}s")
 T.encode_photo_latents(b, r, DEV)
 T.refine_decoder(b, r, False, log, DEV); log(f"dec {time.time() - t0:.0f}s")
-from memobench.tokenizer import load_sd_tokenizer
+from memobench_plugins.tiny.tokenizer import load_sd_tokenizer
 
 load_sd_tokenizer(b / "tokenizer")
 
