@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     if args.model_path:
         model_path = Path(args.model_path)
     else:
-        from memobench.testing import save_tiny_random_pipeline
+        from memobench_plugins.sd_random.testing import save_tiny_random_pipeline
 
         model_path = save_tiny_random_pipeline(work / "tiny-random-pipeline", tokenizer_dir=work / "tokenizer")
 

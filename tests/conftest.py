@@ -50,7 +50,7 @@ def isolated_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_pipe(tmp_path_factory) -> Path:
     """A tiny random ``StableDiffusionPipeline`` folder (built once per session, no download)."""
-    from memobench.testing import save_tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import save_tiny_random_pipeline
 
     root = tmp_path_factory.mktemp("tiny-random")
     return save_tiny_random_pipeline(root / "pipe", tokenizer_dir=root / "tokenizer")

@@ -18,7 +18,7 @@ PROMPT = Prompt("p0", "a photo of a cat sitting on a red mat", mem_type="VM", re
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     torch.set_num_threads(1)
     pipe = tiny_random_pipeline(tokenizer_dir=tmp_path_factory.mktemp("tok") / "tokenizer")

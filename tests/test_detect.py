@@ -24,7 +24,7 @@ PROMPT = "a photo of a cat sitting on a red mat"
 # ---------------------------------------------------------------------------------------------- fixtures
 def _model(tmp_path_factory, dtype):
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     torch.set_num_threads(1)
     pipe = tiny_random_pipeline(tokenizer_dir=tmp_path_factory.mktemp("tok") / "tokenizer")

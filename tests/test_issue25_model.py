@@ -11,7 +11,7 @@ import pytest
 
 from memobench.config import BadInput
 from memobench.model import DiffusionModel, weights_identity
-from memobench.testing import save_tiny_random_pipeline
+from memobench_plugins.sd_random.testing import save_tiny_random_pipeline
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40

@@ -42,7 +42,7 @@ def tok(tmp_path_factory):
 def sd14(tok):
     """SD v1.4's block layout at reduced width; native 16 px (8×8 latents, VAE factor 2)."""
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     torch.set_num_threads(1)
     return DiffusionModel(tiny_random_pipeline(sd14_layout=True, tokenizer_dir=tok), "tiny-random-sd14")
@@ -51,7 +51,7 @@ def sd14(tok):
 @pytest.fixture(scope="module")
 def small(tok):
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     return DiffusionModel(tiny_random_pipeline(tokenizer_dir=tok), "tiny-random")
 
@@ -100,7 +100,7 @@ def test_wen_threshold_does_not_depend_on_the_number_of_seeds(small):
 def test_wen_at_the_reference_shape_is_the_raw_joint_norm(tok):
     """G = 4 latents of 4×64×64 (the reference's tensor): factor exactly 1, losses bit-identical to the raw norm."""
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     m = DiffusionModel(tiny_random_pipeline(tokenizer_dir=tok, sample_size=64), "tiny-random-64")
     lat = m.initial_latents([0, 1, 2, 3])
@@ -318,7 +318,7 @@ def test_advft_half_precision_trains_through_an_fp32_master_copy(tok, tmp_path):
     last place (≥ 2.4e-4), so bf16 weights updated in place never move. With the fp32 master copy the steps add up
     (8 steps: up to 8e-4) and the bf16 weights change."""
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     model = DiffusionModel(tiny_random_pipeline(tokenizer_dir=tok), "tiny-random-bf16", dtype=torch.bfloat16)
     ctx = _advft_ctx(tmp_path, model.resolution)

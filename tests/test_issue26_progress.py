@@ -126,7 +126,7 @@ def test_ctrl_c_stops_the_display_without_completing_tasks():
 @pytest.fixture(scope="module")
 def sd14(tmp_path_factory):
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     tok = tmp_path_factory.getbasetemp() / "sd-tokenizer"
     return DiffusionModel(tiny_random_pipeline(sd14_layout=True, tokenizer_dir=tok), "tiny-random-sd14")
@@ -188,7 +188,7 @@ def small(tmp_path_factory):
     import torch
 
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     torch.set_num_threads(1)
     return DiffusionModel(tiny_random_pipeline(tokenizer_dir=tmp_path_factory.mktemp("tok") / "tokenizer"), "test")

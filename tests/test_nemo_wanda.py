@@ -41,7 +41,7 @@ NONMEM = [f"a photo of a {w}" for w in "cat dog house tree car boat bird fish".s
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     tok = tmp_path_factory.getbasetemp() / "sd-tokenizer"
     return DiffusionModel(tiny_random_pipeline(sd14_layout=True, tokenizer_dir=tok), "tiny-random-sd14")

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from memobench.model import DiffusionModel, quiet_libraries
-from memobench.testing import tiny_random_pipeline
+from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
 
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"])

@@ -14,12 +14,13 @@ from types import SimpleNamespace
 import pytest
 
 from memobench import hookspecs, registry
-from memobench.api import Attack, MetricInfo, MetricValue, Metric, Mitigation, ModelPlugin, Prompt, PromptSet
+from memobench.api import Attack, Detector, MetricInfo, MetricValue, Metric, Mitigation, ModelPlugin, Prompt, \
+    PromptSet, param
 from memobench.hookspecs import hookimpl
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "plugins.md"
-ALL_KINDS = {"model", "prompt_set", "mitigation", "attack", "metric"}
+ALL_KINDS = {"model", "prompt_set", "mitigation", "attack", "metric", "detector"}
 BROKEN_MODULE = "memobench_nonexistent_module_xyz"
 
 
@@ -325,6 +326,21 @@ class UndoMetric(Metric):
                                            per_sample={s.sample_key: 1.0 for s in samples})}
 
 
+class UndoDetector(Detector):
+    """Scores a prompt by its length (a test detector)."""
+
+    name = "undo-detector"
+    version = "1"
+    statistic = "prompt length"
+
+    @dataclass
+    class Params:
+        scale: float = param(1.0, "factor on the prompt length")
+
+    def score(self, model, text):
+        return {"score": self.params.scale * len(text)}
+
+
 def _check_registered(reg, kind: str, cls, cli_inproc) -> None:
     e = reg.entry(kind, cls.name)
     assert e.cls is cls and (e.plugin, e.dist, e.version) == (f"undo-{kind}", None, cls.version)
@@ -380,6 +396,23 @@ def test_hook_register_metrics(cli_inproc, tiny_args, tmp_path):
         rec = json.loads(path.read_text())["metrics"]["undo-metric"]
         assert (rec["value"], rec["n"], rec["metric_plugin"]["name"]) == (2.0, 2, "undo-metric")
     assert "undo-metric" not in registry.get_registry().names("metric")
+
+
+def test_hook_register_detectors(cli_inproc, monkeypatch):
+    """Registered, listed with its parameter's description, and found by the detect plugin's lookup."""
+    from memobench_plugins.detect.bench import detector_names, make_detector
+
+    monkeypatch.setenv("COLUMNS", "400")  # one table row per line
+
+    with plugin("undo-detector", register_detectors=registering(UndoDetector)) as reg:
+        _check_registered(reg, "detector", UndoDetector, cli_inproc)
+        rc, out, _ = cli_inproc(["ls", "detectors"])
+        assert rc == 0 and "undo-detector" in out and "factor on the prompt length" in out
+        assert "undo-detector" in detector_names(reg)
+        det = make_detector("undo-detector", {"scale": "2"}, registry=reg)
+        assert det.score(None, "abc") == {"score": 6.0}
+        assert det.identity()["name"] == "detect-undo-detector"
+    assert "undo-detector" not in registry.get_registry().names("detector")
 
 
 def test_hook_register_commands(cli_inproc):

@@ -27,7 +27,7 @@ G = 2  # images (seeds) per prompt
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from memobench.model import DiffusionModel
-    from memobench.testing import tiny_random_pipeline
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
 
     torch.set_num_threads(1)
     pipe = tiny_random_pipeline(tokenizer_dir=tmp_path_factory.mktemp("tok") / "tokenizer")

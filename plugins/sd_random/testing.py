@@ -1,4 +1,4 @@
-"""Helpers for tests and plugin authors: tiny random Stable Diffusion pipelines built from config (no download).
+"""Helpers for tests and plugin authors (part of the ``sd-random`` plugin, beside its full-size random SD): tiny random Stable Diffusion pipelines built from config (no download).
 
 ``sd14_layout=True`` mirrors SD v1.4's block layout (4 levels, 2 layers per block, cross-attention in the first
 three down blocks and the mid block) at tiny widths, so layer maps resolved from the config (NeMo's 7 value
