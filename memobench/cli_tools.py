@@ -38,8 +38,8 @@ def plugins(as_json: bool = typer.Option(False, "--json", help="Machine-readable
 
 
 @app.command("ls")
-def ls_cmd(kind: str = typer.Argument(..., help="models | prompt-sets | mitigations | attacks | metrics")):
-    """List registered objects of one kind with their parameters and defaults."""
+def ls_cmd(kind: str = typer.Argument(..., help="models | prompt-sets | mitigations | attacks | metrics | detectors")):
+    """List registered objects of one kind with their parameters, defaults and the parameters' descriptions."""
     rev = {v: k for k, v in KIND_PLURAL.items()}
     k = rev.get(kind) or (kind if kind in KINDS else None) or rev.get(kind + "s")
     if k is None:

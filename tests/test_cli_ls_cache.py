@@ -34,10 +34,17 @@ def test_ls_shows_parameter_descriptions(cli_inproc, monkeypatch):
     assert "quiet=False —" not in text  # nothing extra for a parameter without a description
 
 
-def test_ls_without_descriptions_is_unchanged(cli_inproc, monkeypatch):
+def test_ls_shows_the_builtin_descriptions(cli_inproc, monkeypatch):
+    """A built-in plugin's parameters are listed with the descriptions its Params declare."""
+    from memobench.api import param_help
+    from memobench.registry import get_registry
+
     monkeypatch.setenv("COLUMNS", "400")
     rc, out, err = cli_inproc(["ls", "attacks"])
-    assert rc == 0 and "—" not in out.split("dori", 1)[1].split("\n", 1)[0]
+    assert rc == 0, err
+    line = out.split("dori", 1)[1].split("\n", 1)[0]
+    help_ = param_help(get_registry().get("attack", "dori"), "steps")
+    assert help_ and f"steps=50 — {help_}" in line
 
 
 def test_cache_clear_refuses_before_asking(cli_inproc, tmp_path):

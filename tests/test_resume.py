@@ -10,6 +10,7 @@ uninterrupted run.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from memobench.cli import main
 
@@ -66,7 +68,11 @@ def uninterrupted(tmp_path_factory, tiny_args):
 def test_kill_and_resume(tmp_path, tiny_args, cli_inproc, memobench_exe, uninterrupted):
     cache, out = tmp_path / "cache", tmp_path / "out"
     args = _args(tiny_args, cache, out)
-    proc = subprocess.Popen([memobench_exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the killed run is another process: give it this process's thread count (other tests set torch's to 1), since
+    # CPU kernels may round differently with another number of threads, and resuming must not change a pixel
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.Popen([memobench_exe, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
     try:
         deadline = time.monotonic() + 240
         n = 0
