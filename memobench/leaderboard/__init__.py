@@ -28,7 +28,7 @@ One module per job, in the order of the data flow:
 :mod:`.plots`       privacy–utility and loss-curve plots (matplotlib, deterministic SVG)
 :mod:`.html`        the pages, from the jinja2 templates in ``templates/`` (autoescape: every supplied string is
                     escaped)
-:mod:`.export`      LEADERBOARD.md, CSV and parquet
+:mod:`.export`      LEADERBOARD.md, CSV and parquet; :func:`results_frame` (the long table as a pandas DataFrame)
 :mod:`.site`        render (every file in memory), build (write what changed), check (name what is stale)
 ==================  ================================================================================================
 
@@ -41,7 +41,7 @@ is strict JSON (the value becomes ``null`` and its record says ``"non_finite": "
 from __future__ import annotations
 
 from .declared import MetricRole, metric_role
-from .export import CSV_COLUMNS, csv_bytes, leaderboard_md, long_rows, parquet_bytes
+from .export import CSV_COLUMNS, csv_bytes, leaderboard_md, long_rows, parquet_bytes, results_frame
 from .html import detail_html, index_html
 from .images import Comparison, Images, comparison, comparison_png
 from .load import MIGRATIONS, Result, clean_result, load_results, redact_paths
@@ -60,5 +60,6 @@ __all__ = ["CSV_COLUMNS", "MANIFEST", "MIGRATIONS", "WIN_RATE", "BuildReport", "
            "collect_rows", "columns_of", "comparison", "comparison_png", "csv_bytes", "detail_html", "fmt",
            "fmt_disp", "impl_details", "impl_summary", "impl_text", "index_html", "leaderboard_md", "load_results",
            "long_rows", "loss_svg", "metric_role", "missing_text", "nonfinite_of", "pareto", "parquet_bytes",
-           "place_labels", "privacy_utility_points", "privacy_utility_svg", "redact_paths", "render", "smooth",
+           "place_labels", "privacy_utility_points", "privacy_utility_svg", "redact_paths", "render", "results_frame",
+           "smooth",
            "smooth_half", "target_metric_names", "text_width", "value_of", "win_rates"]

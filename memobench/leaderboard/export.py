@@ -144,3 +144,25 @@ def parquet_bytes(csv_data: bytes) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
+
+
+def results_frame(results_dir: str | Path):
+    """Every metric value of the result files under ``results_dir`` as a pandas DataFrame: the long table of
+    ``leaderboard.csv`` (one row per model × mitigation × attack × metric × group, columns :data:`CSV_COLUMNS`), with
+    numbers as numbers, for analysis in a notebook::
+
+        from memobench.leaderboard import results_frame
+        df = results_frame("benchmarks/results")
+        df[(df.metric == "mr") & (df.group == "all")].pivot(index="mitigation", columns="attack", values="value")
+    """
+    import pandas as pd
+
+    from .load import load_results
+    from .rows import collect_rows, target_metric_names
+
+    results = load_results(Path(results_dir))
+    records = long_rows(collect_rows(results, target_metric_names(results)))
+    df = pd.DataFrame.from_records(records, columns=list(CSV_COLUMNS))
+    for c in ("value", "dispersion", "n"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df
