@@ -153,7 +153,7 @@ def results_frame(results_dir: str | Path):
 
         from memobench.leaderboard import results_frame
         df = results_frame("benchmarks/results")
-        df[(df.metric == "mr") & (df.group == "all")].pivot(index="mitigation", columns="attack", values="value")
+        df[df.group == "all"].pivot_table(index=["mitigation", "attack"], columns="metric", values="value")
     """
     import pandas as pd
 
