@@ -39,7 +39,7 @@ from .config import BadInput, check_device, check_finite  # noqa: E402
 
 __all__ = [
     # value types, run context and plugin bases (defined here)
-    "Prompt", "Conditioning", "AttackOutput", "Sample", "MetricInfo", "MetricValue", "Context",
+    "Prompt", "Conditioning", "Guidance", "AttackOutput", "Sample", "MetricInfo", "MetricValue", "Context",
     "Plugin", "ModelPlugin", "PromptSet", "Mitigation", "Attack", "Metric", "Detector",
     "params_dict", "param", "param_help", "BadInput", "check_device", "check_finite",
     # everything else a plugin may use, re-exported from the core module that owns it (imported on first use, so
@@ -54,6 +54,7 @@ __all__ = [
         # the model wrapper and what plugins do with its UNet
         "DiffusionModel": "model", "generation_size": "model", "size_key_part": "model",
         "frozen_parameters": "model", "transformer_blocks": "model", "tensors_sha256": "model",
+        "cross_attention": "attention", "CrossAttentionHooks": "attention",
         # SSCD (the copy detector every memorization metric uses)
         "SSCD": "sscd", "SSCDUnavailableError": "sscd", "PRESETS": "sscd", "get_preset": "sscd",
         "jpeg_roundtrip": "sscd", "short_side_size": "sscd",
@@ -116,12 +117,41 @@ class Prompt:
 
 @dataclass
 class Conditioning:
-    """What the denoiser is conditioned on for one prompt: text embeddings (1×77×d each)."""
+    """What the denoiser is conditioned on for one prompt: text embeddings (1×77×d each) and, from an
+    inference-time mitigation, optionally the initial latents to start from and a per-step :class:`Guidance`."""
 
     prompt_embeds: "torch.Tensor"
     negative_prompt_embeds: "torch.Tensor"
     text: str | None = None  # the prompt text these embeddings came from, if any
     trace: dict = field(default_factory=dict)
+    # replaces the seeded initial latents ``condition`` received (same shape, same seed order): mitigations that
+    # adjust or choose x_T (initial-noise adjustment, SAIL); None keeps the seeded ones
+    latents: "torch.Tensor | None" = None
+    # per-step control of the CFG loop (guidance schedules, step-dependent attention edits); None: plain CFG
+    guidance: "Guidance | None" = None
+
+
+class Guidance:
+    """Per-step control of the CFG denoising loop (:meth:`memobench.model.DiffusionModel.denoise`), returned by an
+    inference-time mitigation in :attr:`Conditioning.guidance`. With a guidance the loop always evaluates both
+    halves (unconditional and conditional), whatever the guidance scale, and combines them as
+    ``out_u + w · (out_c − out_u)`` in the model's own parameterisation, with ``w`` from :meth:`scale`.
+
+    One instance serves one ``denoise`` call at a time: :meth:`start` is called at its beginning (reset per-sample
+    state there), :meth:`before_step` before the UNet call of each step (an attention edit that depends on the step
+    reads the index here)."""
+
+    def start(self, latents: "torch.Tensor", timesteps: "torch.Tensor") -> None:
+        """A denoising loop begins from ``latents`` (B×C×h×w) over ``timesteps``."""
+
+    def before_step(self, index: int, timestep: "torch.Tensor", latents: "torch.Tensor") -> None:
+        """Step ``index`` (0 = the noisiest) is about to call the UNet."""
+
+    def scale(self, index: int, timestep: "torch.Tensor", latents: "torch.Tensor", eps_uncond: "torch.Tensor",
+              eps_cond: "torch.Tensor", guidance_scale: float) -> "float | torch.Tensor":
+        """The guidance weight of step ``index``: a number, or one per sample (a B-vector); ``guidance_scale`` is
+        the run's. ``eps_*`` are ε predictions (converted from v for v-prediction models)."""
+        return guidance_scale
 
 
 @dataclass

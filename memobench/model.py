@@ -316,25 +316,37 @@ class DiffusionModel:
     # ------------------------------------------------------------------------------------------- sampling
     def denoise(self, prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor, latents: torch.Tensor,
                 num_inference_steps: int, guidance_scale: float,
-                on_step: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
-        """The CFG denoising loop of ``StableDiffusionPipeline.__call__``; embeddings broadcast over the batch."""
+                on_step: Callable[[StepInfo], None] | None = None, guidance=None) -> torch.Tensor:
+        """The CFG denoising loop of ``StableDiffusionPipeline.__call__``; embeddings broadcast over the batch.
+        ``guidance`` (a :class:`memobench.api.Guidance`) sets the weight of each step, per sample if it wishes."""
         b = latents.shape[0]
         pe = prompt_embeds.expand(b, -1, -1) if prompt_embeds.shape[0] == 1 else prompt_embeds
         ne = (negative_prompt_embeds.expand(b, -1, -1) if negative_prompt_embeds.shape[0] == 1
               else negative_prompt_embeds)
-        cfg = guidance_scale > 1.0
+        cfg = guidance_scale > 1.0 or guidance is not None
         embeds = torch.cat([ne, pe]) if cfg else pe
-        for i, t in enumerate(self.timesteps(num_inference_steps)):
+        timesteps = self.timesteps(num_inference_steps)
+        if guidance is not None:
+            guidance.start(latents, timesteps)
+        for i, t in enumerate(timesteps):
+            if guidance is not None:
+                guidance.before_step(i, t, latents)
             x = torch.cat([latents] * 2) if cfg else latents
             x = self.scheduler.scale_model_input(x, t)
             out = self.unet_output(x, t, embeds)
+            e = self.to_eps(out, x, t) if (on_step is not None or guidance is not None) else None
             if cfg:
                 ou, oc = out.chunk(2)
-                guided = ou + guidance_scale * (oc - ou)  # in the model's own parameterisation, as the pipeline
+                w = guidance_scale
+                if guidance is not None:
+                    eu, ec = e.chunk(2)
+                    w = guidance.scale(i, t, latents, eu, ec, guidance_scale)
+                    if torch.is_tensor(w) and w.ndim == 1:
+                        w = w.to(ou.dtype).view(-1, *([1] * (ou.ndim - 1)))
+                guided = ou + w * (oc - ou)  # in the model's own parameterisation, as the pipeline
             else:
                 ou, oc, guided = None, out, out
             if on_step is not None:
-                e = self.to_eps(out, x, t)
                 eu, ec = e.chunk(2) if cfg else (None, e)
                 on_step(StepInfo(i, t, latents, eu, ec))
             latents = self.scheduler.step(guided, t, latents, eta=0.0, return_dict=False)[0]

@@ -146,6 +146,13 @@ class Generator:
             # ones), so that what they compute does not depend on what happened to be cached
             cond = boundary.call(mitigation, "condition", mitigation.condition, model, prompt, cond, lat_all, ctx,
                                  expect=Conditioning)
+            if cond.latents is not None:
+                if tuple(cond.latents.shape) != tuple(lat_all.shape):
+                    raise boundary.PluginFailure(
+                        mitigation, "condition", f"returned latents of shape {tuple(cond.latents.shape)} for the "
+                        f"{len(all_jobs)} seeds of prompt {prompt.id}; expected {tuple(lat_all.shape)} (one per seed "
+                        "it received, in the same order)")
+                lat_all = cond.latents.detach().to(lat_all.device, lat_all.dtype)
         todo = {j.key for j in pending}
         bs = self.batch_size
         for i in range(0, len(all_jobs), bs):
@@ -154,8 +161,11 @@ class Generator:
             if not n_todo:
                 continue
             with torch.no_grad():
-                out = model.denoise(cond.prompt_embeds, cond.negative_prompt_embeds, lat_all[i: i + bs],
-                                    g["num_inference_steps"], g["guidance_scale"])
+                args = (cond.prompt_embeds, cond.negative_prompt_embeds, lat_all[i: i + bs], g["num_inference_steps"],
+                        g["guidance_scale"])
+                out = (model.denoise(*args) if cond.guidance is None else  # a guidance is the mitigation's code
+                       boundary.call(mitigation, "condition (its guidance)", model.denoise, *args,
+                                     guidance=cond.guidance))
             for j, img in zip(chunk, model.decode(out)):
                 if j.key in todo:
                     # the conditioning trace (e.g. Wen's iterations) travels with every image it produced, so a
