@@ -1,12 +1,13 @@
 """The DoRI paper's table (METHODS §8.1) on a model, by one command: every row of issue 6's acceptance list.
 
     python benchmarks/dori_table.py [--model tiny] [--model-param path=DIR] [--cache-dir DIR]
-                                    [--out benchmarks/reports/dori_table]
+                                    [--out benchmarks/reports/dori_table] [--only MITIGATION,...]
 
 Rows (each attack run is paired: it also scores the mitigation alone on the same targets and seeds):
   memorized prompts, no mitigation · none + DoRI (prompt init) · none + DoRI (Gaussian init) ·
   NeMo · NeMo + DoRI · Wanda · Wanda + DoRI · Wen · Wen + DoRI · RTA · RTA + DoRI · RNA · RNA + DoRI ·
-  advft · advft + DoRI · non-memorized photos · non-memorized + DoRI,
+  advft · advft + DoRI · the field's mitigations of issue 28 (cfg_switch, init_noise, sail, memattn, bright_ending,
+  wen_train), each alone and + DoRI · non-memorized photos · non-memorized + DoRI,
 with utility (exact alignment for the embedded model, FD on SSCD features) per mitigation, the paper's SD v1.4
 value and the issue's bound for each row, and the wall time. Writes JSON + Markdown; prints a table.
 """
@@ -40,6 +41,19 @@ ROWS = [
     ("RNA + DoRI", "rna", "dori", {}, None, "with", None, None),
     ("Adversarial fine-tuning", "advft", "dori", {}, None, "without", None, None),
     ("Adversarial fine-tuning + DoRI", "advft", "dori", {}, None, "with", 0.02, ("mr", "<=", 0.1)),
+    # the field's mitigations beyond the seeds (issue 28); paper MR: none of their papers reports DoRI's MR on SD v1.4
+    ("CFG switch (Jain et al.)", "cfg_switch", "dori", {}, None, "without", None, None),
+    ("CFG switch + DoRI", "cfg_switch", "dori", {}, None, "with", None, None),
+    ("Initial-noise adjustment (Han et al.)", "init_noise", "dori", {}, None, "without", None, None),
+    ("Initial-noise adjustment + DoRI", "init_noise", "dori", {}, None, "with", None, None),
+    ("SAIL (Jeon et al.)", "sail", "dori", {}, None, "without", None, None),
+    ("SAIL + DoRI", "sail", "dori", {}, None, "with", None, None),
+    ("Attention rescaling (MemAttn, Ren et al.)", "memattn", "dori", {}, None, "without", None, None),
+    ("Attention rescaling + DoRI", "memattn", "dori", {}, None, "with", None, None),
+    ("Bright Ending mask + Wen (Chen et al.)", "bright_ending", "dori", {}, None, "without", None, None),
+    ("Bright Ending + DoRI", "bright_ending", "dori", {}, None, "with", None, None),
+    ("Wen et al. training-time filter", "wen_train", "dori", {}, None, "without", None, None),
+    ("Wen training-time filter + DoRI", "wen_train", "dori", {}, None, "with", None, None),
     ("Non-memorized photos", "none", "dori", {}, "nonmem_targets", "without", 0.00, None),
     ("Non-memorized photos + DoRI", "none", "dori", {}, "nonmem_targets", "with", 0.00, ("mr", "<=", 0.05)),
 ]
@@ -63,7 +77,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/reports/dori_table", help="output prefix (.json, .md)")
     ap.add_argument("--seeds", default=None, help="e.g. 0-9 (default: the model's)")
     ap.add_argument("--offline", action="store_true", default=True)
+    ap.add_argument("--only", default=None, help="comma-separated mitigations: only their rows (and none's, the "
+                    "utility ratios' base), e.g. --only cfg_switch,sail")
     a = ap.parse_args(argv)
+    rows_spec = ROWS
+    if a.only:
+        keep = {"none", *a.only.split(",")}
+        unknown = keep - {r[1] for r in ROWS}
+        if unknown:
+            ap.error(f"--only {a.only}: no row for {', '.join(sorted(unknown))}; rows exist for "
+                     f"{', '.join(sorted({r[1] for r in ROWS}))}")
+        rows_spec = [r for r in ROWS if r[1] in keep and r[4] is None and not r[3]]
     from memobench.config import parse_seeds
 
     mp = dict(x.split("=", 1) for x in a.model_param or [])
@@ -71,7 +95,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     runs: dict[tuple, dict] = {}
     timings: dict[str, float] = {}
-    for label, mit, atk, ap_, pset, half, paper, bound in ROWS:
+    for label, mit, atk, ap_, pset, half, paper, bound in rows_spec:
         prompts = NONMEM_TARGETS.get(a.model) if pset == "nonmem_targets" else None
         if pset == "nonmem_targets" and prompts is None:
             continue
@@ -91,7 +115,7 @@ def main(argv=None) -> int:
         timings[f"{mit}×{atk}{ap_ or ''}@{prompts or 'target'}"] = time.time() - t
         runs[key] = {"result": out.result, "path": str(out.result_path)}
     rows = []
-    for label, mit, atk, ap_, pset, half, paper, bound in ROWS:
+    for label, mit, atk, ap_, pset, half, paper, bound in rows_spec:
         prompts = NONMEM_TARGETS.get(a.model) if pset == "nonmem_targets" else None
         key = (mit, atk, json.dumps(ap_, sort_keys=True), prompts)
         if key not in runs:
