@@ -52,6 +52,10 @@ Faithful to the reference code (METHODS §0.2):
   token positions 1..76 of ‖e*_k − e_p,k‖₂ exceeds ε, the minimised loss becomes α·L + (1 − α)·that mean; the
   stopping test still uses L alone.
 
+The optimisation loop (steps 1–2) is the module function :func:`optimize_embedding`, whose objective is a
+parameter (default :func:`joint_noise_norm`): Bright Ending (``bright_ending``, Chen et al., ICLR 2025) runs the same
+loop with a masked norm.
+
 memobench choices where the reference is silent or differs by necessity (all recorded in ``Conditioning.trace``):
 
 * The optimisation runs in fp32 under ``torch.enable_grad()`` (the reference runs in bf16): e* is an fp32 leaf,
@@ -158,83 +162,98 @@ class WenMitigation(Mitigation):
             raise BadInput(f"wen: unknown preset {name!r}; available: {', '.join(PRESETS)}") from None
 
     def condition(self, model, prompt, cond, latents, ctx):
-        import torch
-
         p = self.params
-        if p.max_iters < 0:
-            raise BadInput("wen: max_iters must be ≥ 0")
-        gen = dict(ctx.generation or {}) if ctx is not None else {}
-        n_steps = int(gen.get("num_inference_steps", 50))
-        w = float(gen.get("guidance_scale", 7.5))
-        if not 0 <= p.target_step < n_steps:
-            raise BadInput(f"wen: target_step {p.target_step} outside the {n_steps} denoising steps")
-        dtype, device = model.dtype, model.device
-        G = latents.shape[0]
-        e_p = cond.prompt_embeds.detach().to(device)
-        e_u = cond.negative_prompt_embeds.detach().to(device, dtype)
-        if e_p.shape[0] != 1 or e_u.shape[0] != 1:
-            raise ValueError("wen: expects one conditional and one unconditional embedding (1×77×d each)")
-        timesteps = model.timesteps(n_steps)
-        sched = model.scheduler
-
-        from memobench.api import frozen_parameters
-
-        with frozen_parameters(model.unet, model.text_encoder, model.vae), torch.enable_grad():
-            x = latents.detach().to(device, dtype)
-            if p.target_step > 0:  # advance the G latents to the target step with the original conditioning
-                with torch.no_grad():
-                    emb = torch.cat([e_u.expand(G, -1, -1), e_p.to(dtype).expand(G, -1, -1)])
-                    for t in timesteps[: p.target_step]:
-                        out = model.eps(sched.scale_model_input(torch.cat([x, x]), t), t, emb)
-                        eu, ec = out.chunk(2)
-                        x = model.step_eps(eu + w * (ec - eu), t, x)
-            t_s = timesteps[p.target_step]
-            x_in = sched.scale_model_input(torch.cat([x, x]), t_s)
-            e_init = e_p.float()
-            e_star = e_init.clone().requires_grad_(True)
-            opt = torch.optim.AdamW([e_star], lr=p.lr, weight_decay=p.weight_decay)
-            losses: list[float] = []
-            updates = 0
-            reached = False
-            scale = loss_scale(x.numel(), p.loss_norm, p.reference_images, p.reference_latent)
-            for _ in range(p.max_iters):
-                emb = torch.cat([e_u.expand(G, -1, -1), e_star.to(dtype).expand(G, -1, -1)])
-                out = model.eps(x_in, t_s, emb)
-                eu, ec = out.chunk(2)
-                loss = joint_noise_norm(ec, eu)
-                if scale != 1.0:
-                    loss = loss * scale
-                loss_item = float(loss.detach())
-                losses.append(loss_item)
-                if p.proximity_epsilon >= 0:
-                    with torch.no_grad():
-                        prox = (e_init[:, 1:] - e_star[:, 1:]).norm(p=2, dim=-1).mean()
-                    if prox > p.proximity_epsilon:
-                        prox = (e_init[:, 1:] - e_star[:, 1:]).norm(p=2, dim=-1).mean()
-                        loss = p.proximity_alpha * loss + (1 - p.proximity_alpha) * prox
-                if loss_item <= p.target_loss:  # checked before the update, on the noise norm alone
-                    reached = True
-                    break
-                (grad,) = torch.autograd.grad(loss, [e_star])
-                if p.zero_bos_grad:
-                    grad[:, 0] = 0
-                e_star.grad = grad
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                updates += 1
-        e_out = e_star.detach()
+        run = optimize_embedding(model, cond, latents, ctx, p, name="wen")
+        losses, updates, reached = run["losses"], run["iterations"], run["reached_target"]
         self._summaries[prompt.id] = {"iterations": updates, "final_loss": losses[-1] if losses else None,
                                       "reached_target": reached}
         trace = {
             "mitigation": "wen", "iterations": updates, "evaluations": len(losses), "losses": losses,
             "initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "reached_target": reached, "target_loss": p.target_loss, "target_step": p.target_step,
-            "timestep": int(t_s), "num_images": int(G), "lr": p.lr, "weight_decay": p.weight_decay,
-            "loss_norm": p.loss_norm, "loss_scale": scale, "latent_shape": list(x.shape),
-            "embedding_shift_l2": float((e_out - e_init).norm()),
+            "timestep": run["timestep"], "num_images": run["num_images"], "lr": p.lr, "weight_decay": p.weight_decay,
+            "loss_norm": p.loss_norm, "loss_scale": run["loss_scale"], "latent_shape": run["latent_shape"],
+            "embedding_shift_l2": run["embedding_shift_l2"],
         }
-        return Conditioning(e_out.to(dtype), cond.negative_prompt_embeds, text=cond.text,
+        return Conditioning(run["embedding"].to(model.dtype), cond.negative_prompt_embeds, text=cond.text,
                             trace={**(cond.trace or {}), "wen": trace})
+
+
+def optimize_embedding(model, cond, latents, ctx, p, name: str = "wen", noise_loss=None) -> dict:
+    """Steps 1–2 of the module docstring: optimise e* from ``cond.prompt_embeds`` on the G ``latents``.
+
+    ``p`` carries Wen's parameters (attributes of :class:`WenMitigation.Params`). ``noise_loss(eps_cond,
+    eps_uncond)`` is the objective before the ``loss_norm`` scale (default :func:`joint_noise_norm`, Wen's);
+    a method built on Wen's optimisation passes its own (Bright Ending: a masked norm). Returns the fp32 e*
+    (``embedding``), the loss of every evaluation, the number of updates and what the trace records."""
+    import torch
+
+    noise_loss = joint_noise_norm if noise_loss is None else noise_loss
+    if p.max_iters < 0:
+        raise BadInput(f"{name}: max_iters must be ≥ 0")
+    gen = dict(ctx.generation or {}) if ctx is not None else {}
+    n_steps = int(gen.get("num_inference_steps", 50))
+    w = float(gen.get("guidance_scale", 7.5))
+    if not 0 <= p.target_step < n_steps:
+        raise BadInput(f"{name}: target_step {p.target_step} outside the {n_steps} denoising steps")
+    dtype, device = model.dtype, model.device
+    G = latents.shape[0]
+    e_p = cond.prompt_embeds.detach().to(device)
+    e_u = cond.negative_prompt_embeds.detach().to(device, dtype)
+    if e_p.shape[0] != 1 or e_u.shape[0] != 1:
+        raise ValueError(f"{name}: expects one conditional and one unconditional embedding (1×77×d each)")
+    timesteps = model.timesteps(n_steps)
+    sched = model.scheduler
+
+    from memobench.api import frozen_parameters
+
+    with frozen_parameters(model.unet, model.text_encoder, model.vae), torch.enable_grad():
+        x = latents.detach().to(device, dtype)
+        if p.target_step > 0:  # advance the G latents to the target step with the original conditioning
+            with torch.no_grad():
+                emb = torch.cat([e_u.expand(G, -1, -1), e_p.to(dtype).expand(G, -1, -1)])
+                for t in timesteps[: p.target_step]:
+                    out = model.eps(sched.scale_model_input(torch.cat([x, x]), t), t, emb)
+                    eu, ec = out.chunk(2)
+                    x = model.step_eps(eu + w * (ec - eu), t, x)
+        t_s = timesteps[p.target_step]
+        x_in = sched.scale_model_input(torch.cat([x, x]), t_s)
+        e_init = e_p.float()
+        e_star = e_init.clone().requires_grad_(True)
+        opt = torch.optim.AdamW([e_star], lr=p.lr, weight_decay=p.weight_decay)
+        losses: list[float] = []
+        updates = 0
+        reached = False
+        scale = loss_scale(x.numel(), p.loss_norm, p.reference_images, p.reference_latent)
+        for _ in range(p.max_iters):
+            emb = torch.cat([e_u.expand(G, -1, -1), e_star.to(dtype).expand(G, -1, -1)])
+            out = model.eps(x_in, t_s, emb)
+            eu, ec = out.chunk(2)
+            loss = noise_loss(ec, eu)
+            if scale != 1.0:
+                loss = loss * scale
+            loss_item = float(loss.detach())
+            losses.append(loss_item)
+            if p.proximity_epsilon >= 0:
+                with torch.no_grad():
+                    prox = (e_init[:, 1:] - e_star[:, 1:]).norm(p=2, dim=-1).mean()
+                if prox > p.proximity_epsilon:
+                    prox = (e_init[:, 1:] - e_star[:, 1:]).norm(p=2, dim=-1).mean()
+                    loss = p.proximity_alpha * loss + (1 - p.proximity_alpha) * prox
+            if loss_item <= p.target_loss:  # checked before the update, on the noise norm alone
+                reached = True
+                break
+            (grad,) = torch.autograd.grad(loss, [e_star])
+            if p.zero_bos_grad:
+                grad[:, 0] = 0
+            e_star.grad = grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            updates += 1
+    e_out = e_star.detach()
+    return {"embedding": e_out, "losses": losses, "iterations": updates, "reached_target": reached,
+            "timestep": int(t_s), "num_images": int(G), "loss_scale": scale, "latent_shape": list(x.shape),
+            "embedding_shift_l2": float((e_out - e_init).norm())}
 
 
 @hookimpl
