@@ -21,6 +21,7 @@ FAST = {
     "wanda10": ["num_inference_steps=4", "timesteps=2"],
     "advft": ["epochs=1", "steps_per_epoch=1", "dori_steps=2", "dori_batch=2", "n_regular=4", "regular_batch=2",
               "surrogate_tries=1", "inits=prompt", "surrogate_params=stats_limit=3;samples_per_prompt=2"],
+    "wen_train": ["steps=1", "batch=2", "mem_fraction=0.5", "n_regular=2"],
 }
 ATTACK_FAST = {"dori": ["steps=3", "batch=2"]}
 SIZE = 64  # pixels: 8×8 latents
@@ -82,7 +83,8 @@ def _check_layout(seen, arch):
     assert seen["proj_in"] == ({"Conv2d"} if arch == "sd14" else {"Linear"})
 
 
-@pytest.mark.parametrize("mitigation", ["none", "nemo", "wanda", "wanda10", "wen", "rta", "rna", "advft"])
+@pytest.mark.parametrize("mitigation", ["none", "nemo", "wanda", "wanda10", "wen", "rta", "rna", "advft",
+                                        "wen_train"])
 def test_every_mitigation_sd14_layout(tmp_path, shapes, capsys, mitigation):
     res = _run(tmp_path, "sd14", mitigation, "none", capsys)
     assert res["mitigation"]["name"] == mitigation and res["metrics"]["mr"]["n"] == 1

@@ -11,7 +11,7 @@ during the fine-tuning that would otherwise create the memorization, not to SD v
 
 Algorithm (``fit``; one optimiser step per training step s = 1 … ``steps``):
 
-1. Draw a batch of B = ``batch`` caption–latent pairs (z₀ᵢ, e_pᵢ): ``round(B·mem_fraction)`` from the memorized
+1. Draw a batch of B = ``batch`` caption–latent pairs (z₀ᵢ, e_pᵢ): ⌊B·mem_fraction + ½⌋ from the memorized
    pairs, the rest from the regular pairs (below); ε ~ N(0, I) and tᵢ ~ U{0, …, T−1} per sample,
    x_tᵢ = √ᾱ_t·z₀ᵢ + √(1−ᾱ_t)·εᵢ — the ordinary diffusion-training draw.
 2. One UNet pass with gradients on the captions, o_cᵢ = f_θ(x_tᵢ, tᵢ, e_pᵢ) (the training prediction), and one
@@ -43,7 +43,7 @@ Defaults and their sources ([CODE] = the reference script's argparse default or 
 * ``batch`` 8 — README ``--train_batch_size=8`` (gradient accumulation 1) [CODE].
 * ``mem_fraction`` 0.25 — README ``--non_mem_ratio=3``: the training set is the duplicated set plus 3× as many
   non-duplicated pairs, shuffled, so a quarter of every batch is memorized data in expectation [CODE]. Here each
-  batch holds exactly ``round(B·mem_fraction)`` memorized pairs (2 of 8) [CHOICE: fixed counts, so the per-step
+  batch holds exactly ⌊B·mem_fraction + ½⌋ memorized pairs (2 of 8) [CHOICE: fixed counts, so the per-step
   drop counts of the two groups compare directly].
 * ``uncond_prob`` 0 — the script has no caption dropout [CODE].
 * ``steps`` 1,000 [CHOICE]. The README runs 20,000 steps (from SD v1.4 onto the duplicated set). Here the fit
@@ -266,7 +266,7 @@ class WenTrainingMitigation(Mitigation):
             self._report = json.loads(meta_path.read_text()) if meta_path.exists() else {}
             self._report["file"] = str(path)
             return
-        n_mem = round(p.batch * p.mem_fraction)
+        n_mem = math.floor(p.batch * p.mem_fraction + 0.5)  # round half up
         n_reg = p.batch - n_mem
         if n_mem and not targets:
             raise BadInput("mitigation 'wen_train': none of the target prompts has a training image (the memorized "
