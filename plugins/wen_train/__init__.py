@@ -81,7 +81,7 @@ Choices where the reference does not carry over (each a ``Params`` field, record
 
 Measured on the shipped ``tiny`` (v-prediction, 16×16×16 latents, scale factor 2; committed results
 ``benchmarks/results/tiny/wen_train__{none,dori}``): the filter dropped 1,990 of the 2,000 memorized samples drawn
-(the 10 kept all at t ≥ 900) and 4,736 of the 6,000 regular ones (all below t = 300, about half at t ≥ 900; the
+(the 10 kept all at t ≥ 900) and 4,736 of the 6,000 regular ones (every one below t = 200, 48 % of those at t ≥ 900; the
 tiny model's text-conditional magnitudes are larger than SD v1.4's: regular median 2.79 on the reference scale);
 755 of the 1,000 steps updated the weights (relative change ‖Δθ‖/‖θ‖ = 0.64 %). MR stays 1.0 (SSCD_orig 0.928 vs
 0.931 without mitigation), under DoRI too. Dropping a memorized sample withholds further reinforcement but removes
