@@ -102,8 +102,8 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from memobench.api import BadInput, Context, Mitigation, Prompt, hookimpl, param
 
