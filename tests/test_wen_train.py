@@ -144,7 +144,7 @@ def _params(model):
     return {n: p.detach().clone() for n, p in model.unet.named_parameters()}
 
 
-FAST = dict(steps=4, batch=4, n_regular=4, lr=1e-3)
+FAST = {"steps": 4, "batch": 4, "n_regular": 4, "lr": 1e-3}
 
 
 def test_fit_trains_caches_and_apply_restores_bit_for_bit(model, tmp_path):

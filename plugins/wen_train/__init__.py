@@ -48,8 +48,8 @@ Defaults and their sources ([CODE] = the reference script's argparse default or 
 * ``uncond_prob`` 0 — the script has no caption dropout [CODE].
 * ``steps`` 1,000 [CHOICE]. The README runs 20,000 steps (from SD v1.4 onto the duplicated set). Here the fit
   fine-tunes an *already trained* model for a budget that takes about 5 minutes on one CPU core for the embedded
-  ``tiny`` model (measured, ``OMP_NUM_THREADS=1``: ~0.27 s per step of batch 8 when samples are kept; see
-  ``fit_seconds`` in the report).
+  ``tiny`` model (measured with ``OMP_NUM_THREADS=1`` on a 2-core machine shared with other jobs: 0.27-0.36 s per
+  step of batch 8; the committed run's fit took 356 s, its whole run 469 s; ``fit_seconds`` in the report).
 * Not reproduced: ``--use_ema`` (the README's evaluation loads ``checkpoint-20000/unet``, the trained weights; the
   EMA copy is saved separately as ``unet_ema``, so EMA does not change what is evaluated); ``--mixed_precision=fp16``
   and gradient checkpointing (memobench trains in fp32; the same mathematics); random posterior samples of the VAE
@@ -79,6 +79,17 @@ Choices where the reference does not carry over (each a ``Params`` field, record
   ``--dtype fp32``). Memory: one extra copy of the UNet on the model's device while training (the original tensors
   are kept aside untouched and put back), plus gradients and AdamW's two moments: ≈ 4 × 3.2 GiB on SD v1.4.
 
+Measured on the shipped ``tiny`` (v-prediction, 16×16×16 latents, scale factor 2; committed results
+``benchmarks/results/tiny/wen_train__{none,dori}``): the filter dropped 1,990 of the 2,000 memorized samples drawn
+(the 10 kept all at t ≥ 900) and 4,736 of the 6,000 regular ones (every one below t = 200, 48 % of those at t ≥ 900; the
+tiny model's text-conditional magnitudes are larger than SD v1.4's: regular median 2.79 on the reference scale);
+755 of the 1,000 steps updated the weights (relative change ‖Δθ‖/‖θ‖ = 0.64 %). MR stays 1.0 (SSCD_orig 0.928 vs
+0.931 without mitigation), under DoRI too. Dropping a memorized sample withholds further reinforcement but removes
+nothing already learned: in the paper the filter runs during the fine-tuning that would create the memorization.
+Two diagnostic runs (not committed): the same fine-tuning without the filter (``hard_threshold=1e9``) gave MR 1.0,
+SSCD_orig 0.932; with the filter and lr 1e-4 (10×), MR 1.0, SSCD_orig 0.833 (‖Δθ‖/‖θ‖ = 4.5 %, every prompt's
+lowest SSCD over its 10 seeds still ≥ 0.70).
+
 Report (``report()``, in the result JSON): per step, how many memorized and how many regular samples were dropped
 (``dropped_memorized_per_step``, ``dropped_regular_per_step``), the steps with an update, the dropped fraction and
 the magnitude quartiles of each group over the whole fit and per tenth of the timestep range, the loss of every
@@ -91,8 +102,8 @@ import contextlib
 import json
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from memobench.api import BadInput, Context, Mitigation, Prompt, hookimpl, param
 
