@@ -23,6 +23,7 @@ FAST = {
               "surrogate_tries=1", "inits=prompt", "surrogate_params=stats_limit=3;samples_per_prompt=2"],
     "cfg_switch": [],  # no budget: its dynamic default runs as is (a guidance in the loop, no optimisation)
     "init_noise": ["max_iters=2"],
+    "sail": ["max_steps=2", "max_rounds=1"],
 }
 ATTACK_FAST = {"dori": ["steps=3", "batch=2"]}
 SIZE = 64  # pixels: 8×8 latents
@@ -85,7 +86,7 @@ def _check_layout(seen, arch):
 
 
 @pytest.mark.parametrize("mitigation", ["none", "nemo", "wanda", "wanda10", "wen", "rta", "rna", "advft",
-                                        "cfg_switch", "init_noise"])
+                                        "cfg_switch", "init_noise", "sail"])
 def test_every_mitigation_sd14_layout(tmp_path, shapes, capsys, mitigation):
     res = _run(tmp_path, "sd14", mitigation, "none", capsys)
     assert res["mitigation"]["name"] == mitigation and res["metrics"]["mr"]["n"] == 1
