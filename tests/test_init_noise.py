@@ -47,7 +47,7 @@ def _eps_diff(m, x, cond):
 
 def test_norm_factor_puts_norms_on_the_reference_size():
     assert norm_factor(4 * 64 * 64, "reference", "4x64x64") == 1.0  # the reference's own size: untouched
-    assert norm_factor(4 * 16 * 16, "reference", "4x64x64") == 4.0  # the embedded model: √(16384 / 1024)
+    assert norm_factor(4 * 16 * 16, "reference", "4x64x64") == 4.0  # √(16384 / 1024)
     assert norm_factor(4 * 16 * 16, "raw", "4x64x64") == 1.0
 
 

@@ -46,9 +46,10 @@ CFG scale), so the mitigation changes nothing after the transition.
 Choices where the reference differs by necessity or is unclear (recorded in ``Conditioning.trace["cfg_switch"]``):
 
 * Sampler: memobench uses the model plugin's scheduler (DDIM for SD v1.4 and the embedded model); the reference
-  scripts use DPM-Solver++ multistep. ``stp.py`` re-sets the scheduler to 200 steps when t equals
-  ``guidance_change_step`` exactly; with its 50 DPM steps (t = 981, 961, …, 501, 481, …) that never happens for the
-  README's 500 / 650, so it is not reproduced.
+  scripts use DPM-Solver++ multistep. ``stp.py`` also re-sets the scheduler to a 200-step grid when t equals
+  ``guidance_change_step`` exactly; with SD's "leading" spacing (t = 981, 961, …, 501, 481, …) that never happens for
+  the README's 500 / 650 (a "linspace" grid can hit t = 500). It is a sampler change, not part of the method, and is
+  not reproduced: memobench keeps the run's sampler.
 * Dynamic mode with opposite guidance: ``generate_test_dataset-opposite_guidance.py`` finds the transition in a
   separate full pre-pass (w = −7.5, first local minimum of 1 − cos(x_{t−1}, x_t)) and its sampling loop then flips
   the sign of the weight every step and stops at ``exit(0)`` at the transition: it does not run as published.

@@ -38,8 +38,8 @@ prompt's latents at once, without gradients through the UNet):
 
 The scale of the norms (``loss_norm``). The reference runs SD v1.4 at 512 px: one latent is 4×64×64 = 16,384
 elements (``reference_latent``). A norm over a sample grows with √(number of elements), so the same ``target_loss``
-(a norm) and ``rho`` (a radius) on memobench's embedded model (16×16 latents: 1,024 elements) would be a 4× looser
-threshold and a 4× larger perturbation per element (ρ = 50 would exceed ‖x_T‖ ≈ 32 itself). With
+(a norm) and ``rho`` (a radius) on memobench's embedded model (64 px: 16 channels × 16×16 = 4,096 elements) would
+be a 2× looser threshold and a 2× larger perturbation per element (ρ = 50 against ‖x_T‖ ≈ 64). With
 ``loss_norm = "reference"`` (default) every norm is put on the reference's size, as ``wen``'s ``loss_norm``: the
 loss compared with ``target_loss`` is L = ‖ε̃‖₂·√(N_ref/N) (√N_ref times the per-element RMS; N = C·h·w of the run's
 latent) and the radius used is ρ·√(N/N_ref) (the same per-element perturbation). At the reference's size the factor
