@@ -22,6 +22,7 @@ FAST = {
     "advft": ["epochs=1", "steps_per_epoch=1", "dori_steps=2", "dori_batch=2", "n_regular=4", "regular_batch=2",
               "surrogate_tries=1", "inits=prompt", "surrogate_params=stats_limit=3;samples_per_prompt=2"],
     "memattn": [],  # no budget: one logit edit per cross-attention call
+    "bright_ending": ["max_iters=2"],
 }
 ATTACK_FAST = {"dori": ["steps=3", "batch=2"]}
 SIZE = 64  # pixels: 8×8 latents
@@ -84,7 +85,7 @@ def _check_layout(seen, arch):
 
 
 @pytest.mark.parametrize("mitigation", ["none", "nemo", "wanda", "wanda10", "wen", "rta", "rna", "advft",
-                                        "memattn"])
+                                        "memattn", "bright_ending"])
 def test_every_mitigation_sd14_layout(tmp_path, shapes, capsys, mitigation):
     res = _run(tmp_path, "sd14", mitigation, "none", capsys)
     assert res["mitigation"]["name"] == mitigation and res["metrics"]["mr"]["n"] == 1
