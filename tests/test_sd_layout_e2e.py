@@ -26,6 +26,7 @@ FAST = {
     "memattn": [],  # no budget: one logit edit per cross-attention call
     "wen_train": ["steps=1", "batch=2", "mem_fraction=0.5", "n_regular=2"],
     "sail": ["max_steps=2", "max_rounds=1"],
+    "bright_ending": ["max_iters=2"],
 }
 ATTACK_FAST = {"dori": ["steps=3", "batch=2"]}
 SIZE = 64  # pixels: 8×8 latents
@@ -88,7 +89,7 @@ def _check_layout(seen, arch):
 
 
 @pytest.mark.parametrize("mitigation", ["none", "nemo", "wanda", "wanda10", "wen", "rta", "rna", "advft",
-                                        "cfg_switch", "init_noise", "memattn", "wen_train", "cfg_switch", "init_noise", "sail"])
+                                        "cfg_switch", "init_noise", "sail", "memattn", "bright_ending", "wen_train"])
 def test_every_mitigation_sd14_layout(tmp_path, shapes, capsys, mitigation):
     res = _run(tmp_path, "sd14", mitigation, "none", capsys)
     assert res["mitigation"]["name"] == mitigation and res["metrics"]["mr"]["n"] == 1

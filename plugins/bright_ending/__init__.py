@@ -1,0 +1,258 @@
+"""Bright Ending (BE): Wen et al.'s inference-time mitigation with the noise magnitude localized by the end token's
+cross-attention at the last denoising step.
+
+Paper: Chen, Liu, Shah, Xu, "Exploring Local Memorization in Diffusion Models via Bright Ending Attention", ICLR 2025
+(spotlight; arXiv 2410.21665), §4 (the "bright ending" anomaly: at the final denoising step, memorized image patches
+attend far more to the end token than non-memorized ones, so that attention map locates the locally memorized
+region) and §5.1 (integration into Wen et al.'s detection and mitigation: "element-wise multiplication of the
+magnitude by our memorization mask extracted via BE"). Reference code ``chenchen-usyd/BE-PRSS`` (fb2e942):
+``controller.py`` (``AttentionStore``), ``detect_mem.py`` (run ``baseline``: the unmitigated generation that stores
+the attention), ``inference_mem.py`` (run ``ours_A``: the mask from that store), ``local_sd_pipeline.py``
+(``aug_prompt`` with ``attn_mask``); README "Baseline + BE".
+
+Built on ``wen``: the paper's mitigation *is* Wen et al.'s prompt-embedding optimisation (the reference's
+``aug_prompt`` is Wen's with the objective masked), so this module imports :func:`memobench_plugins.wen.optimize_embedding`
+and passes its own objective; everything else (AdamW, target step, stopping rule, BOS gradient, the threshold's
+scale) is Wen's, documented in ``plugins/wen``.
+
+Registers the mitigation ``bright_ending`` (``kind = "inference"``). For one prompt with G initial latents x_T^(g)
+(all the run's seeds of the prompt, as the runner passes them) and n its token count (BOS + words + EOS, ≤ 77)::
+
+    m^(g)[p] = 1/|L| Σ_{l∈L} 1/H Σ_h A_{l,h}^(g)(t_last)[p, n−1]          (BE mask: end token, last step)
+    minimise over e*:   L(e*) = ‖ (ε_θ(x_{t_s}, t_s, e*) − ε_θ(x_{t_s}, t_s, e_∅)) ⊙ m ‖₂ / mean(m)
+
+1. BE pass: the G latents are denoised from (e_p, e_∅) with the run's steps and guidance scale, no mitigation,
+   under explicit cross-attention (:func:`memobench.api.cross_attention` with ``record``); at step ``mask_step``
+   (−1: the last, ``AttentionStore``'s ``cur_step == 49`` of 50) the post-softmax probabilities of the layers L are
+   kept: the conditional half of the batch, the column of the end token k_e = n − 1
+   (``token_len - 1`` with ``token_len = min(len(tokenizer.encode(prompt)), 77)``).
+2. Aggregation, as the reference: mean over the H heads (``view(-1, 8, …).mean(1)``), then over the layers L
+   (``np.mean(attn_score, axis=0)``), reshaped to the latent grid → m of shape G×1×h×w, broadcast over the latent
+   channels. L (``mask_layers = "down-full"``) is the down-block cross-attention layers at the latent's full
+   resolution (the reference keeps ``down_cross`` maps with 64² pixels: ``down_blocks.0``'s two transformer blocks of
+   SD v1.4 at 512 px; ``down_blocks.0``'s one block in the embedded ``tiny`` model). The mask is soft (the
+   probabilities themselves, no threshold) and not normalised per image; the objective divides by its mean over all
+   G·h·w entries (``torch.norm(noise_pred_text * attn_mask, p=2) / torch.mean(attn_mask)``), so a uniform mask gives
+   Wen's loss exactly.
+3. Wen's optimisation (``plugins/wen`` steps 1–2) with this objective: AdamW on e* at target step 0, stop when
+   L × √(N_ref/N) ≤ ``target_loss`` (checked before the update), BOS gradient zeroed.
+4. Generation uses ``prompt_embeds = e*`` with the same latents (the runner); the unconditional embedding stays e_∅.
+
+Defaults and where each comes from (README "Baseline + BE" command and ``inference_mem.py`` argument defaults):
+
+* ``target_loss`` 1 (``--optim_target_loss 1``), ``reference_images`` 1 (``--num_images_per_prompt 1``: the
+  threshold is on the reference's norm over one image of 4×64×64, ``reference_latent``), ``target_step`` 0
+  (``--optim_target_steps 0``), ``lr`` 0.05 and ``max_iters`` 10 (``--optim_lr``/``--optim_iters`` defaults),
+  ``weight_decay`` 0.01 (``torch.optim.AdamW`` default, as constructed), BOS gradient zeroed, no proximity term
+  (``optim_epsilon`` None).
+* ``mask_step`` −1, ``mask_layers`` "down-full", heads averaged, the end token: ``controller.py`` and
+  ``inference_mem.py`` as above.
+
+Where the paper is unclear (parameters):
+
+* ``mask_threshold`` (−1: the soft mask the reference code uses). The paper speaks of a "memorization mask" and a
+  reviewer asked whether it is thresholded; the code never binarizes it for mitigation. τ ≥ 0 gives the binary mask
+  m = 1[a ≥ τ · max over the image's pixels of a].
+* ``mask_layers`` "full": every cross-attention layer at the latent's full resolution (down and up blocks), for
+  models or resolutions where the reference's choice is ambiguous.
+* The end token when the conditioning has no text (an attack's optimised embedding, e.g. DoRI): k_e from the target
+  prompt's token count; the trace says which (``prompt_length_from``).
+
+memobench choices (recorded in ``Conditioning.trace["bright_ending"]``): the BE pass runs in the model's dtype
+without gradients; the reference computes its mask in a separate fp16 run of ``detect_mem.py`` with the same seeds
+(the same x_T), which is what the BE pass reproduces in one run. The mask is fp32; its per-image mean, max and
+sha256 are traced, together with Wen's loss curve.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from memobench.api import BadInput, Conditioning, Guidance, Mitigation, hookimpl, param
+from memobench_plugins.wen import optimize_embedding, reference_elements
+
+MASK_LAYERS = ("down-full", "full")
+
+
+def prompt_length(tokenizer, text: str) -> int:
+    """BOS + words + EOS, truncated at the model's 77 (``min(len(tokenizer.encode(prompt)), 77)``)."""
+    return len(tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids)
+
+
+def layer_selected(name: str, pixels: int, latent_pixels: int, mask_layers: str) -> bool:
+    """Whether cross-attention layer ``name`` (``down_blocks.0.attentions.0.transformer_blocks.0.attn2``) with
+    ``pixels`` query positions enters the BE mask."""
+    if pixels != latent_pixels:
+        return False
+    return mask_layers == "full" or name.startswith("down_blocks")
+
+
+def be_mask(records: dict, num_images: int, end_token: int, size: tuple[int, int], threshold: float = -1.0):
+    """The BE mask (G×1×h×w, fp32) from the post-softmax records of the selected layers at the mask step: each
+    record is (2G·heads) × (h·w) × tokens with the unconditional half first. Conditional half, column
+    ``end_token``, mean over heads, then over layers; ``threshold`` ≥ 0 binarizes at that fraction of each image's
+    maximum."""
+    import torch
+
+    if not records:
+        raise ValueError("bright_ending: no cross-attention layer at the latent's resolution was recorded")
+    G = int(num_images)
+    h, w = size
+    maps = []
+    for name in sorted(records):
+        probs = records[name].float()
+        rows = probs.shape[0]
+        heads = rows // (2 * G)
+        if heads * 2 * G != rows:
+            raise ValueError(f"bright_ending: layer {name} has {rows} rows, not 2·{G}·heads")
+        cond = probs[rows // 2:, :, end_token]  # (G·heads) × pixels, sample-major
+        maps.append(cond.reshape(G, heads, -1).mean(dim=1))
+    m = torch.stack(maps).mean(dim=0).reshape(G, 1, h, w)
+    if threshold >= 0:
+        top = m.flatten(1).max(dim=1).values.view(G, 1, 1, 1)
+        m = (m >= threshold * top).float()
+    return m
+
+
+def masked_noise_norm(eps_cond, eps_uncond, mask):
+    """BE's objective: ‖(ε_c − ε_u) ⊙ m‖₂ over the whole G×C×h×w tensor divided by mean(m), in fp32."""
+    d = (eps_cond.float() - eps_uncond.float()) * mask
+    return d.flatten().norm(p=2) / mask.mean()
+
+
+class _StepIndex(Guidance):
+    """Tells the BE pass's record hook the current step (plain CFG weight)."""
+
+    def __init__(self):
+        self.index = -1
+
+    def before_step(self, index, timestep, latents):
+        self.index = index
+
+
+class BrightEndingMitigation(Mitigation):
+    """Chen et al. (ICLR 2025): Wen et al.'s optimisation with the magnitude masked by the bright-ending map."""
+
+    name = "bright_ending"
+    version = "1"
+    kind = "inference"
+
+    @dataclass
+    class Params:
+        lr: float = param(0.05, "inference_mem.py --optim_lr default")
+        weight_decay: float = param(0.01, "torch.optim.AdamW default, as the reference constructs it")
+        max_iters: int = param(10, "--optim_iters default")
+        target_loss: float = param(1.0, "--optim_target_loss 1 (README 'Baseline + BE')")
+        target_step: int = param(0, "--optim_target_steps 0: the denoising step optimised")
+        zero_bos_grad: bool = param(True, "the reference zeroes the gradient of token position 0")
+        proximity_epsilon: float = param(-1.0, "aug_prompt optim_epsilon; < 0 = off (the reference's None)")
+        proximity_alpha: float = param(0.5, "aug_prompt alpha (only with proximity_epsilon ≥ 0)")
+        loss_norm: str = param("reference", "'reference': L on the reference's G×C×h×w | 'joint': raw norm (wen)")
+        reference_images: int = param(1, "--num_images_per_prompt 1 (the G target_loss was set for)")
+        reference_latent: str = param("4x64x64", "C×h×w of one reference latent: SD v1.4 at 512×512")
+        mask_step: int = param(-1, "step whose attention makes the mask (-1 = last; controller.py cur_step 49)")
+        mask_layers: str = param("down-full", "'down-full': down-block layers at latent resolution (reference) | 'full'")
+        mask_threshold: float = param(-1.0, "< 0: soft mask (reference code); τ ≥ 0: 1[a ≥ τ·max] per image")
+
+        def __post_init__(self):
+            if self.loss_norm not in ("reference", "joint"):
+                raise BadInput(f"mitigation 'bright_ending' parameter loss_norm={self.loss_norm!r}: must be "
+                               "'reference' or 'joint'")
+            if self.mask_layers not in MASK_LAYERS:
+                raise BadInput(f"mitigation 'bright_ending' parameter mask_layers={self.mask_layers!r}: must be one "
+                               f"of {', '.join(MASK_LAYERS)}")
+            if self.reference_images < 1:
+                raise BadInput("mitigation 'bright_ending' parameter reference_images: must be at least 1")
+            if self.mask_threshold > 1:
+                raise BadInput(f"mitigation 'bright_ending' parameter mask_threshold={self.mask_threshold}: must be "
+                               "≤ 1 (a fraction of the image's maximum) or < 0 for the soft mask")
+            try:
+                reference_elements(self.reference_latent)
+            except BadInput:
+                raise BadInput(f"mitigation 'bright_ending' parameter reference_latent={self.reference_latent!r}: "
+                               "use CxHxW, e.g. 4x64x64") from None
+
+    def __init__(self, params=None, **overrides):
+        super().__init__(params, **overrides)
+        self._summaries: dict[str, dict] = {}
+
+    def bright_ending_mask(self, model, prompt, cond, latents, ctx):
+        """Steps 1–2: the BE pass and the mask (G×1×h×w fp32) with what the trace records about it."""
+        import torch
+
+        from memobench.api import cross_attention
+
+        p = self.params
+        gen = dict(ctx.generation or {}) if ctx is not None else {}
+        n_steps = int(gen.get("num_inference_steps", 50))
+        w = float(gen.get("guidance_scale", 7.5))
+        step = p.mask_step if p.mask_step >= 0 else n_steps + p.mask_step
+        if not 0 <= step < n_steps:
+            raise BadInput(f"mitigation 'bright_ending' parameter mask_step={p.mask_step}: outside the {n_steps} "
+                           "denoising steps")
+        source = "conditioning text" if cond.text is not None else "target prompt"
+        n = prompt_length(model.tokenizer, cond.text if cond.text is not None else prompt.text)
+        end_token = n - 1
+        G, _, h, wd = latents.shape
+        tracker = _StepIndex()
+        kept: dict = {}
+
+        def record(name, probs):
+            if tracker.index == step and layer_selected(name, probs.shape[1], h * wd, p.mask_layers):
+                kept[name] = probs.detach()
+
+        with torch.no_grad(), cross_attention(model.unet, record=record):
+            model.denoise(cond.prompt_embeds, cond.negative_prompt_embeds, latents, n_steps, w, guidance=tracker)
+        m = be_mask(kept, G, end_token, (h, wd), p.mask_threshold).to(model.device)
+        means = m.mean(dim=(1, 2, 3))
+        info = {
+            "layers": sorted(kept), "step": step, "timestep": int(model.timesteps(n_steps)[step]),
+            "end_token": end_token, "prompt_length": n, "prompt_length_from": source,
+            "shape": list(m.shape), "threshold": p.mask_threshold, "mean": means.tolist(),
+            "max": m.flatten(1).max(dim=1).values.tolist(), "overall_mean": float(m.mean()),
+            "sha256": hashlib.sha256(m.cpu().contiguous().numpy().tobytes()).hexdigest(),
+        }
+        return m, info
+
+    def mitigate(self, model, prompt, cond, latents, ctx, mask, mask_info: dict | None = None):
+        """Steps 3–4: Wen's optimisation with the masked objective, for a given mask (G×1×h×w)."""
+        import torch
+
+        p = self.params
+        mask = mask.to(model.device, dtype=torch.float32)
+        if mask.shape[0] != latents.shape[0] or tuple(mask.shape[2:]) != tuple(latents.shape[2:]):
+            raise ValueError(f"bright_ending: mask of shape {tuple(mask.shape)} for latents {tuple(latents.shape)}")
+        if not float(mask.mean()) > 0:
+            raise ValueError("bright_ending: the mask is zero everywhere (its mean normalises the objective)")
+        run = optimize_embedding(model, cond, latents, ctx, p, name="bright_ending",
+                                 noise_loss=lambda ec, eu: masked_noise_norm(ec, eu, mask))
+        losses = run["losses"]
+        self._summaries[prompt.id] = {"iterations": run["iterations"], "final_loss": losses[-1] if losses else None,
+                                      "reached_target": run["reached_target"],
+                                      "mask_mean": float(mask.mean())}
+        trace = {
+            "mitigation": "bright_ending", "iterations": run["iterations"], "evaluations": len(losses),
+            "losses": losses, "initial_loss": losses[0] if losses else None,
+            "final_loss": losses[-1] if losses else None, "reached_target": run["reached_target"],
+            "target_loss": p.target_loss, "target_step": p.target_step, "timestep": run["timestep"],
+            "num_images": run["num_images"], "lr": p.lr, "weight_decay": p.weight_decay, "loss_norm": p.loss_norm,
+            "loss_scale": run["loss_scale"], "latent_shape": run["latent_shape"],
+            "embedding_shift_l2": run["embedding_shift_l2"],
+            "objective": "||(eps_c - eps_u) * mask||_2 / mean(mask) * loss_scale",
+            "mask": mask_info or {},
+        }
+        return Conditioning(run["embedding"].to(model.dtype), cond.negative_prompt_embeds, text=cond.text,
+                            trace={**(cond.trace or {}), "bright_ending": trace}, latents=cond.latents)
+
+    def condition(self, model, prompt, cond, latents, ctx):
+        mask, info = self.bright_ending_mask(model, prompt, cond, latents, ctx)
+        return self.mitigate(model, prompt, cond, latents, ctx, mask, info)
+
+    def report(self) -> dict:
+        return {"prompts": dict(self._summaries)}
+
+
+@hookimpl
+def register_mitigations(register):
+    register(BrightEndingMitigation)
