@@ -69,8 +69,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from memobench.api import BadInput, Conditioning, Guidance, Mitigation, hookimpl, param
 from memobench_plugins.wen import optimize_embedding, reference_elements
+
+from memobench.api import BadInput, Conditioning, Guidance, Mitigation, hookimpl, param
 
 MASK_LAYERS = ("down-full", "full")
 

@@ -64,8 +64,12 @@ Choices where the reference differs by necessity or is unclear (recorded in ``Co
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from memobench.api import BadInput, Conditioning, Guidance, Mitigation, hookimpl, param
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 MODES = ("static", "dynamic")
 BEFORE = ("none", "opposite")

@@ -168,8 +168,6 @@ class InitNoise(Mitigation):
         self._summaries: dict[str, dict] = {}
 
     def condition(self, model, prompt, cond, latents, ctx):
-        import torch
-
         from memobench.api import frozen_parameters
 
         p = self.params

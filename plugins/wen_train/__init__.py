@@ -260,7 +260,12 @@ class WenTrainingMitigation(Mitigation):
         from safetensors.torch import load_file, save
 
         from memobench.api import (
-            atomic_write_text, frozen_parameters, generation_size, key_of, size_key_part, tensors_sha256,
+            atomic_write_text,
+            frozen_parameters,
+            generation_size,
+            key_of,
+            size_key_part,
+            tensors_sha256,
             write_once_bytes,
         )
 
