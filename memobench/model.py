@@ -282,6 +282,15 @@ class DiffusionModel:
         enabled). Detection statistics and NeMo's noise differences are defined on ε and use this."""
         return self.to_eps(self.unet_output(latents, t, embeds), latents, t)
 
+    def eps_difference(self, x: torch.Tensor, t, e_u: torch.Tensor, e_c: torch.Tensor) -> torch.Tensor:
+        """ε̃(x) = ε_θ(x, t, e_c) − ε_θ(x, t, e_u) for a batch x (B×C×h×w), in fp32: the text-conditional noise
+        prediction of Wen et al., one CFG pass (both halves in one UNet call); differentiable when grad is on."""
+        b = x.shape[0]
+        xin = self.scheduler.scale_model_input(torch.cat([x, x]), t).to(self.dtype)
+        emb = torch.cat([e_u.expand(b, -1, -1), e_c.expand(b, -1, -1)]).to(self.dtype)
+        eu, ec = self.eps(xin, t, emb).float().chunk(2)
+        return ec - eu
+
     def target(self, z0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         """The training target of the UNet's raw output: ε, or v = √ᾱ_t·ε − √(1−ᾱ_t)·z0."""
         if self.prediction_type == "epsilon":

@@ -8,6 +8,7 @@ Each exists once: a file name from a plugin name (:func:`slug`), an installed pa
 from __future__ import annotations
 
 import hashlib
+import math
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -61,3 +62,24 @@ def image_sha256(image: np.ndarray) -> str:
 
     a = np.ascontiguousarray(image, dtype=np.uint8)
     return hashlib.sha256(str(a.shape).encode() + a.tobytes()).hexdigest()
+
+
+def latent_elements(shape: str, what: str = "reference_latent") -> int:
+    """Elements of a ``"CxHxW"`` latent shape ("4x64x64" → 16384): the reference tensor a plugin puts its norms on
+    (a threshold set for SD v1.4's 64×64 latents); a BadInput naming ``what`` (e.g. "mitigation 'wen' parameter
+    reference_latent") for anything else."""
+    from .config import BadInput
+
+    try:
+        dims = [int(v) for v in str(shape).lower().split("x")]
+    except ValueError:
+        dims = []
+    if len(dims) != 3 or min(dims) < 1:
+        raise BadInput(f"{what}={shape!r}: must be CxHxW, e.g. 4x64x64")
+    return dims[0] * dims[1] * dims[2]
+
+
+def reference_scale(numel: int, reference_numel: int) -> float:
+    """√(N_ref / N): multiplies an L2 norm over N elements to put it on a reference tensor of N_ref elements (the
+    value that norm takes for the same root-mean-square difference); exactly 1.0 when N = N_ref."""
+    return 1.0 if int(numel) == int(reference_numel) else math.sqrt(int(reference_numel) / int(numel))

@@ -62,23 +62,24 @@ memobench choices (recorded in ``Conditioning.trace["init_noise"]``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from memobench.api import BadInput, Conditioning, Guidance, Mitigation, hookimpl, param
+from memobench.api import (
+    BadInput,
+    Conditioning,
+    Guidance,
+    Mitigation,
+    hookimpl,
+    latent_elements,
+    param,
+    reference_scale,
+)
+
+REF_LATENT = "mitigation 'init_noise' parameter reference_latent"
 
 VARIANTS = ("per_sample", "batch_wise")
 
 
-def latent_elements(shape: str) -> int:
-    """Elements of a ``"CxHxW"`` latent (e.g. "4x64x64" → 16384)."""
-    try:
-        dims = [int(v) for v in str(shape).lower().split("x")]
-    except ValueError:
-        dims = []
-    if len(dims) != 3 or min(dims) < 1:
-        raise BadInput(f"mitigation 'init_noise' parameter reference_latent={shape!r}: must be CxHxW, e.g. 4x64x64")
-    return dims[0] * dims[1] * dims[2]
 
 
 def norm_factor(numel_per_sample: int, loss_norm: str, reference_latent: str) -> float:
@@ -86,19 +87,12 @@ def norm_factor(numel_per_sample: int, loss_norm: str, reference_latent: str) ->
     ``loss_norm = "raw"`` or N = N_ref)."""
     if loss_norm == "raw":
         return 1.0
-    n_ref = latent_elements(reference_latent)
-    return 1.0 if n_ref == int(numel_per_sample) else math.sqrt(n_ref / int(numel_per_sample))
+    return reference_scale(numel_per_sample, latent_elements(reference_latent, REF_LATENT))
 
 
 def guidance_eps(model, x, t, e_u, e_c):
     """ε̃(x) = ε_θ(x, t, e_c) − ε_θ(x, t, e_u) for a batch x (B×C×h×w), in fp32; differentiable when grad is on."""
-    import torch
-
-    b = x.shape[0]
-    xin = model.scheduler.scale_model_input(torch.cat([x, x]), t).to(model.dtype)
-    emb = torch.cat([e_u.expand(b, -1, -1), e_c.expand(b, -1, -1)]).to(model.dtype)
-    eu, ec = model.eps(xin, t, emb).float().chunk(2)
-    return ec - eu
+    return model.eps_difference(x, t, e_u, e_c)
 
 
 def per_sample_norm(d):
@@ -161,7 +155,7 @@ class InitNoise(Mitigation):
                     raise BadInput(f"{what} {k}={getattr(self, k)}: must be ≥ 0")
             if self.apply_cfg_step < -1:
                 raise BadInput(f"{what} apply_cfg_step={self.apply_cfg_step}: must be ≥ −1 (−1: no deferral)")
-            latent_elements(self.reference_latent)
+            latent_elements(self.reference_latent, REF_LATENT)
 
     def __init__(self, params=None, **overrides):
         super().__init__(params, **overrides)

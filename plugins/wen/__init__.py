@@ -75,10 +75,17 @@ memobench choices where the reference is silent or differs by necessity (all rec
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
-from memobench.api import BadInput, Conditioning, Mitigation, hookimpl, param
+from memobench.api import (
+    BadInput,
+    Conditioning,
+    Mitigation,
+    hookimpl,
+    latent_elements,
+    param,
+    reference_scale,
+)
 
 #: Named configurations of the reference code (METHODS §1.2, §9 #10).
 PRESETS: dict[str, dict] = {
@@ -94,13 +101,7 @@ def joint_noise_norm(eps_cond, eps_uncond):
 
 def reference_elements(shape: str) -> int:
     """Number of elements of a ``"CxHxW"`` latent shape (e.g. "4x64x64" → 16384)."""
-    try:
-        dims = [int(v) for v in str(shape).lower().split("x")]
-    except ValueError:
-        dims = []
-    if len(dims) != 3 or min(dims) < 1:
-        raise BadInput(f"mitigation 'wen' parameter reference_latent: {shape!r}; use CxHxW, e.g. 4x64x64")
-    return dims[0] * dims[1] * dims[2]
+    return latent_elements(shape, "mitigation 'wen' parameter reference_latent")
 
 
 def loss_scale(numel: int, loss_norm: str = "reference", reference_images: int = 4,
@@ -110,8 +111,7 @@ def loss_scale(numel: int, loss_norm: str = "reference", reference_images: int =
     when N = N_ref."""
     if loss_norm == "joint":
         return 1.0
-    n_ref = int(reference_images) * reference_elements(reference_latent)
-    return 1.0 if n_ref == int(numel) else math.sqrt(n_ref / int(numel))
+    return reference_scale(numel, int(reference_images) * reference_elements(reference_latent))
 
 
 class WenMitigation(Mitigation):

@@ -105,31 +105,32 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from memobench.api import BadInput, Context, Mitigation, Prompt, hookimpl, param
+from memobench.api import (
+    BadInput,
+    Context,
+    Mitigation,
+    Prompt,
+    hookimpl,
+    latent_elements,
+    param,
+    reference_scale,
+)
 
 __all__ = ["WenTrainingMitigation", "filter_step", "magnitude_scale"]
+
+REF_LATENT = "mitigation 'wen_train' parameter reference_latent"
 
 LOSS_NORMS = ("reference", "raw")
 MAGNITUDES = ("eps", "output")
 
 
-def latent_elements(shape: str) -> int:
-    """Number of elements of a ``"CxHxW"`` latent shape ("4x64x64" → 16384)."""
-    try:
-        dims = [int(v) for v in str(shape).lower().split("x")]
-    except ValueError:
-        dims = []
-    if len(dims) != 3 or min(dims) < 1:
-        raise BadInput(f"mitigation 'wen_train' parameter reference_latent={shape!r}: must be CxHxW, e.g. 4x64x64")
-    return dims[0] * dims[1] * dims[2]
 
 
 def magnitude_scale(numel: int, loss_norm: str = "reference", reference_latent: str = "4x64x64") -> float:
     """√(N_ref / N) for one sample's latent of ``numel`` elements (1.0 for ``"raw"`` or when N = N_ref)."""
     if loss_norm == "raw":
         return 1.0
-    n_ref = latent_elements(reference_latent)
-    return 1.0 if n_ref == int(numel) else math.sqrt(n_ref / int(numel))
+    return reference_scale(numel, latent_elements(reference_latent, REF_LATENT))
 
 
 def filter_step(model, z0, noise, t, embeds, empty, threshold: float, scale: float = 1.0, magnitude_of: str = "eps"):
@@ -201,7 +202,7 @@ class WenTrainingMitigation(Mitigation):
             if self.magnitude_of not in MAGNITUDES:
                 raise BadInput(f"mitigation 'wen_train' parameter magnitude_of={self.magnitude_of!r}: must be one of "
                                f"{', '.join(MAGNITUDES)}")
-            latent_elements(self.reference_latent)
+            latent_elements(self.reference_latent, REF_LATENT)
             if self.steps < 0 or self.batch < 1 or self.n_regular < 0:
                 raise BadInput(f"mitigation 'wen_train' parameters steps={self.steps}, batch={self.batch}, "
                                f"n_regular={self.n_regular}: must be ≥ 0, ≥ 1, ≥ 0")
