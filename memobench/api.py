@@ -53,7 +53,8 @@ __all__ = [
         "default_cache_dir": "cache", "memoised": "cache", "png_bytes": "cache", "TensorCache": "cache",
         # the model wrapper and what plugins do with its UNet
         "DiffusionModel": "model", "generation_size": "model", "size_key_part": "model",
-        "frozen_parameters": "model", "transformer_blocks": "model", "tensors_sha256": "model",
+        "frozen_parameters": "model", "swapped_parameters": "model", "transformer_blocks": "model",
+        "tensors_sha256": "model",
         "cross_attention": "attention", "CrossAttentionHooks": "attention",
         "latent_elements": "util", "reference_scale": "util",
         # SSCD (the copy detector every memorization metric uses)

@@ -397,6 +397,27 @@ class DiffusionModel:
 
 
 @contextlib.contextmanager
+def swapped_parameters(module, state: dict, who: str):
+    """Within the block, the parameters of ``module`` named in ``state`` use the storage of ``state``'s tensors (no
+    copy: fine-tuning mitigations apply their fitted weights with this); the original storage comes back on exit,
+    even after an exception. ``who`` names the caller (e.g. "mitigation 'advft'") in the error raised, before any
+    change, when a name or shape does not match."""
+    named = dict(module.named_parameters())
+    for n, t in state.items():
+        if n not in named or named[n].shape != t.shape:
+            raise RuntimeError(f"{who}: fine-tuned weights do not match the model at {n}")
+    saved = {}
+    try:
+        for n, t in state.items():
+            saved[n] = named[n].data
+            named[n].data = t
+        yield
+    finally:
+        for n, data in saved.items():
+            named[n].data = data
+
+
+@contextlib.contextmanager
 def frozen_parameters(*modules):
     """Set ``requires_grad=False`` on every parameter of ``modules`` (None skipped); restore the flags on exit.
     Attacks and inference-time mitigations optimise an embedding through a frozen model with this."""

@@ -576,20 +576,10 @@ class AdversarialFineTuning(Mitigation):
     def apply(self, model, prompt: Prompt | None, ctx: Context) -> Iterator[None]:
         if self._state is None:
             raise RuntimeError("mitigation 'advft': fit() must run before apply()")
-        saved = {}
-        try:
-            named = dict(model.unet.named_parameters())
-            for n, t in self._state.items():  # all UNet parameters, or the train_params subset
-                if n not in named or named[n].shape != t.shape:
-                    raise RuntimeError(f"mitigation 'advft': fine-tuned weights do not match the model at {n}")
-            for n, t in self._state.items():
-                saved[n] = named[n].data
-                named[n].data = t
+        from memobench.api import swapped_parameters
+
+        with swapped_parameters(model.unet, self._state, "mitigation 'advft'"):
             yield
-        finally:
-            for n, q in model.unet.named_parameters():
-                if n in saved:
-                    q.data = saved[n]
 
     def report(self) -> dict:
         r = {k: v for k, v in self._report.items() if k != "history"}

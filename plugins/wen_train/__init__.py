@@ -405,20 +405,10 @@ class WenTrainingMitigation(Mitigation):
     def apply(self, model, prompt: Prompt | None, ctx: Context) -> Iterator[None]:
         if self._state is None:
             raise RuntimeError("mitigation 'wen_train': fit() must run before apply()")
-        saved = {}
-        try:
-            named = dict(model.unet.named_parameters())
-            for n, t in self._state.items():
-                if n not in named or named[n].shape != t.shape:
-                    raise RuntimeError(f"mitigation 'wen_train': fine-tuned weights do not match the model at {n}")
-            for n, t in self._state.items():
-                saved[n] = named[n].data
-                named[n].data = t
+        from memobench.api import swapped_parameters
+
+        with swapped_parameters(model.unet, self._state, "mitigation 'wen_train'"):
             yield
-        finally:
-            for n, q in model.unet.named_parameters():
-                if n in saved:
-                    q.data = saved[n]
 
     def report(self) -> dict:
         r = dict(self._report)
