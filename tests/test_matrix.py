@@ -45,3 +45,15 @@ def test_cli_matrix_runs_every_pairing(tiny_pipe, tmp_path, cli_inproc):
     assert rc == 2 and err.strip().startswith("error: --matrix")
     rc, _, err = cli_inproc([*base, "--matrix", "--mitigation", "nemoo"])
     assert rc == 2 and "did you mean: nemo" in err.lower()
+
+
+def test_matrix_includes_the_fields_mitigations():
+    """Issue 28: `run --matrix` scores every installed mitigation, the six added ones included, alone and + DoRI."""
+    from memobench.cli_run import matrix_pairings
+
+    reg = get_registry()
+    if "dori" not in reg.entries["attack"]:
+        pytest.skip("built-in plugins not installed as entry points")
+    pairs = set(matrix_pairings(reg))
+    for m in ("cfg_switch", "init_noise", "sail", "memattn", "bright_ending", "wen_train"):
+        assert {(m, "none"), (m, "dori")} <= pairs, m
