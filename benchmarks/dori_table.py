@@ -2,6 +2,7 @@
 
     python benchmarks/dori_table.py [--model tiny] [--model-param path=DIR] [--cache-dir DIR]
                                     [--out benchmarks/reports/dori_table] [--only MITIGATION,...]
+                                    [--from-results benchmarks/results]
 
 Rows (each attack run is paired: it also scores the mitigation alone on the same targets and seeds):
   memorized prompts, no mitigation · none + DoRI (prompt init) · none + DoRI (Gaussian init) ·
@@ -68,6 +69,21 @@ def _val(rec: dict | None):
     return None if not rec or rec.get("unavailable") else rec.get("value")
 
 
+def _committed_run(root: Path, model: str, mit: str, atk: str, attack_params: dict, prompts: str | None) -> dict:
+    """The one result file under ``root/<model>/<mit>__<atk>/`` with these attack parameters and prompt set (the
+    model's target set when ``prompts`` is None); exits with a one-line error when there is none or several."""
+    found = []
+    for f in sorted((root / model / f"{mit}__{atk}").glob("*.json")):
+        r = json.loads(f.read_text())
+        cfg = r.get("config") or {}
+        if (cfg.get("attack_params") or {}) == attack_params and (cfg.get("prompts") or None) == prompts:
+            found.append({"result": r, "path": str(f)})
+    if len(found) != 1:
+        sys.exit(f"error: --from-results {root}: {len(found)} result files for {mit} × {atk} {attack_params or ''} "
+                 f"on {prompts or 'the target set'} under {root / model}; expected exactly one (run it first)")
+    return found[0]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
@@ -77,6 +93,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/reports/dori_table", help="output prefix (.json, .md)")
     ap.add_argument("--seeds", default=None, help="e.g. 0-9 (default: the model's)")
     ap.add_argument("--offline", action="store_true", default=True)
+    ap.add_argument("--from-results", default=None, metavar="DIR",
+                    help="build the rows from the result files under DIR (e.g. benchmarks/results, the leaderboard's "
+                         "runs) instead of running them; nothing is computed")
     ap.add_argument("--only", default=None, help="comma-separated mitigations: only their rows (and none's, the "
                     "utility ratios' base), e.g. --only cfg_switch,sail")
     a = ap.parse_args(argv)
@@ -101,6 +120,9 @@ def main(argv=None) -> int:
             continue
         key = (mit, atk, json.dumps(ap_, sort_keys=True), prompts)
         if key in runs:
+            continue
+        if a.from_results:
+            runs[key] = _committed_run(Path(a.from_results), a.model, mit, atk, ap_, prompts)
             continue
         metrics = ["mr", "sscd_orig"] + (["tiny_alignment", "fidelity"] if a.model == "tiny" and not prompts else [])
         cfg = RunConfig(model=a.model, model_params=mp, mitigation=mit, attack=atk, attack_params=dict(ap_),
@@ -160,7 +182,9 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out.with_suffix(".json"), json.dumps(doc, indent=1, default=str))
     md = [f"DoRI table on `{a.model}` (seeds {doc['seeds']}; MR = share of targets whose SSCD to the training image "
-          f"exceeds 0.7; offline SSCD; wall time {wall:.0f} s from this cache state)", "",
+          f"exceeds 0.7; offline SSCD; " + (f"rows read from the result files under `{a.from_results}`, nothing "
+                                             "computed)" if a.from_results else f"wall time {wall:.0f} s from this "
+                                             "cache state)"), "",
           "Utility: `tiny_alignment` = exact alignment (higher is better), `fd_sscd` = Fréchet distance on SSCD "
           "features to ground-truth renderings (lower is better; not FID); in brackets, the ratio to `none`.", "",
           "MR_gen = share of generations above 0.7; MR_any = share of targets with any generation above 0.7 "
