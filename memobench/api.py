@@ -55,7 +55,7 @@ __all__ = [
         "DiffusionModel": "model", "generation_size": "model", "size_key_part": "model",
         "frozen_parameters": "model", "swapped_parameters": "model", "transformer_blocks": "model",
         "tensors_sha256": "model",
-        "cross_attention": "attention", "CrossAttentionHooks": "attention",
+        "cross_attention": "attention", "CrossAttentionHooks": "attention", "cross_attention_layers": "attention",
         "latent_elements": "util", "reference_scale": "util",
         # SSCD (the copy detector every memorization metric uses)
         "SSCD": "sscd", "SSCDUnavailableError": "sscd", "PRESETS": "sscd", "get_preset": "sscd",

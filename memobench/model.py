@@ -212,6 +212,11 @@ class DiffusionModel:
         return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids.to(self.device)
 
+    def prompt_length(self, text: str) -> int:
+        """Tokens of ``text`` without padding, truncated at the tokenizer's maximum (77): BOS + words + EOS, the
+        positions of the conditioning that carry the prompt (attention-based methods index the EOS token by it)."""
+        return len(self.tokenizer(text, truncation=True, max_length=self.tokenizer.model_max_length).input_ids)
+
     def encode_prompt(self, texts: str | list[str]) -> torch.Tensor:
         """Text embeddings (B×77×d), as ``StableDiffusionPipeline.encode_prompt`` computes them."""
         if isinstance(texts, str):

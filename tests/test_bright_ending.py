@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from memobench.api import BadInput, Conditioning, Context, Guidance, Prompt, cross_attention
-from memobench_plugins.bright_ending import (BrightEndingMitigation, be_mask, masked_noise_norm, prompt_length)
+from memobench_plugins.bright_ending import (BrightEndingMitigation, be_mask, masked_noise_norm)
 from memobench_plugins.wen import joint_noise_norm
 
 PROMPT = Prompt("p0", "a red cube on a table")
@@ -79,7 +79,7 @@ def test_be_pass_uses_the_end_token_at_the_last_step(sd14, ctx):
     with torch.no_grad(), cross_attention(sd14.unet, record=rec):
         sd14.denoise(c.prompt_embeds, c.negative_prompt_embeds, lat, 2, 5.0, guidance=idx)
     assert sorted(last) == info["layers"] and len(last) == 2  # SD v1.4: two transformer blocks at full resolution
-    k = prompt_length(sd14.tokenizer, PROMPT.text) - 1
+    k = sd14.prompt_length(PROMPT.text) - 1
     assert info["end_token"] == k == 7 and info["step"] == 1
     heads = sd14.unet.get_submodule(info["layers"][0]).heads
     want = np.zeros((2, 1, 8, 8))

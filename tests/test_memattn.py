@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memobench.api import BadInput, Conditioning, Context, Prompt
-from memobench_plugins.memattn import (MemAttnMitigation, attention_entropy, prompt_length, rescale_logits)
+from memobench_plugins.memattn import MemAttnMitigation, attention_entropy, rescale_logits
 
 PROMPT = Prompt("p0", "a red cube on a table")
 LAYER = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
@@ -53,8 +53,8 @@ def test_rescale_logits_by_hand():
 def test_prompt_length_is_bos_words_eos(sd14):
     ids = sd14.tokenize([PROMPT.text])[0].tolist()
     n = ids.index(49407) + 1  # the first EOS, counted
-    assert prompt_length(sd14.tokenizer, PROMPT.text) == n == 8  # BOS a red cube on a table EOS
-    assert prompt_length(sd14.tokenizer, "word " * 100) == 77  # truncated at 77
+    assert sd14.prompt_length(PROMPT.text) == n == 8  # BOS a red cube on a table EOS
+    assert sd14.prompt_length("word " * 100) == 77  # truncated at 77
 
 
 def test_one_layer_probabilities_by_hand(sd14, ctx):
@@ -77,7 +77,7 @@ def test_one_layer_probabilities_by_hand(sd14, ctx):
             assert mit._hooks.edit_logits is None  # disarmed after the last step
     finally:
         h.remove()
-    n = prompt_length(sd14.tokenizer, PROMPT.text)
+    n = sd14.prompt_length(PROMPT.text)
     assert cond.trace["memattn"]["attended_tokens"] == n and cond.trace["memattn"]["masked_tokens"] == 77 - n
     # by hand, in float64, from the layer's own weights and the inputs of the first step
     x, enc, heads = seen["x"], seen["enc"], attn.heads
@@ -137,7 +137,7 @@ def test_trace_and_text_source(sd14, ctx):
     mit = MemAttnMitigation(mask_minus_one=True)
     with mit.apply(sd14, PROMPT, ctx):
         tr = mit.condition(sd14, PROMPT, _cond(sd14, text=None), lat, ctx).trace["memattn"]
-    n = prompt_length(sd14.tokenizer, PROMPT.text)
+    n = sd14.prompt_length(PROMPT.text)
     assert tr["prompt_length_from"] == "target prompt" and tr["attended_tokens"] == n - 1
     assert tr["c1"] == 1.25 and tr["rescaled_rows"] == "conditional half" and len(tr["layers"]) == 16
     assert mit.report()["prompts"][PROMPT.id]["prompt_length"] == n

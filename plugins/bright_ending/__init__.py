@@ -69,16 +69,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from memobench_plugins.wen import optimize_embedding, reference_elements
+from memobench_plugins.wen import optimize_embedding, optimization_trace
 
-from memobench.api import BadInput, Conditioning, Guidance, Mitigation, hookimpl, param
+from memobench.api import BadInput, Conditioning, Guidance, Mitigation, hookimpl, latent_elements, param
 
 MASK_LAYERS = ("down-full", "full")
-
-
-def prompt_length(tokenizer, text: str) -> int:
-    """BOS + words + EOS, truncated at the model's 77 (``min(len(tokenizer.encode(prompt)), 77)``)."""
-    return len(tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids)
 
 
 def layer_selected(name: str, pixels: int, latent_pixels: int, mask_layers: str) -> bool:
@@ -168,11 +163,7 @@ class BrightEndingMitigation(Mitigation):
             if self.mask_threshold > 1:
                 raise BadInput(f"mitigation 'bright_ending' parameter mask_threshold={self.mask_threshold}: must be "
                                "≤ 1 (a fraction of the image's maximum) or < 0 for the soft mask")
-            try:
-                reference_elements(self.reference_latent)
-            except BadInput:
-                raise BadInput(f"mitigation 'bright_ending' parameter reference_latent={self.reference_latent!r}: "
-                               "use CxHxW, e.g. 4x64x64") from None
+            latent_elements(self.reference_latent, "mitigation 'bright_ending' parameter reference_latent")
 
     def __init__(self, params=None, **overrides):
         super().__init__(params, **overrides)
@@ -193,7 +184,8 @@ class BrightEndingMitigation(Mitigation):
             raise BadInput(f"mitigation 'bright_ending' parameter mask_step={p.mask_step}: outside the {n_steps} "
                            "denoising steps")
         source = "conditioning text" if cond.text is not None else "target prompt"
-        n = prompt_length(model.tokenizer, cond.text if cond.text is not None else prompt.text)
+        # BOS + words + EOS, truncated at 77: the reference's min(len(tokenizer.encode(prompt)), 77)
+        n = model.prompt_length(cond.text if cond.text is not None else prompt.text)
         end_token = n - 1
         G, _, h, wd = latents.shape
         tracker = _StepIndex()
@@ -232,17 +224,8 @@ class BrightEndingMitigation(Mitigation):
         self._summaries[prompt.id] = {"iterations": run["iterations"], "final_loss": losses[-1] if losses else None,
                                       "reached_target": run["reached_target"],
                                       "mask_mean": float(mask.mean())}
-        trace = {
-            "mitigation": "bright_ending", "iterations": run["iterations"], "evaluations": len(losses),
-            "losses": losses, "initial_loss": losses[0] if losses else None,
-            "final_loss": losses[-1] if losses else None, "reached_target": run["reached_target"],
-            "target_loss": p.target_loss, "target_step": p.target_step, "timestep": run["timestep"],
-            "num_images": run["num_images"], "lr": p.lr, "weight_decay": p.weight_decay, "loss_norm": p.loss_norm,
-            "loss_scale": run["loss_scale"], "latent_shape": run["latent_shape"],
-            "embedding_shift_l2": run["embedding_shift_l2"],
-            "objective": "||(eps_c - eps_u) * mask||_2 / mean(mask) * loss_scale",
-            "mask": mask_info or {},
-        }
+        trace = {**optimization_trace(run, p, "bright_ending"),
+                 "objective": "||(eps_c - eps_u) * mask||_2 / mean(mask) * loss_scale", "mask": mask_info or {}}
         return Conditioning(run["embedding"].to(model.dtype), cond.negative_prompt_embeds, text=cond.text,
                             trace={**(cond.trace or {}), "bright_ending": trace}, latents=cond.latents)
 

@@ -80,8 +80,6 @@ REF_LATENT = "mitigation 'init_noise' parameter reference_latent"
 VARIANTS = ("per_sample", "batch_wise")
 
 
-
-
 def norm_factor(numel_per_sample: int, loss_norm: str, reference_latent: str) -> float:
     """√(N_ref / N): multiplies a per-sample norm over N elements to put it on the reference's size (1.0 for
     ``loss_norm = "raw"`` or N = N_ref)."""
@@ -90,20 +88,15 @@ def norm_factor(numel_per_sample: int, loss_norm: str, reference_latent: str) ->
     return reference_scale(numel_per_sample, latent_elements(reference_latent, REF_LATENT))
 
 
-def guidance_eps(model, x, t, e_u, e_c):
-    """ε̃(x) = ε_θ(x, t, e_c) − ε_θ(x, t, e_u) for a batch x (B×C×h×w), in fp32; differentiable when grad is on."""
-    return model.eps_difference(x, t, e_u, e_c)
-
-
 def per_sample_norm(d):
     return d.flatten(1).norm(p=2, dim=1)
 
 
 def batch_wise_step(model, x, t, e_u, e_c, rho: float, gamma: float):
     """One batch-wise adjustment: X − γ·(ε̃(X + ρ·ε̃(X)/‖ε̃(X)‖) − ε̃(X)), norms per sample; also ‖ε̃(X)‖ per sample."""
-    d = guidance_eps(model, x, t, e_u, e_c)
+    d = model.eps_difference(x, t, e_u, e_c)
     mag = per_sample_norm(d).view(-1, *([1] * (x.dim() - 1)))
-    d_pert = guidance_eps(model, x + rho * d / mag, t, e_u, e_c)
+    d_pert = model.eps_difference(x + rho * d / mag, t, e_u, e_c)
     return x - gamma * (d_pert - d), mag.flatten()
 
 
@@ -209,7 +202,7 @@ class InitNoise(Mitigation):
                 if not active:
                     break
                 x = torch.cat([leaves[g] for g in active])
-                loss = per_sample_norm(guidance_eps(model, x, t0, e_u, e_c)) * factor
+                loss = per_sample_norm(model.eps_difference(x, t0, e_u, e_c)) * factor
                 keep = []
                 for k, g in enumerate(active):
                     v = float(loss[k].detach())
@@ -244,7 +237,7 @@ class InitNoise(Mitigation):
             for _ in range(p.adj_iters):
                 x, mag = batch_wise_step(model, x, t0, e_u, e_c, rho, p.gamma)
                 mags.append((mag * factor).tolist())
-            final = (per_sample_norm(guidance_eps(model, x, t0, e_u, e_c)) * factor).tolist()
+            final = (per_sample_norm(model.eps_difference(x, t0, e_u, e_c)) * factor).tolist()
         return x, {"guidance_norm_per_iter": mags, "initial_loss": mags[0] if mags else final, "final_loss": final,
                    "iterations": p.adj_iters, "rho": p.rho, "rho_applied": rho, "gamma": p.gamma,
                    "apply_cfg_step": p.apply_cfg_step}

@@ -74,13 +74,6 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def prompt_length(tokenizer, text: str) -> int:
-    """Tokens of ``text`` without padding, truncated at the model's 77: BOS + words + EOS (the reference's
-    ``prompt_length``)."""
-    ids = tokenizer(text, truncation=True, max_length=tokenizer.model_max_length).input_ids
-    return len(ids)
-
-
 def rescale_logits(logits, c1: float, keep: int | None, mask_uncond: bool = True):
     """The edit of one layer: ``logits`` is (2B·heads) × pixels × tokens, unconditional rows first (a CFG batch).
     Tokens at positions ≥ ``keep`` get −∞ (all rows, or only the conditional half when ``mask_uncond`` is False;
@@ -177,13 +170,14 @@ class MemAttnMitigation(Mitigation):
                 self._hooks = None
 
     def condition(self, model, prompt, cond, latents, ctx):
+        from memobench.api import cross_attention_layers
+
         p = self.params
         source = "conditioning text" if cond.text is not None else "target prompt"
-        n = prompt_length(model.tokenizer, cond.text if cond.text is not None else prompt.text)
+        n = model.prompt_length(cond.text if cond.text is not None else prompt.text)  # the reference's prompt_length
         keep = (n - 1 if p.mask_minus_one else n) if p.mask_padding else None
         tokens = int(cond.prompt_embeds.shape[1])
-        layers = [k.removesuffix(".processor") for k in model.unet.attn_processors
-                  if k.endswith("attn2.processor")]
+        layers = [k.removesuffix(".processor") for k in cross_attention_layers(model.unet)]
         self._summaries[prompt.id] = {"prompt_length": n, "attended_tokens": keep if keep is not None else tokens}
         trace = {
             "mitigation": "memattn", "c1": p.c1, "rescaled_token": 0, "rescaled_rows": "conditional half",

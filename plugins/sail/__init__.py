@@ -78,18 +78,11 @@ from memobench.api import (
 REF_LATENT = "mitigation 'sail' parameter reference_latent"
 
 
-
-
 def norm_factor(numel_per_sample: int, loss_norm: str, reference_latent: str) -> float:
     """√(N_ref / N) for a per-sample norm over N elements (1.0 for ``"raw"`` or N = N_ref)."""
     if loss_norm == "raw":
         return 1.0
     return reference_scale(numel_per_sample, latent_elements(reference_latent, REF_LATENT))
-
-
-def guidance_eps(model, x, t, e_u, e_c):
-    """ε̃(x) = ε_θ(x, t, e_c) − ε_θ(x, t, e_u) for a batch x, in fp32 (differentiable when grad is on)."""
-    return model.eps_difference(x, t, e_u, e_c)
 
 
 def _norm(v):
@@ -99,9 +92,9 @@ def _norm(v):
 def sail_loss(model, x, t, e_u, e_c, radius: float, reg_weight: float, factor: float, x_dir=None):
     """Per sample: factor·(‖ε̃(x + radius·d̂)‖ + reg_weight·‖x‖) with d̂ = ε̃(x_dir)/‖ε̃(x_dir)‖ (x_dir = x unless
     given: the reference's stale direction)."""
-    d = guidance_eps(model, x if x_dir is None else x_dir, t, e_u, e_c)
+    d = model.eps_difference(x if x_dir is None else x_dir, t, e_u, e_c)
     d_hat = d / _norm(d).view(-1, *([1] * (x.dim() - 1)))
-    sharp = _norm(guidance_eps(model, x + radius * d_hat, t, e_u, e_c))
+    sharp = _norm(model.eps_difference(x + radius * d_hat, t, e_u, e_c))
     return factor * (sharp + reg_weight * _norm(x))
 
 

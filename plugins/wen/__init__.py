@@ -167,14 +167,7 @@ class WenMitigation(Mitigation):
         losses, updates, reached = run["losses"], run["iterations"], run["reached_target"]
         self._summaries[prompt.id] = {"iterations": updates, "final_loss": losses[-1] if losses else None,
                                       "reached_target": reached}
-        trace = {
-            "mitigation": "wen", "iterations": updates, "evaluations": len(losses), "losses": losses,
-            "initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "reached_target": reached, "target_loss": p.target_loss, "target_step": p.target_step,
-            "timestep": run["timestep"], "num_images": run["num_images"], "lr": p.lr, "weight_decay": p.weight_decay,
-            "loss_norm": p.loss_norm, "loss_scale": run["loss_scale"], "latent_shape": run["latent_shape"],
-            "embedding_shift_l2": run["embedding_shift_l2"],
-        }
+        trace = optimization_trace(run, p, "wen")
         return Conditioning(run["embedding"].to(model.dtype), cond.negative_prompt_embeds, text=cond.text,
                             trace={**(cond.trace or {}), "wen": trace})
 
@@ -254,6 +247,19 @@ def optimize_embedding(model, cond, latents, ctx, p, name: str = "wen", noise_lo
     return {"embedding": e_out, "losses": losses, "iterations": updates, "reached_target": reached,
             "timestep": int(t_s), "num_images": int(G), "loss_scale": scale, "latent_shape": list(x.shape),
             "embedding_shift_l2": float((e_out - e_init).norm())}
+
+
+def optimization_trace(run: dict, p, name: str) -> dict:
+    """What ``Conditioning.trace[name]`` records of one :func:`optimize_embedding` run with parameters ``p``."""
+    losses = run["losses"]
+    return {
+        "mitigation": name, "iterations": run["iterations"], "evaluations": len(losses), "losses": losses,
+        "initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
+        "reached_target": run["reached_target"], "target_loss": p.target_loss, "target_step": p.target_step,
+        "timestep": run["timestep"], "num_images": run["num_images"], "lr": p.lr, "weight_decay": p.weight_decay,
+        "loss_norm": p.loss_norm, "loss_scale": run["loss_scale"], "latent_shape": run["latent_shape"],
+        "embedding_shift_l2": run["embedding_shift_l2"],
+    }
 
 
 @hookimpl

@@ -124,8 +124,6 @@ LOSS_NORMS = ("reference", "raw")
 MAGNITUDES = ("eps", "output")
 
 
-
-
 def magnitude_scale(numel: int, loss_norm: str = "reference", reference_latent: str = "4x64x64") -> float:
     """√(N_ref / N) for one sample's latent of ``numel`` elements (1.0 for ``"raw"`` or when N = N_ref)."""
     if loss_norm == "raw":
