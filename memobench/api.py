@@ -72,7 +72,8 @@ __all__ = [
         "open_model": "session", "model_context": "session", "load_model": "session", "ModelSession": "session",
         "check_output_dir": "session", "write_result": "session", "provenance": "session", "environment": "session",
         "parse_kv": "config", "parse_seeds": "config", "resolve_offline": "config", "ProgressReporter": "progress",
-        "write_grid": "grid", "attack_key": "pipeline.attack", "cached_attack": "pipeline.attack",
+        "write_grid": "grid", "caption_image_pairs": "pipeline.fit",
+        "attack_key": "pipeline.attack", "cached_attack": "pipeline.attack",
     }),
 ]
 

@@ -33,3 +33,24 @@ def fit(mitigation: Mitigation, model, prompts: list[Prompt], owned_units: set[t
             fit_all(prompts)
     else:
         fit_all(prompts)
+
+
+def caption_image_pairs(model, ctx: Context, prompt_set: str, n: int, size: tuple[int, int], label: str):
+    """Up to ``n`` (caption, latent) pairs of a prompt set with reference images: each prompt's first reference
+    image, encoded (posterior mean, fp32) at ``size``, the run's generation size. The regular data that fine-tuning
+    mitigations (advft, wen_train) train on beside the memorized pairs; ``label`` names the caller in the progress
+    line. Returns the captions and their latents (None when no prompt has an image)."""
+    import torch
+
+    ps = ctx.plugin("prompt_set", prompt_set)
+    texts, lats = [], []
+    prompts = ps.prompts(ctx)[:n]
+    with ctx.task(f"{label}: regular pairs (encode {len(prompts)} images)", len(prompts), transient=True) as adv:
+        for q in prompts:
+            for rid in q.reference_ids[:1]:
+                img = ps.reference_image(q, rid, ctx)
+                if img is not None:
+                    texts.append(q.text)
+                    lats.append(model.encode_image(img, height=size[0], width=size[1]).float())
+            adv()
+    return texts, (torch.cat(lats) if lats else None)

@@ -358,30 +358,17 @@ class AdversarialFineTuning(Mitigation):
         return inits
 
     def _regular_pairs(self, model, ctx: Context):
-        import torch
+        from memobench.api import caption_image_pairs, generation_size
 
         p = self.params
         name = p.regular_prompts or ctx.model_prompt_sets.get("regular", "")
         if not name:
             raise BadInput("advft: the model names no 'regular' prompt set; pass --mitigation-param "
                            "regular_prompts=<prompt set with reference images>")
-        ps = ctx.plugin("prompt_set", name)
-        from memobench.api import generation_size
-
-        height, width = generation_size(model, ctx)
-        texts, lats = [], []
-        regular = ps.prompts(ctx)[: p.n_regular]
-        with ctx.task(f"advft: regular pairs (encode {len(regular)} images)", len(regular), transient=True) as adv:
-            for q in regular:
-                for rid in q.reference_ids[:1]:
-                    img = ps.reference_image(q, rid, ctx)
-                    if img is not None:
-                        texts.append(q.text)
-                        lats.append(model.encode_image(img, height=height, width=width).float())
-                adv()
-        if p.regular_batch and not lats:
+        texts, lats = caption_image_pairs(model, ctx, name, p.n_regular, generation_size(model, ctx), "advft")
+        if p.regular_batch and lats is None:
             raise BadInput(f"advft: prompt set '{name}' has no reference images to use as regular pairs")
-        return name, texts, (torch.cat(lats) if lats else None)
+        return name, texts, lats
 
     def _surrogates(self, model, prompts, ctx: Context):
         p = self.params

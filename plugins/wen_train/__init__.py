@@ -229,29 +229,18 @@ class WenTrainingMitigation(Mitigation):
         return texts, (torch.cat(lats) if lats else None), owners
 
     def _regular_pairs(self, model, ctx: Context, size):
-        import torch
+        from memobench.api import caption_image_pairs
 
         p = self.params
         name = p.regular_prompts or ctx.model_prompt_sets.get("regular", "")
         if not name:
             raise BadInput("mitigation 'wen_train': the model names no 'regular' prompt set; pass --mitigation-param "
                            "regular_prompts=<prompt set with reference images> (or mem_fraction=1)")
-        ps = ctx.plugin("prompt_set", name)
-        regular = ps.prompts(ctx)[: p.n_regular]
-        texts, lats = [], []
-        with ctx.task(f"wen_train: regular pairs (encode {len(regular)} images)", len(regular),
-                      transient=True) as adv:
-            for q in regular:
-                for rid in q.reference_ids[:1]:
-                    img = ps.reference_image(q, rid, ctx)
-                    if img is not None:
-                        texts.append(q.text)
-                        lats.append(model.encode_image(img, height=size[0], width=size[1]).float())
-                adv()
-        if not lats:
+        texts, lats = caption_image_pairs(model, ctx, name, p.n_regular, size, "wen_train")
+        if lats is None:
             raise BadInput(f"mitigation 'wen_train': prompt set '{name}' gives no reference images to use as "
                            "regular pairs (n_regular > 0 needed, or mem_fraction=1)")
-        return name, texts, torch.cat(lats)
+        return name, texts, lats
 
     # ----------------------------------------------------------------------------------------------- fit
     def fit(self, model, prompts: list[Prompt], ctx: Context) -> None:
