@@ -79,8 +79,9 @@ def _committed_run(root: Path, model: str, mit: str, atk: str, attack_params: di
         if (cfg.get("attack_params") or {}) == attack_params and (cfg.get("prompts") or None) == prompts:
             found.append({"result": r, "path": str(f)})
     if len(found) != 1:
-        sys.exit(f"error: --from-results {root}: {len(found)} result files for {mit} × {atk} {attack_params or ''} "
-                 f"on {prompts or 'the target set'} under {root / model}; expected exactly one (run it first)")
+        pairing = f"{mit} × {atk}" + (f" {json.dumps(attack_params, sort_keys=True)}" if attack_params else "")
+        sys.exit(f"error: --from-results {root}: {len(found)} result files for {pairing} on "
+                 f"{prompts or 'the target set'} under {root / model}; expected exactly one (run it first)")
     return found[0]
 
 
