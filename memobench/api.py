@@ -318,6 +318,17 @@ class Context:
     nonmem_prompts: list | None = None
     nonmem_prompt_set: str | None = None
     nonmem_prompts_error: str | None = None
+    # the runner's black-box sampler (set while an attack runs): callable(prompt, seeds, conditioning=None) -> images
+    sampler: Any = None
+
+    def generate(self, prompt: "Prompt", seeds: "Sequence[int]", conditioning: "Conditioning | None" = None,
+                 latents: "torch.Tensor | None" = None) -> list:
+        """The deployed system as a black box (for attacks): H×W×3 uint8 images of ``prompt`` (or of
+        ``conditioning``) for ``seeds`` (or from ``latents``, one per image), under the run's mitigation, its
+        ``condition`` step included, and the run's sampler settings. Nothing is cached."""
+        if self.sampler is None:
+            raise RuntimeError("generate(): this context has no sampler (the runner provides one while attacking)")
+        return self.sampler(prompt, list(seeds), conditioning, latents)
 
     def plugin(self, kind: str, name: str, params: dict | None = None):
         """An instance of another registered plugin (e.g. a mitigation building on an attack), with ``params``."""
@@ -504,13 +515,32 @@ class Mitigation(Plugin):
 
 
 class Attack(Plugin):
-    """Produces the conditioning for one target under the (already applied) mitigation."""
+    """Produces the conditioning for one target under the (already applied) mitigation.
+
+    The conditioning may set :attr:`Conditioning.latents` (one initial latent per seed of the run, in seed order):
+    a black-box attack that chose which of its samples to publish hands their initial noise back, and the runner
+    generates (and scores) exactly those. ``ctx.generate(prompt, seeds)`` is the deployed system as a black box:
+    images under the run's mitigation and sampler settings.
+
+    **Budget.** An attack declares the parameter that sets the attacker's work (:attr:`budget_param`, e.g. DoRI's
+    ``steps``), what one unit of work is (:attr:`budget_unit`) and the default values of ``memobench run
+    --budget-sweep`` (:attr:`budget_values`); :meth:`budget` converts its parameters into units (DoRI: steps ×
+    batch UNet forward+backward passes)."""
 
     kind_label = "attack"
     needs_reference: ClassVar[bool] = False  # True: the attack uses the target's training image
     # True for the attack that is no attack (the prompt's own conditioning): the default of ``memobench run``; a run
     # with any other attack also scores the mitigation alone on the same targets and seeds
     is_identity: ClassVar[bool] = False
+    budget_param: ClassVar[str | None] = None  # the parameter --budget-sweep varies (None: no budget)
+    budget_unit: ClassVar[str] = ""  # one unit of the attacker's work, e.g. "UNet forward+backward passes"
+    budget_values: ClassVar[tuple[int, ...]] = ()  # default values of budget_param for --budget-sweep
+
+    def budget(self) -> float:
+        """The attacker's work at these parameters, in :attr:`budget_unit` (default: the budget parameter itself)."""
+        if self.budget_param is None:
+            return 0.0
+        return float(getattr(self.params, self.budget_param))
 
     def run(self, model: "DiffusionModel", prompt: Prompt, reference: "np.ndarray | None",
             ctx: Context) -> AttackOutput:

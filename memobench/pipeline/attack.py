@@ -39,6 +39,8 @@ def cached_attack(cache: TensorCache, key: str, attack: Attack, model, prompt: P
     out: AttackOutput = boundary.call(attack, "run", attack.run, model, prompt, reference, ctx, expect=AttackOutput)
     tensors = {"prompt_embeds": out.conditioning.prompt_embeds,
                "negative_prompt_embeds": out.conditioning.negative_prompt_embeds, **out.tensors}
+    if out.conditioning.latents is not None:  # the initial noise the attack chose, one per seed of the run
+        tensors["latents"] = out.conditioning.latents
     meta = {"trace": out.trace, "prompt_id": prompt.id, "attack": attack.identity()}
     cache.put(key, tensors, meta)
     return tensors, meta, False
@@ -73,8 +75,10 @@ class AttackPhase:
         ref_sha = image_sha256(ref) if ref is not None else None
         key = self.key(model, model_ident, prompt, ref_sha)
         tensors, _, _ = cached_attack(self.cache, key, self.attack, model, prompt, ref, ctx)
+        lat = tensors.get("latents")
         return Conditioning(tensors["prompt_embeds"].to(model.device, model.dtype),
-                            tensors["negative_prompt_embeds"].to(model.device, model.dtype), text=None)
+                            tensors["negative_prompt_embeds"].to(model.device, model.dtype), text=None,
+                            latents=None if lat is None else lat.to(model.device))
 
     def traces(self, model, model_ident: dict, prompts: list[Prompt], errors: list[str]) -> dict:
         """Per target prompt, the attack's trace as stored in the attack cache (whichever process attacked it);

@@ -10,6 +10,7 @@ cached image is recomputed whole; cached images are never rewritten.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import boundary
-from ..api import Conditioning, Context, Mitigation, Prompt
+from ..api import BadInput, Conditioning, Context, Mitigation, Prompt
 from ..cache import ImageCache
 from .attack import AttackPhase
 from .plan import Job, Plan
@@ -88,7 +89,11 @@ class Generator:
                 if not need_attack:
                     continue
                 with _applied(mitigation, model, p, ctx):
-                    cond = attacks.output(model, model_ident, p, ctx)
+                    ctx.sampler = self.sampler(model, p, mitigation, ctx)
+                    try:
+                        cond = attacks.output(model, model_ident, p, ctx)
+                    finally:
+                        ctx.sampler = None
                     if cond is None:
                         advance(len(pending))
                         continue
@@ -136,23 +141,63 @@ class Generator:
                     self.images.put(j.key, img, image_meta(j, {}))
             advance(len(todo))
 
+    def sampler(self, model, target: Prompt, mitigation: Mitigation | None, ctx: Context):
+        """``ctx.generate`` while an attack runs on ``target``: the deployed system (the applied mitigation, its
+        ``condition`` step, the run's sampler settings) as a black box; nothing is cached."""
+        g = self.generation
+
+        def generate(prompt: Prompt, seeds: list[int], cond: Conditioning | None, latents) -> list:
+            prompt = prompt or target
+            if cond is None:
+                cond = Conditioning(model.encode_prompt(prompt.text), model.empty_embedding(), text=prompt.text)
+            lat = latents if latents is not None else model.initial_latents(seeds, g["height"], g["width"])
+            cond, lat = self._conditioned(model, prompt, cond, lat.to(model.device), mitigation, ctx)
+            images: list = []
+            for i in range(0, len(lat), self.batch_size):
+                images.extend(model.decode(self._denoise(model, cond, lat[i: i + self.batch_size], mitigation)))
+            return images
+
+        return generate
+
+    def _conditioned(self, model, prompt: Prompt, cond: Conditioning, lat_all, mitigation: Mitigation | None,
+                     ctx: Context):
+        """The inference-time mitigation's ``condition`` step on ``cond`` and the initial latents of all of the
+        prompt's seeds: ``(conditioning, latents)``."""
+        if mitigation is None or mitigation.kind == "none":
+            return cond, lat_all
+        cond = boundary.call(mitigation, "condition", mitigation.condition, model, prompt, cond, lat_all, ctx,
+                             expect=Conditioning)
+        if cond.latents is not None:
+            if tuple(cond.latents.shape) != tuple(lat_all.shape):
+                raise boundary.PluginFailure(
+                    mitigation, "condition", f"returned latents of shape {tuple(cond.latents.shape)} for the "
+                    f"{len(lat_all)} seeds of prompt {prompt.id}; expected {tuple(lat_all.shape)} (one per seed "
+                    "it received, in the same order)")
+            lat_all = cond.latents.detach().to(lat_all.device, lat_all.dtype)
+        return cond, lat_all
+
+    def _denoise(self, model, cond: Conditioning, latents, mitigation: Mitigation | None):
+        g = self.generation
+        with torch.no_grad():
+            args = (cond.prompt_embeds, cond.negative_prompt_embeds, latents, g["num_inference_steps"],
+                    g["guidance_scale"])
+            return (model.denoise(*args) if cond.guidance is None else  # a guidance is the mitigation's code
+                    boundary.call(mitigation, "condition (its guidance)", model.denoise, *args,
+                                  guidance=cond.guidance))
+
     def prompt(self, model, prompt: Prompt, all_jobs: list[Job], pending: list[Job], cond: Conditioning,
                mitigation: Mitigation | None, ctx: Context, advance) -> None:
-        """The pending images of one prompt, in batches cut from all of its seeds."""
+        """The pending images of one prompt, in batches cut from all of its seeds. The initial latents are the
+        seeds' own, or the ones an attack chose (``cond.latents``: one per seed, in seed order)."""
         g = self.generation
         lat_all = model.initial_latents([j.seed for j in all_jobs], g["height"], g["width"])
-        if mitigation is not None and mitigation.kind != "none":
-            # inference-time mitigations see the latents of all of the prompt's seeds (never only the pending
-            # ones), so that what they compute does not depend on what happened to be cached
-            cond = boundary.call(mitigation, "condition", mitigation.condition, model, prompt, cond, lat_all, ctx,
-                                 expect=Conditioning)
-            if cond.latents is not None:
-                if tuple(cond.latents.shape) != tuple(lat_all.shape):
-                    raise boundary.PluginFailure(
-                        mitigation, "condition", f"returned latents of shape {tuple(cond.latents.shape)} for the "
-                        f"{len(all_jobs)} seeds of prompt {prompt.id}; expected {tuple(lat_all.shape)} (one per seed "
-                        "it received, in the same order)")
-                lat_all = cond.latents.detach().to(lat_all.device, lat_all.dtype)
+        if cond.latents is not None:
+            if tuple(cond.latents.shape) != tuple(lat_all.shape):
+                raise BadInput(f"attack output for prompt {prompt.id}: latents of shape {tuple(cond.latents.shape)}, "
+                               f"expected {tuple(lat_all.shape)} (one per seed of the run, in seed order)")
+            lat_all = cond.latents.to(lat_all.device, lat_all.dtype)
+            cond = dataclasses.replace(cond, latents=None)
+        cond, lat_all = self._conditioned(model, prompt, cond, lat_all, mitigation, ctx)
         todo = {j.key for j in pending}
         bs = self.batch_size
         for i in range(0, len(all_jobs), bs):
@@ -160,16 +205,10 @@ class Generator:
             n_todo = sum(j.key in todo for j in chunk)
             if not n_todo:
                 continue
-            with torch.no_grad():
-                args = (cond.prompt_embeds, cond.negative_prompt_embeds, lat_all[i: i + bs], g["num_inference_steps"],
-                        g["guidance_scale"])
-                out = (model.denoise(*args) if cond.guidance is None else  # a guidance is the mitigation's code
-                       boundary.call(mitigation, "condition (its guidance)", model.denoise, *args,
-                                     guidance=cond.guidance))
+            out = self._denoise(model, cond, lat_all[i: i + bs], mitigation)
             for j, img in zip(chunk, model.decode(out)):
                 if j.key in todo:
                     # the conditioning trace (e.g. Wen's iterations) travels with every image it produced, so a
                     # result reads the same whether its images were generated now or found in the cache
                     self.images.put(j.key, img, image_meta(j, jsonable_trace(cond.trace)))
             advance(n_todo)
-

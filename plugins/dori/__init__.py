@@ -89,6 +89,13 @@ class DoRIAttack(Attack):
     name = "dori"
     version = "1"
     needs_reference = True
+    # the attacker's work: steps × batch UNet forward+backward passes; the blog's MR-vs-steps figure (METHODS §8.1)
+    budget_param = "steps"
+    budget_unit = "UNet forward+backward passes (steps × batch)"
+    budget_values = (0, 5, 10, 25, 50)
+
+    def budget(self) -> float:
+        return float(self.params.steps * self.params.batch)
 
     @dataclass
     class Params:
