@@ -56,6 +56,12 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Print the result JSON instead of a table."),
     matrix: bool = typer.Option(False, "--matrix", help="Score every registered mitigation × attack (the "
                                 "leaderboard's input); --mitigation/--attack then take comma lists to restrict it."),
+    budget_sweep: bool = typer.Option(False, "--budget-sweep", help="Also record the target metrics (MR, SSCD) at "
+                                      "several values of the attack's budget parameter (DoRI: steps 0,5,10,25,50; "
+                                      "see `memobench ls attacks`), and the least work at which MR exceeds 0.5, in "
+                                      "the same result. With --matrix: for every attack that declares a budget."),
+    budget_values: str = typer.Option(None, "--budget-values", help="Values of the budget parameter for "
+                                      "--budget-sweep, e.g. 0,10,50 (default: the attack's own)."),
     aggregate_: bool = typer.Option(False, "--aggregate", hidden=True, help="What `memobench aggregate` runs."),
 ):
     """Generate, attack and score one mitigation × attack pairing; write a result JSON + per-sample table.
@@ -67,6 +73,10 @@ def run(
              "device": device, "height": height, "width": width, "output_dir": output_dir, "cache_dir": cache_dir}
     params = {"model": model_param, "mitigation": mitigation_param, "attack": attack_param, "metric": metric_param}
     cfg, reg = _config_from_options(config, flags, metric, seeds, params, offline, prompts)
+    if budget_values is not None and not budget_sweep:
+        raise BadInput("--budget-values: only with --budget-sweep")
+    if budget_sweep:
+        cfg.budget_sweep = _budget_values(budget_values)
     from .distributed import shard_from_environment
 
     this_shard = shard_from_environment(shard)
@@ -81,6 +91,16 @@ def run(
                            "--attack-param or run that pairing on its own")
         return _run_matrix(cfg, reg, mitigation, attack, progress)
     return _run_one(cfg, reg, this_shard, progress, as_json, dry_run, aggregate_)
+
+
+def _budget_values(spec: str | None) -> list[int]:
+    """``--budget-values 0,10,50`` → [0, 10, 50]; unset → [] (the attack's defaults)."""
+    if not spec:
+        return []
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise BadInput(f"--budget-values: integers separated by commas, e.g. 0,10,50; got {spec!r}") from None
 
 
 def _config_from_options(config: Path | None, flags: dict, metric: list[str] | None, seeds: str | None,
@@ -222,6 +242,8 @@ def _run_matrix(cfg, reg, mitigations: str | None, attacks: str | None, progress
     for i, (m, a) in enumerate(pairs):
         c = copy.deepcopy(cfg)
         c.mitigation, c.attack = m, a
+        if c.budget_sweep is not None and reg.get("attack", a).budget_param is None:
+            c.budget_sweep = None  # the sweep is for the attacks that declare a budget
         console.print(f"[bold]matrix {i + 1}/{len(pairs)}: mitigation {escape(m)} × attack {escape(a)}[/bold]")
         try:
             out = Runner(config_from_dict({}, c), registry=reg, progress=progress, console=console).run()
@@ -307,6 +329,8 @@ def _print_summary(out) -> None:
                                                                      _fmt(gv.get("value"))]
             t.add_row(escape(f"  {name}[{g}]"), *gvals, "", str(gv.get("n", "")), "", "")
     con.print(t)
+    if r.get("budget_sweep"):
+        con.print(_sweep_table(r["budget_sweep"]))
     for line in substitution_lines(r):
         con.print(line, highlight=False, markup=False, soft_wrap=True)
     kw = {"highlight": False, "markup": False, "soft_wrap": True}  # paths are never wrapped or read as markup
@@ -316,6 +340,22 @@ def _print_summary(out) -> None:
         con.print(f"grid:    {out.grid_path}  (training original | generated, one row per prompt)", **kw)
         if r.get("grid_without_attack_file"):
             con.print(f"         {out.grid_path.parent / r['grid_without_attack_file']}  (the mitigation alone)", **kw)
+
+
+def _sweep_table(sw: dict):
+    from rich.markup import escape
+    from rich.table import Table
+
+    w = sw.get("work_to_reextract")
+    title = (f"budget sweep of {sw['param']} ({sw['unit']}): work to re-extract (MR > {sw['threshold']}) = "
+             + (f"{w['budget']:g} ({sw['param']}={w['value']})" if w else "not reached"))
+    t = Table(title=escape(title))
+    names = list(sw["points"][0]["metrics"]) if sw["points"] else []
+    for c in [sw["param"], "work"] + names:
+        t.add_column(escape(c))
+    for p in sw["points"]:
+        t.add_row(str(p["value"]), f"{p['budget']:g}", *(_fmt(p["metrics"].get(n)) for n in names))
+    return t
 
 
 def substitution_lines(result: dict) -> list[str]:

@@ -46,6 +46,7 @@ def ls_cmd(kind: str = typer.Argument(..., help="models | prompt-sets | mitigati
         raise BadInput(f"ls: unknown kind {kind!r}; use one of {', '.join(KIND_PLURAL.values())}")
     reg = _registry()
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     t = Table(title=f"{KIND_PLURAL[k]}")
@@ -54,7 +55,10 @@ def ls_cmd(kind: str = typer.Argument(..., help="models | prompt-sets | mitigati
     for name in reg.names(k):
         cls = reg.get(k, name)
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
-        t.add_row(name, str(cls.version), _params_text(cls), doc)
+        if getattr(cls, "budget_param", None):  # an attack's budget (memobench run --budget-sweep)
+            sweep = ",".join(str(v) for v in cls.budget_values)
+            doc += f"\nbudget: {cls.budget_param} ({cls.budget_unit}); --budget-sweep default {sweep}"
+        t.add_row(name, str(cls.version), _params_text(cls), escape(doc))
     Console().print(t)
 
 

@@ -51,14 +51,18 @@ class RunConfig:
     offline: bool = False
     device: str = "cpu"
     dtype: str | None = None  # fp16 | bf16 | fp32 (GPU only for half types); None = as the model plugin loads it
+    # --budget-sweep: values of the attack's budget parameter at which the target metrics are also recorded
+    # ([] = the attack's defaults); None = no sweep
+    budget_sweep: list[int] | None = None
 
     # fields that do not change what is computed (excluded from the config hash)
     NON_IDENTITY = ("batch_size", "output_dir", "cache_dir", "offline", "device")
 
     def identity(self) -> dict:
         d = dataclasses.asdict(self)
-        if d.get("dtype") is None:  # unset: the hash of every run from before --dtype existed stays the same
-            d.pop("dtype", None)
+        for k in ("dtype", "budget_sweep"):  # unset: the hash of every run from before these existed stays the same
+            if d.get(k) is None:
+                d.pop(k, None)
         return {k: v for k, v in d.items() if k not in self.NON_IDENTITY}
 
 

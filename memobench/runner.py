@@ -36,6 +36,7 @@ from .config import BadInput, RunConfig, resolve_defaults, validate
 from .distributed import ProcessGroup, Shard
 from .grid import write_grid  # noqa: F401  (re-exported: memobench.runner.write_grid)
 from .model import DiffusionModel
+from .pipeline import budget as _budget
 from .pipeline import plan as _plan
 from .pipeline.attack import AttackPhase, attack_key, cached_attack  # noqa: F401  (re-exported)
 from .pipeline.fit import fit
@@ -146,6 +147,11 @@ class Runner:
         Ctrl-C: :class:`memobench.progress.Interrupted` (a ``KeyboardInterrupt``) carrying how many of the samples
         this process planned are in the cache, and how many it planned."""
         self._planned_keys: set[str] | None = None
+        self._score_only = False
+        if self.cfg.budget_sweep is not None:
+            if self.shard.sharded or aggregate:
+                raise BadInput("--budget-sweep: runs in one process; drop --shard / aggregate")
+            _budget.check_sweep(self.attack, self.cfg.budget_sweep)
         try:
             return self._run(dry_run, aggregate)
         except KeyboardInterrupt as e:
@@ -182,14 +188,31 @@ class Runner:
         samples = self._load_samples(plan.jobs, plan.prompts, ctx, errors)
         scores = score(self.metrics, samples, ctx, self.paired, errors)
         timing["score_s"] = time.time() - t
+        if self._score_only:
+            return scores
+        if self.cfg.budget_sweep is not None:
+            t = time.time()
+            sweep = _budget.sweep(self, _budget.check_sweep(self.attack, self.cfg.budget_sweep), self.progress)
+            timing["budget_sweep_s"] = time.time() - t
         timing["total_s"] = time.time() - t_start
         traces["mitigation"] = condition_traces(plan.jobs, self.images)
         result = assemble_result(self, plan, model, model_ident, scores, traces, errors, timing, aggregate)
+        if self.cfg.budget_sweep is not None:
+            result["budget_sweep"] = sweep
         directory = run_dir(out_root, self.cfg.model, self.mitigation.name, self.attack.name)
         grid = write_grids(result, samples, scores, directory, self.mitigation.name, self.attack.name, self.paired,
                            errors)
         result_path, samples_path = write_result(result, samples, scores.per_sample, directory)
         return RunOutcome(result, result_path, samples_path, grid, errors)
+
+    def score_only(self):
+        """Fit, attack, generate (what is not cached) and score, without writing a result: the run's
+        :class:`memobench.pipeline.score.Scores` (a budget sweep's points)."""
+        self._planned_keys, self._score_only = None, True
+        try:
+            return self._run(False, False)
+        finally:
+            self._score_only = False
 
     # ------------------------------------------------------------------------------------------- phases
     def _context(self, device: str) -> Context:
