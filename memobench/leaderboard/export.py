@@ -13,6 +13,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from .budget import budget_md
 from .rows import Column, Row
 from .values import (WIN_RATE, _disp, _higher, _impl_sig, _num, _params, _seeds_text, arrow, fmt, fmt_disp, impl_text,
                      missing_text, nonfinite_of, value_of)
@@ -65,6 +66,7 @@ def leaderboard_md(rows: list[Row], cols: list[Column], n_results: int) -> str:
         lines.append(f"- **{_md(c.display)}** ({_md(c.name)}, {'higher' if c.higher else 'lower'} is better): "
                      + "; ".join(_md(t) + (f" ({k} rows)" if c.mixed else "") for t, k in c.impls)
                      + "".join(f" — {_md(t)}" for t in c.notes))
+    lines += budget_md(rows)
     lines += ["", "## Every value", "", "| Model | Mitigation | Attack | Metric | ↑/↓ | Value | ± | n |",
               "|---|---|---|---|---|---:|---:|---:|"]
     for w in rows:
@@ -97,6 +99,7 @@ def long_rows(rows: list[Row]) -> list[dict]:
             "run_id": str(d.get("run_id", "")), "config_hash": str(d.get("config_hash", "")),
             "created_at": str(d.get("created_at", "")), "source": w.res.rel,
         }
+        out.extend(_sweep_records(w, base))
         for n in sorted(w.metrics):
             rec = w.metrics[n]
             mrec = {"metric": n, "display_name": str(rec.get("display_name") or n),
@@ -114,6 +117,25 @@ def long_rows(rows: list[Row]) -> list[dict]:
                             "value": None if g == "" and rec.get("unavailable") else _num(gv.get("value")),
                             "dispersion": dv, "dispersion_kind": kind,
                             "n": n_ if isinstance(n_, int) and not isinstance(n_, bool) else None})
+    return out
+
+
+def _sweep_records(w: Row, base: dict) -> list[dict]:
+    """A budget sweep's points as long rows: metric ``budget:<metric>``, group ``<param>=<value>``, and one row
+    ``work_to_reextract`` (the work, in the attack's unit; empty when not reached)."""
+    from .budget import sweep_of
+
+    s = sweep_of(w)
+    if s is None:
+        return []
+    common = {"higher_is_better": False, "metric_plugin_version": "", "dispersion": None, "dispersion_kind": "",
+              "n": None}
+    out = [{**base, **common, "metric": f"budget:{s.metric}", "display_name": f"{s.metric} at budget",
+            "unavailable": "", "impl": s.unit, "group": f"{s.param}={v}", "value": _num(m)} for _, v, m in s.points]
+    out.append({**base, **common, "metric": "work_to_reextract", "display_name": "work to re-extract",
+                "higher_is_better": True, "impl": s.unit, "group": "overall",
+                "unavailable": "" if s.reached else f"{s.metric} not above {s.threshold:g} within the sweep",
+                "value": float(s.reached["budget"]) if s.reached else None})
     return out
 
 

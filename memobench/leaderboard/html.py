@@ -15,6 +15,7 @@ from typing import Any
 
 from .images import Comparison
 from .load import Result
+from .budget import work_cell
 from .plots import Curve
 from .rows import Column, Row
 from .values import (IMPL_NOTES, WIN_RATE, _disp, _higher, _impl_sig, _params, _seeds_text, arrow, fmt, fmt_disp, impl_details,
@@ -80,13 +81,15 @@ def _index_row(w: Row, cols: list[Column]) -> dict:
             "paired": None if w.scoring == "explicit" else "from the paired result of attack " + str(att.get("name")),
             "cells": [value_cell(w, c) for c in cols],
             "win_rate": f"{w.win_rate:.2f}" if w.win_rate is not None else None, "win_v": repr(w.win_rate),
+            "work": work_cell(w),
             "dist": str(mit.get("dist") if w.origin == "built-in" else f"{mit.get('dist')} / {att.get('dist')}"),
             "source": source(w)}
 
 
 def index_html(rows: list[Row], cols: list[Column], results: list[Result], plots: list[tuple[str, str, str, str]],
-               unplotted: list[str]) -> str:
-    """``plots``: (file, SVG, caption, why it is plotted) per privacy–utility plot; ``unplotted``: why not."""
+               unplotted: list[str], budget: list[tuple[str, str, str]] = ()) -> str:
+    """``plots``: (file, SVG, caption, why it is plotted) per privacy–utility plot; ``unplotted``: why not;
+    ``budget``: (file, SVG, caption) per MR-vs-work plot (:mod:`.budget`)."""
     headline = next((c.display for c in cols if c.role.headline), "")
     return env().get_template("index.html").render(
         title="memobench leaderboard", rows=[_index_row(w, cols) for w in rows], cols=[_header(c) for c in cols],
@@ -98,7 +101,8 @@ def index_html(rows: list[Row], cols: list[Column], results: list[Result], plots
         nonfinite=any(nonfinite_of(rec) for w in rows for rec in w.metrics.values()),
         win_rate=WIN_RATE, win_rate_sentence=WIN_RATE[0].upper() + WIN_RATE[1:],
         plots=[{"href": q(rel), "svg": markup(svg), "caption": cap, "why": why} for rel, svg, cap, why in plots],
-        unplotted=unplotted)
+        unplotted=unplotted, budget=[{"href": q(rel), "svg": markup(svg), "caption": cap} for rel, svg, cap in budget],
+        any_sweep=any(work_cell(w)["v"] != "" for w in rows))
 
 
 def _info(w: Row) -> list[dict]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..cache import atomic_write_bytes, default_cache_dir, sha256_bytes
 from ..config import BadInput
 from . import declared
+from .budget import budget_plots
 from .export import csv_bytes, leaderboard_md, long_rows, parquet_bytes
 from .html import detail_html, index_html
 from .images import MAX_PROMPTS, Images, comparison, comparison_png
@@ -126,9 +127,10 @@ def render(results_dir: str | Path, reuse_dir: str | Path | None = None, cache_d
     for w in rows:
         _pairing(w, no_attack.get((w.model, w.mitigation)), images, [c.name for c in cols], score, files)
     plots, unplotted = _plots(rows, cols, targets, files)
+    budget = budget_plots(rows, files, XML)
     files.update(images.files)
     records = long_rows(rows)
-    files["index.html"] = index_html(rows, cols, results, plots, unplotted).encode()
+    files["index.html"] = index_html(rows, cols, results, plots, unplotted, budget).encode()
     files["LEADERBOARD.md"] = leaderboard_md(rows, cols, len(results)).encode()
     files["leaderboard.csv"] = csv_bytes(records)
     files["leaderboard.parquet"] = parquet_bytes(files["leaderboard.csv"])
