@@ -16,6 +16,7 @@ from pathlib import Path
 from ..cache import atomic_write_bytes, default_cache_dir, sha256_bytes
 from ..config import BadInput
 from . import declared
+from .detection import PAGE, detection_files
 from .export import csv_bytes, leaderboard_md, long_rows, parquet_bytes
 from .html import detail_html, index_html
 from .images import MAX_PROMPTS, Images, comparison, comparison_png
@@ -128,7 +129,9 @@ def render(results_dir: str | Path, reuse_dir: str | Path | None = None, cache_d
     plots, unplotted = _plots(rows, cols, targets, files)
     files.update(images.files)
     records = long_rows(rows)
-    files["index.html"] = index_html(rows, cols, results, plots, unplotted).encode()
+    det = detection_files(root)  # detection.html, DETECTION.md (the detection track; empty without detect results)
+    files.update(det)
+    files["index.html"] = index_html(rows, cols, results, plots, unplotted, detection=PAGE if det else None).encode()
     files["LEADERBOARD.md"] = leaderboard_md(rows, cols, len(results)).encode()
     files["leaderboard.csv"] = csv_bytes(records)
     files["leaderboard.parquet"] = parquet_bytes(files["leaderboard.csv"])
