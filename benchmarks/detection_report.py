@@ -83,7 +83,13 @@ def markdown(res: dict, rows: list[dict], command: str, result_rel: str) -> str:
     for r in rows:
         lines.append(f"| {r['detector']} | {_f(r['auc'])} | {_f(r['acc'])} | {_f(r['tpr_at_1fpr'])} | "
                      f"{_f(r['tpr_at_3fpr'])} | {_f(r['seconds_per_prompt'], 2)} | {r['n_pos']} / {r['n_neg']} |")
-    lines += ["", "Statistics:", ""]
+    inverted = [r for r in rows if r["auc"] is not None and r["auc"] < 0.5]
+    if inverted:
+        lines += [""] + [f"`{r['detector']}`: AUC {_f(r['auc'])} < 0.5 — its score ranks the two sets in the direction "
+                         f"opposite to its paper's (memorized = higher); reversed, its AUC would be "
+                         f"{_f(1 - r['auc'])}. The detector keeps the paper's direction." for r in inverted]
+    lines += ["", "s/prompt was measured on a 2-core machine shared with other jobs; compare ratios, not absolute "
+                  "times.", "", "Statistics:", ""]
     lines += [f"* `{r['detector']}`: {r['statistic']}" for r in rows]
     lines += ["", f"Command (`{result_rel}`, run {res['run_id']}, memobench {res.get('memobench_version')}, "
                   f"commit {str(res.get('git_hash') or 'n/a')[:12]}):", "", "```", command, "```", "",
