@@ -73,12 +73,16 @@ def test_detection_page_lists_latest_result_escaped(tmp_path):
     assert latest.exists()
 
 
-def test_no_detection_results_no_page(tmp_path):
+def test_no_detection_results_the_page_says_so(tmp_path):
     r = tmp_path / "results"
     write_result(r)
     files = lb.render(r).files
-    assert "detection.html" not in files and "DETECTION.md" not in files
-    assert "detection.html" not in files["index.html"].decode()
+    assert "No <code>memobench detect</code> result" not in files["detection.html"].decode()  # escaped, not markup
+    assert "No `memobench detect` result in this results folder" in files["detection.html"].decode()
+    assert "<table>" not in files["detection.html"].decode()
+    assert "No `memobench detect` result" in files["DETECTION.md"].decode()
+    assert 'href="detection.html"' in files["index.html"].decode()
+    assert not any(k.startswith("runs/") and "/detect/" in k for k in files)
 
 
 def test_older_result_gets_tpr3_from_its_roc_and_seconds_key(tmp_path):

@@ -24,6 +24,7 @@ from .load import clean_result
 PAGE = "detection.html"
 MARKDOWN = "DETECTION.md"
 FPR_3 = 0.03
+NONE = "No `memobench detect` result in this results folder (`<results>/<model>/detect/<run_id>.json`)."
 
 
 @dataclass
@@ -126,6 +127,8 @@ def markdown(sections: list[dict]) -> str:
              "Per model, the latest `memobench detect` result: memorized vs non-memorized prompts, higher score = more "
              "likely memorized. TPR@k%FPR: the largest TPR at an FPR strictly below k %. s/prompt: mean seconds to "
              "score one prompt.", ""]
+    if not sections:
+        lines += [NONE, ""]
     for s in sections:
         lines += [f"## {_md(s['model'])}", "",
                   f"{_md(s['sets'])}; run {_md(s['run'])} ({_md(s['status'])}), {_md(s['created'])}, memobench "
@@ -139,17 +142,16 @@ def markdown(sections: list[dict]) -> str:
 
 
 def detection_files(results_dir: str | Path) -> dict[str, bytes]:
-    """``detection.html``, ``DETECTION.md`` and the ``runs/`` copies of the results they show; empty when the
-    results folder holds no detection result."""
+    """``detection.html``, ``DETECTION.md`` and the ``runs/`` copies of the results they show (the pages say so
+    when the results folder holds no detection result: ``index.html`` always links the page)."""
     from .html import env, q
 
     results = load_detect_results(results_dir)
     latest = latest_per_model(results)
-    if not latest:
-        return {}
     sections = [_section(model, r) for model, r in latest.items()]
     html = env().get_template("detection.html").render(
-        title="memobench leaderboard — detection track", sections=[{**s, "href": q(s["href"])} for s in sections])
+        title="memobench leaderboard — detection track", sections=[{**s, "href": q(s["href"])} for s in sections],
+        empty_text=NONE)
     files = {PAGE: html.encode(), MARKDOWN: markdown(sections).encode()}
     files.update({f"runs/{r.rel}": r.copy for r in latest.values()})
     return files

@@ -85,9 +85,8 @@ def _index_row(w: Row, cols: list[Column]) -> dict:
 
 
 def index_html(rows: list[Row], cols: list[Column], results: list[Result], plots: list[tuple[str, str, str, str]],
-               unplotted: list[str], detection: str | None = None) -> str:
-    """``plots``: (file, SVG, caption, why it is plotted) per privacy–utility plot; ``unplotted``: why not;
-    ``detection``: the detection track's page, linked from the header (None: no detection results)."""
+               unplotted: list[str]) -> str:
+    """``plots``: (file, SVG, caption, why it is plotted) per privacy–utility plot; ``unplotted``: why not."""
     headline = next((c.display for c in cols if c.role.headline), "")
     return env().get_template("index.html").render(
         title="memobench leaderboard", rows=[_index_row(w, cols) for w in rows], cols=[_header(c) for c in cols],
@@ -99,7 +98,7 @@ def index_html(rows: list[Row], cols: list[Column], results: list[Result], plots
         nonfinite=any(nonfinite_of(rec) for w in rows for rec in w.metrics.values()),
         win_rate=WIN_RATE, win_rate_sentence=WIN_RATE[0].upper() + WIN_RATE[1:],
         plots=[{"href": q(rel), "svg": markup(svg), "caption": cap, "why": why} for rel, svg, cap, why in plots],
-        unplotted=unplotted, detection=q(detection) if detection else None)
+        unplotted=unplotted)
 
 
 def _info(w: Row) -> list[dict]:
