@@ -365,7 +365,8 @@ def test_detect_cli_nemo(tiny_pipe, prompt_files, tmp_path, cli_inproc):
 
 
 BAD = [
-    ("unknown-detector", ["detect", "--detector", "wenn"], ["Unknown detector 'wenn'", "Available: nemo, wen"]),
+    ("unknown-detector", ["detect", "--detector", "wenn"],
+     ["Unknown detector 'wenn'", "Available: anisotropy, bright_ending, memattn, nemo, sail, wen"]),
     ("unknown-detector-param", ["detect", "--detector-param", "bogus=1"], ["no parameter bogus", "valid:"]),
     ("bad-detector-value", ["detect", "--detector-param", "score_steps=many"], ["score_steps", "int"]),
     ("bad-seeds", ["detect", "--seeds", "3-1"], ["--seeds", "empty"]),

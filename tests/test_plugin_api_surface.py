@@ -65,7 +65,7 @@ def test_every_plugin_parameter_has_a_description():
 
     reg = get_registry()
     assert not reg.failures, reg.failures
-    assert reg.names("detector") == ["nemo", "wen"]
+    assert reg.names("detector") == ["anisotropy", "bright_ending", "memattn", "nemo", "sail", "wen"]
     missing = [f"{e.kind} {e.name}: {f.name}" for e in reg.all_entries() for f in dataclasses.fields(e.cls.Params)
                if not str(f.metadata.get("help", "")).strip()]
     assert not missing, "parameters without param(default, help):\n" + "\n".join(missing)
@@ -75,7 +75,7 @@ def test_every_plugin_parameter_has_a_description():
 def test_detectors_use_the_api_base():
     from memobench.registry import get_registry
 
-    for name in ("wen", "nemo"):
+    for name in ("wen", "nemo", "memattn", "sail", "anisotropy", "bright_ending"):
         cls = get_registry().get("detector", name)
         assert issubclass(cls, api.Detector)
         assert cls().identity()["name"] == f"detect-{name}"  # the artifact folders of existing caches

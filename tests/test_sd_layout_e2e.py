@@ -143,3 +143,35 @@ def test_attack_cache_is_per_resolution(tmp_path, shapes, capsys):
     (pa,) = a["attack_traces"]
     assert a["attack_traces"][pa]["attack_key"] != b["attack_traces"][pa]["attack_key"]
     assert (4, 16, 16) in shapes["unet_sample"]  # the attack ran again, at 16×16 latents
+
+
+# the smallest settings that still run every part of each detector, at SIZE (nemo has no size: the model's 512 px)
+DETECT_FAST = {
+    "wen": {"seeds": "0", "num_inference_steps": "2"},
+    "nemo": {"samples": "2"},
+    "memattn": {"num_inference_steps": "2"},
+    "sail": {"samples": "1"},
+    "anisotropy": {},
+    "bright_ending": {"seeds": "0", "num_inference_steps": "2"},
+}
+
+
+@pytest.mark.parametrize("detector", list(DETECT_FAST))
+def test_every_detector_sd14_layout(tmp_path, shapes, detector):
+    """Each detector scores one prompt on the SD v1.4 layout: every cross-attention layer sees 77×768 embeddings."""
+    import math
+
+    from memobench.api import open_model
+    from memobench_plugins.detect.bench import make_detector
+
+    session = open_model("sd-random", {"arch": "sd14", "size": "reduced"}, cache_dir=tmp_path / "cache")
+    params = dict(DETECT_FAST[detector])
+    if detector != "nemo":
+        params.update(height=str(SIZE), width=str(SIZE))
+    det = make_detector(detector, params, session.generation)
+    out = det.score(session.model, "a photo of a cat sitting on a red mat")
+    assert math.isfinite(out["score"])
+    assert len(shapes["to_v"]) == 16 and all(s == {(77, 768)} for s in shapes["to_v"].values()), shapes["to_v"]
+    assert shapes["embeds"] == {(77, 768)} and len(shapes["ff"]) == 16 and shapes["pred_type"] == {"epsilon"}
+    side = 64 if detector == "nemo" else SIZE // 8
+    assert shapes["unet_sample"] == {(4, side, side)}

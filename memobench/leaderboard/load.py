@@ -123,6 +123,8 @@ def _read_one(root: Path, p: Path) -> "Result":
 
 def load_results(results_dir: str | Path) -> list[Result]:
     """Every result JSON under ``results_dir`` (sorted by path), validated and migrated to the current schema."""
+    from .detection import is_detect_path
+
     root = Path(results_dir)
     if not root.is_dir():
         raise BadInput(f"--results: not a directory: {root}; pass the folder `memobench run` wrote results to")
@@ -131,6 +133,8 @@ def load_results(results_dir: str | Path) -> list[Result]:
         rel = p.relative_to(root).as_posix()
         if any(part.startswith(".") for part in Path(rel).parts) or not p.is_file():
             continue  # temporary files of an interrupted atomic write, hidden folders
+        if is_detect_path(rel):
+            continue  # `memobench detect` results (<model>/detect/): the detection track's (.detection)
         out.append(_read_one(root, p))
     if not out:
         raise BadInput(f"--results: no result JSONs under {root}; run `memobench run` (or the matrix) first")

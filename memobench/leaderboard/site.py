@@ -23,6 +23,7 @@ from .images import MAX_PROMPTS, Images, comparison, comparison_png
 from .load import Result, load_results
 from .plots import axis_verdict, loss_svg, privacy_utility_points, privacy_utility_svg, smooth_half
 from .rows import Column, Row, _slug, collect_rows, columns_of, target_metric_names, win_rates
+from .detection import detection_files
 
 MANIFEST = "manifest.json"
 XML = '<?xml version="1.0" encoding="UTF-8"?>\n'
@@ -122,6 +123,7 @@ def render(results_dir: str | Path, reuse_dir: str | Path | None = None, cache_d
     images = Images(root, Path(reuse_dir) if reuse_dir else None, Path(cache_dir) if cache_dir else None)
     images.collect_references(results)
     files: dict[str, bytes] = {f"runs/{r.rel}": r.copy for r in results}
+    files.update(detection_files(root))  # the detection track: detection.html, DETECTION.md and their runs/ copies
     no_attack = {(w.model, w.mitigation): w for w in rows if not w.attacked}
     score = _grid_score(cols)
     for w in rows:

@@ -62,6 +62,30 @@ memobench choices (recorded in ``Conditioning.trace["bright_ending"]``): the BE 
 without gradients; the reference computes its mask in a separate fp16 run of ``detect_mem.py`` with the same seeds
 (the same x_T), which is what the BE pass reproduces in one run. The mask is fp32; its per-image mean, max and
 sha256 are traced, together with Wen's loss curve.
+
+Detector ``bright_ending`` (:class:`BrightEndingDetector`, the detection track of ``memobench detect``): §5.1's
+integration of BE into Wen et al.'s detection — the text-conditional noise magnitude of every image, masked by that
+image's BE map and normalised by the map's mean, so that a locally memorized region is not diluted by the rest of the
+image. Reference files: ``detect_mem.py`` (two runs of the same prompts and seeds: ``--run_version baseline``
+stores the BE maps, ``--run_version ours`` tracks the masked magnitude), ``local_sd_pipeline.py`` (``__call__`` with
+``track_noise_norm`` and ``attn_mask``: ``text_noise_norm_masked``), ``controller.py`` (``AttentionStore``), README
+"Detect memorization". Per image g with mask m^(g) (step 1 above, from the same trajectory) and δ_t^(g) =
+ε_θ(x_t, t, e_p) − ε_θ(x_t, t, e_∅) along the guided trajectory::
+
+    LD^(g)(t) = ‖ δ_t^(g) ⊙ m^(g) ‖₂ / mean(m^(g))                (norm over C×h×w, mean over h×w)
+    score     = 1/|S| Σ_{t∈S} 1/G Σ_g LD^(g)(t)                     (S: the first ``score_steps`` steps; 0 = all)
+
+Higher = more likely memorized. The mask does not change the trajectory (the reference's second run denoises the same
+seeds with the same CFG and only multiplies the tracked difference), so one guided pass here records δ_t at the
+scored steps and the attention at the mask step, and the score follows from both.
+
+Defaults: ``seeds`` (0, 1, 2, 3) — [CHOICE] G = 4, ``detect_mem.py``'s ``--num_images_per_prompt`` default (the README
+commands use 16; the reference seeds each prompt with its index, ``seed = i + gen_seed``, here the same seeds serve
+every prompt as in ``wen``); ``score_steps`` 0 — [CHOICE] all steps, as the ``wen`` detector and Wen's notebook
+aggregate (the reference stores every step's value and leaves the aggregation to the evaluation); the mask
+parameters as the mitigation's (``mask_step`` −1, ``mask_layers`` "down-full", ``mask_threshold`` −1: soft);
+``num_inference_steps`` / ``guidance_scale`` / ``height`` / ``width`` 0 / −1: the model's defaults (reference: 50 DDIM
+steps, CFG 7.5, 512 px); p = 2 (``lp=2``).
 """
 
 from __future__ import annotations
@@ -71,7 +95,8 @@ from dataclasses import dataclass
 
 from memobench_plugins.wen import optimize_embedding, optimization_trace
 
-from memobench.api import BadInput, Conditioning, Guidance, Mitigation, hookimpl, latent_elements, param
+from memobench.api import (BadInput, Conditioning, Detector, Guidance, Mitigation, hookimpl, latent_elements,
+                           param)
 
 MASK_LAYERS = ("down-full", "full")
 
@@ -235,6 +260,103 @@ class BrightEndingMitigation(Mitigation):
 
     def report(self) -> dict:
         return {"prompts": dict(self._summaries)}
+
+
+def localized_magnitude(deltas, mask):
+    """LD per scored step and image (S × G): ‖δ ⊙ m‖₂ over C×h×w divided by each image's mask mean; ``deltas``
+    S×G×C×h×w, ``mask`` G×1×h×w."""
+    m = mask.float()
+    masked = (deltas.float() * m.unsqueeze(0)).flatten(2).norm(dim=2)
+    return masked / m.mean(dim=(1, 2, 3)).unsqueeze(0)
+
+
+class BrightEndingDetector(Detector):
+    """Chen et al. (ICLR 2025): Wen's magnitude masked by each image's bright-ending map (localized detection)."""
+
+    name = "bright_ending"
+    version = "1"
+    statistic = "mean over steps and images of ‖(ε_c − ε_u) ⊙ m‖₂ / mean(m), m = the end token's last-step attention"
+
+    @dataclass
+    class Params:
+        seeds: tuple = param((0, 1, 2, 3), "G generations (detect_mem.py default 4; README 16); one CPU generator each")
+        score_steps: int = param(0, "the first N steps enter the mean; 0 = all (as wen)")
+        num_inference_steps: int = param(0, "0 = the model's default (reference: 50 DDIM steps)")
+        guidance_scale: float = param(-1.0, "< 0 = the model's default (reference: 7.5)")
+        height: int = param(0, "0 = the model's default")
+        width: int = param(0, "0 = the model's default")
+        mask_step: int = param(-1, "step whose attention makes the mask (-1 = last; controller.py cur_step 49)")
+        mask_layers: str = param("down-full", "'down-full': down-block layers at latent resolution (reference) | 'full'")
+        mask_threshold: float = param(-1.0, "< 0: soft mask (reference); τ ≥ 0: 1[a ≥ τ·max] per image")
+
+        def __post_init__(self):
+            what = "detector 'bright_ending' parameter"
+            self.seeds = tuple(int(x) for x in self.seeds)
+            if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
+                raise BadInput(f"{what} seeds: distinct non-negative seeds, e.g. 0,1,2,3")
+            if min(self.score_steps, self.num_inference_steps, self.height, self.width) < 0:
+                raise BadInput(f"{what} score_steps, num_inference_steps, height, width: ≥ 0")
+            if self.mask_layers not in MASK_LAYERS:
+                raise BadInput(f"{what} mask_layers={self.mask_layers!r}: one of {', '.join(MASK_LAYERS)}")
+            if self.mask_threshold > 1:
+                raise BadInput(f"{what} mask_threshold={self.mask_threshold}: ≤ 1, or < 0 for the soft mask")
+
+    def resolved(self, generation: dict) -> "BrightEndingDetector":
+        p, vals = self.params, {}
+        if p.num_inference_steps == 0:
+            vals["num_inference_steps"] = int(generation.get("num_inference_steps", 50))
+        if p.guidance_scale < 0:
+            vals["guidance_scale"] = float(generation.get("guidance_scale", 7.5))
+        for k in ("height", "width"):
+            if getattr(p, k) == 0 and generation.get(k):
+                vals[k] = int(generation[k])
+        out = self.with_params(**vals) if vals else self
+        n, q = out.params.num_inference_steps, out.params
+        if q.score_steps > n or not -n <= q.mask_step < n:
+            raise BadInput(f"detector 'bright_ending' parameters score_steps={q.score_steps}, mask_step="
+                           f"{q.mask_step}: inside the {n} denoising steps")
+        return out
+
+    def trajectory(self, model, text: str):
+        """One guided pass: δ at the scored steps (S×G×C×h×w, fp32) and the BE mask (G×1×h×w)."""
+        import torch
+
+        from memobench.api import cross_attention
+
+        p = self.params
+        if p.num_inference_steps == 0 or p.guidance_scale < 0:
+            raise ValueError("detector 'bright_ending': call resolved(generation) first (steps/guidance not set)")
+        n_steps = p.num_inference_steps
+        n_score = p.score_steps or n_steps
+        mask_step = p.mask_step % n_steps
+        x = model.initial_latents(list(p.seeds), p.height or None, p.width or None)
+        G, _, h, w = x.shape
+        tracker, kept, deltas = _StepIndex(), {}, []
+
+        def record(name, probs):
+            if tracker.index == mask_step and layer_selected(name, probs.shape[1], h * w, p.mask_layers):
+                kept[name] = probs.detach()
+
+        def on_step(info):
+            if info.index < n_score:
+                deltas.append(info.eps_cond.float() - info.eps_uncond.float())
+
+        with torch.no_grad(), cross_attention(model.unet, record=record):
+            model.denoise(model.encode_prompt(text), model.empty_embedding(), x, n_steps, p.guidance_scale,
+                          on_step=on_step, guidance=tracker)
+        end_token = model.prompt_length(text) - 1
+        return torch.stack(deltas), be_mask(kept, G, end_token, (h, w), p.mask_threshold).to(x.device)
+
+    def score(self, model, text: str) -> dict:
+        deltas, mask = self.trajectory(model, text)
+        ld = localized_magnitude(deltas, mask)
+        return {"score": float(ld.mean()), "per_step": ld.mean(dim=1).tolist(), "per_image": ld.mean(dim=0).tolist(),
+                "mask_mean": mask.mean(dim=(1, 2, 3)).tolist()}
+
+
+@hookimpl
+def register_detectors(register):
+    register(BrightEndingDetector)
 
 
 @hookimpl

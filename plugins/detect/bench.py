@@ -203,14 +203,15 @@ def run_detect(session: Session, detectors: list[Detector], memorized: str, nonm
             sub = [r["score"] for r, p in zip(recs, pos) if p.mem_type == mt]
             if len(sub) < len(pos):
                 g = detection_metrics(sub, s_neg)
-                groups[mt] = {k: g[k] for k in ("auc", "acc", "tpr_at_fpr", "n_pos", "n_neg")}
+                groups[mt] = {k: g[k] for k in ("auc", "acc", "tpr_at_fpr", "tpr_at_3fpr", "n_pos", "n_neg")}
         calib = {
             "kind": "calibration", "schema": RESULT_SCHEMA, "model_key": session.ctx.model_id,
             "model": session.model_identity, "detector": det.identity(),
             "memorized": {k: pos_desc[k] for k in ("name", "n", "content_sha256")},
             "nonmemorized": {k: neg_desc[k] for k in ("name", "n", "content_sha256")},
             "n_pos": metrics["n_pos"], "n_neg": metrics["n_neg"], "auc": metrics["auc"], "acc": metrics["acc"],
-            "tpr_at_fpr": metrics["tpr_at_fpr"], "fpr_max": metrics["fpr_max"], "thresholds": metrics["thresholds"],
+            "tpr_at_fpr": metrics["tpr_at_fpr"], "fpr_max": metrics["fpr_max"], "tpr_at_3fpr": metrics["tpr_at_3fpr"],
+            "thresholds": metrics["thresholds"],
             "rule": metrics["rule"], "result": str(result_path), "limit": limit,
             "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -219,7 +220,9 @@ def run_detect(session: Session, detectors: list[Detector], memorized: str, nonm
         dets_out[det.name] = {"identity": det.identity(), "statistic": det.statistic, "metrics": metrics,
                               "fixed_thresholds": fixed, "groups": groups, "calibration_path": str(cpath),
                               "seconds": round(time.time() - t, 3),
-                              "seconds_per_prompt_uncached": _mean([r.get("seconds") for r in recs])}
+                              # the mean over prompts of the seconds one score took when it was computed (cached
+                              # records keep their own), i.e. the detector's cost per prompt, cache reads excluded
+                              "seconds_per_prompt": _mean([r.get("seconds") for r in recs])}
     result = {
         "schema_version": RESULT_SCHEMA, "kind": "detection", "run_id": run_id,
         "status": "partial" if limit else "complete", "config_hash": key_of(config),
@@ -261,8 +264,8 @@ def write_roc_png(result: dict, path: Path) -> None:
     for (name, d), (ax_roc, ax_h) in zip(dets.items(), axes):
         m = d["metrics"]
         fpr, tpr = np.asarray(m["roc"]["fpr"]), np.asarray(m["roc"]["tpr"])
-        ax_roc.plot(fpr, tpr, lw=2,
-                    label=f"AUC {m['auc']:.3f}, ACC {m['acc']:.3f}, TPR@1%FPR {m['tpr_at_fpr']:.3f}")
+        ax_roc.plot(fpr, tpr, lw=2, label=f"AUC {m['auc']:.3f}, ACC {m['acc']:.3f}, TPR@1%FPR {m['tpr_at_fpr']:.3f}, "
+                                          f"TPR@3%FPR {m['tpr_at_3fpr']:.3f}")
         ax_roc.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
         ax_roc.axvline(m["fpr_max"], ls="--", c="tab:red", lw=1, label="FPR = 1 %")
         for rule, mk in (("acc", "o"), ("fpr", "s")):

@@ -47,6 +47,19 @@ def _progress(enabled: bool):
     return ProgressReporter(enabled=enabled)
 
 
+def _has_param(detector: str, name: str) -> bool:
+    """Whether the registered detector has a parameter ``name`` (False for an unknown detector: reported later)."""
+    import dataclasses
+
+    from memobench.api import get_registry
+
+    try:
+        cls = get_registry().get("detector", detector)
+    except KeyError:
+        return False
+    return any(f.name == name for f in dataclasses.fields(cls.Params))
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def detect(
@@ -56,12 +69,13 @@ def register(app: typer.Typer) -> None:
         nonmemorized: str = typer.Option(None, "--nonmemorized", help="Non-memorized prompts (negatives). Default: "
                                          "the model's nonmem set."),
         detector: list[str] = typer.Option(None, "--detector", "-d", help="A registered detector (`memobench ls "
-                                           "detectors`): wen (default; Wen et al.'s d(p)), nemo (NeMo's memorization "
-                                           "score), …; repeatable."),
+                                           "detectors`): wen (default; Wen et al.'s d(p)), nemo, memattn, sail, "
+                                           "anisotropy, bright_ending, …; repeatable."),
         detector_param: list[str] = typer.Option(None, "--detector-param", help="[DETECTOR.]KEY=VALUE, e.g. "
                                                  "score_steps=1 or nemo.samples=10."),
-        seeds: str = typer.Option(None, "--seeds", help="Generations of the wen statistic, e.g. 0-3 (default) — "
-                                  "one CPU generator per image, the same for every prompt."),
+        seeds: str = typer.Option(None, "--seeds", help="Generations of the detectors with a 'seeds' parameter "
+                                  "(wen, memattn, bright_ending), e.g. 0-3 — one CPU generator per image, the same "
+                                  "for every prompt."),
         model_param: list[str] = typer.Option(None, "--model-param", help="KEY=VALUE for the model plugin."),
         limit: int = typer.Option(None, "--limit", help="Only the first N prompts of each set (smoke test)."),
         output_dir: Path = typer.Option(Path("results"), "--output-dir", "-o", help="Result folder."),
@@ -72,7 +86,8 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
         as_json: bool = typer.Option(False, "--json", help="Print the result JSON instead of a table."),
     ):
-        """Detection benchmark: AUC, ACC, TPR@1%FPR and calibrated thresholds on memorized vs non-memorized prompts.
+        """Detection benchmark: AUC, ACC, TPR@1%FPR, TPR@3%FPR, seconds per prompt and calibrated thresholds on
+        memorized vs non-memorized prompts.
 
         Writes a result JSON and a ROC PNG; the thresholds are stored per model for `memobench explain`."""
         from memobench.api import check_device
@@ -86,10 +101,10 @@ def register(app: typer.Typer) -> None:
         per = split_detector_params(parse_kv(detector_param, "--detector-param"), names)
         s = _seeds(seeds)
         if s is not None:
-            with_seeds = [n for n in names if n == "wen"]
+            with_seeds = [n for n in names if _has_param(n, "seeds")]
             if not with_seeds:
-                raise BadInput("--seeds applies to the wen detector; for nemo use --detector-param nemo.seed=N "
-                               "(and nemo.samples=N)")
+                raise BadInput("--seeds applies to detectors with a 'seeds' parameter (wen, memattn, bright_ending); "
+                               "for nemo use --detector-param nemo.seed=N (and nemo.samples=N)")
             for n in with_seeds:
                 per[n]["seeds"] = ",".join(map(str, s))
         for n in names:
@@ -293,14 +308,15 @@ def _print_detect(res: dict) -> None:
     con = _console()
     t = Table(title=f"detection · {res['model']['plugin']['name']} · {res['memorized']['name']} vs "
                     f"{res['nonmemorized']['name']} · {res['status']}")
-    for c in ("detector", "AUC", "ACC", "TPR@1%FPR", "memorized", "non-mem."):
+    for c in ("detector", "AUC", "ACC", "TPR@1%FPR", "TPR@3%FPR", "s/prompt", "memorized", "non-mem."):
         t.add_column(c, no_wrap=True)
     for name, d in res["detectors"].items():
         m = d["metrics"]
-        t.add_row(name, _fmt(m["auc"]), _fmt(m["acc"]), _fmt(m["tpr_at_fpr"]), str(m["n_pos"]), str(m["n_neg"]))
+        t.add_row(name, _fmt(m["auc"]), _fmt(m["acc"]), _fmt(m["tpr_at_fpr"]), _fmt(m["tpr_at_3fpr"]),
+                  _fmt(d.get("seconds_per_prompt"), 2), str(m["n_pos"]), str(m["n_neg"]))
         for g, gv in d["groups"].items():
-            t.add_row(f"  {name}[{g}]", _fmt(gv["auc"]), _fmt(gv["acc"]), _fmt(gv["tpr_at_fpr"]), str(gv["n_pos"]),
-                      str(gv["n_neg"]))
+            t.add_row(f"  {name}[{g}]", _fmt(gv["auc"]), _fmt(gv["acc"]), _fmt(gv["tpr_at_fpr"]),
+                      _fmt(gv["tpr_at_3fpr"]), "", str(gv["n_pos"]), str(gv["n_neg"]))
     con.print(t)
     label = {"acc": "max balanced accuracy (explain's default)", "fpr": "TPR@1%FPR operating point"}
     for name, d in res["detectors"].items():

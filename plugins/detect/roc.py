@@ -1,4 +1,4 @@
-"""Detection evaluation: ROC, AUC, ACC, TPR@1%FPR and the calibrated thresholds (METHODS §6.3).
+"""Detection evaluation: ROC, AUC, ACC, TPR@1%FPR, TPR@3%FPR and the calibrated thresholds (METHODS §6.3).
 
 Follows Wen et al.'s evaluation notebook (``examples/det_mem_viz.ipynb`` of ``YuxinWenRick/diffusion_memorization``),
 which scores with scikit-learn:
@@ -9,6 +9,9 @@ which scores with scikit-learn:
 2. AUC = trapezoidal area under those points (``sklearn.metrics.auc``).
 3. ACC = max_k [1 − (FPR_k + (1 − TPR_k)) / 2], the best balanced accuracy over thresholds.
 4. TPR@1%FPR = max{TPR_k : FPR_k < 0.01} (strictly below 1 %).
+5. TPR@3%FPR = max{TPR_k : FPR_k < 0.03}, by the same rule (strictly below 3 %): the second operating point that
+   Ren et al. (``detect.py``), Jeon et al. and Asthana & Belagiannis (``detect_eval.py``) report. Those scripts take
+   the ROC point whose FPR is *closest* to the level instead, which can lie above it; the strict rule never does.
 
 Calibrated thresholds (what ``memobench explain`` uses for its verdict), both stored:
 
@@ -33,7 +36,14 @@ from collections.abc import Sequence
 import numpy as np
 
 FPR_MAX = 0.01
+FPR_MAX_3 = 0.03
 RULES = ("acc", "fpr")
+
+
+def tpr_below(fpr, tpr, level: float) -> float:
+    """max{TPR_k : FPR_k < level} over ROC points (the (0, 0) point always qualifies)."""
+    fpr, tpr = np.asarray(fpr, dtype=np.float64), np.asarray(tpr, dtype=np.float64)
+    return float(tpr[fpr < level].max(initial=0.0))
 
 
 def _finite(x: float) -> float | None:
@@ -72,6 +82,8 @@ def detection_metrics(pos: Sequence[float], neg: Sequence[float], fpr_max: float
         "acc": float(bal[k_acc]),
         "tpr_at_fpr": float(best_tpr),
         "fpr_max": fpr_max,
+        "tpr_at_3fpr": tpr_below(fpr, tpr, FPR_MAX_3),
+        "fpr_max_3": FPR_MAX_3,
         "n_pos": int(pos.size),
         "n_neg": int(neg.size),
         "thresholds": {"acc": point(k_acc), "fpr": point(k_fpr)},

@@ -56,8 +56,50 @@ Where the reference and MemBench differ from what runs here (recorded in the tra
 * Precision: the reference runs fp16 with ``scaled_dot_product_attention``; here the explicit processor computes
   the logits in the model's dtype (fp32 on the CPU), upcast as diffusers' ``AttnProcessor`` does.
 
-``attention_entropy`` is the paper's detection statistic (§5, ``detect.py``: E = −Σ_k ā_k log ā_k of the attention
-averaged over heads and pixels); it is exposed for the detection track and not used by the mitigation.
+``attention_entropy`` is the paper's entropy of one record (E = −Σ_k ā_k log ā_k of the attention averaged over
+heads and pixels); the mitigation does not use it.
+
+Detector ``memattn`` (:class:`MemAttnDetector`, the detection track of ``memobench detect``): the paper's detection
+by attention entropy (§4: memorized prompts spread the cross-attention of the first denoising steps over their
+trigger tokens instead of the beginning token, so the entropy of the token distribution is *higher*; §5: detection
+without extra cost during generation). Reference files: ``detect.py`` (the score, both modes), ``local_cmd.sh`` (the
+detection command: ``detect.py --mode E``), ``read_results.py`` (``merge_small``: the array layout),
+``refactored_classes/MemAttn.py`` (``save_numpy``: what is kept per layer and step: the conditional sample's
+post-softmax attention averaged over pixels, one row per head, and ``prompt_length``), ``text2img.py`` (one image per
+prompt, DDIM, fp16, CFG 7.5, no attention edit while detecting). With A_{s,l}^{(g)} the conditional cross-attention
+probabilities of image g at step s in layer l, heads h and pixels p::
+
+    ā_s^{(g)}[k] = 1/|L| Σ_{l∈L} 1/H Σ_h 1/P Σ_p A_{s,l}^{(g)}[h, p, k]        (k = 0..76, padding included)
+    E_s = −Σ_k ā_s[k] log ā_s[k]                 P_s = −Σ_{k ≥ n−1} ā_s[k] log ā_s[k]   (EOS and padding)
+    mode E (default):  score = E_{s=0}                     with L = {layer 3}
+    mode D:            score = mean_{s∈last} E_s + (mean_{s∈last} P_s − P_0)   with L = all layers
+
+then averaged over the images g. Higher = more likely memorized (``detect.py`` feeds the scores to
+``roc_auc_score`` with memorized = 1, no sign flip). n is the prompt's token count (BOS + words + EOS,
+:meth:`memobench.api.DiffusionModel.prompt_length`, the reference's ``prompt_length``), so P sums over the first EOS
+and the padding (``attn[:, length - 1:]``). Natural logarithm; 0 · log 0 = 0.
+
+Defaults and where each comes from:
+
+* ``mode`` "E": ``local_cmd.sh`` (``detect.py --mode E``): step 0 only, ``layer_id = [3]``.
+* ``layers`` "reference": mode E → layer 3 of the reference's list, which is in forward order (down blocks, mid,
+  up; ``refactored_unet_2d_condition.py`` collects them in that order), i.e. ``down_blocks.1.attentions.1`` of SD
+  v1.4 / v2, the last cross-attention layer of the second down block. [CHOICE] For a UNet with another layout the
+  same rule — the last cross-attention layer of ``down_blocks.1`` — picks the layer (the embedded ``tiny`` model has
+  three cross-attention layers; its layer there is ``down_blocks.1.attentions.0``, forward index 1). Mode D → all
+  layers (``detect.py`` averages over every layer when ``use_special_layer`` is off). ``"all"`` or comma-separated
+  forward-order indices (e.g. ``"3"``) choose explicitly.
+* ``last_steps`` 10: mode D's ``step_id = np.arange(40, 50)`` of 50 steps, the last ten.
+* ``seeds`` (0,): one image per prompt (``num_images_per_prompt = 1``). [CHOICE] The reference seeds the global RNG
+  with the prompt's line number (``set_seed(line_id + seed)``); here the same explicit seeds serve every prompt, as
+  the ``wen`` detector does (one CPU generator per image), so the score does not depend on the prompt's position.
+  Several seeds: the per-image scores are averaged (the reference has one image).
+* ``num_inference_steps`` / ``guidance_scale`` / ``height`` / ``width``: 0 / −1 = the model's generation defaults
+  (the reference: the pipeline's 50 DDIM steps, CFG 7.5, 512 px). Mode E needs only the first timestep and the
+  conditional UNet call on x_T (the conditional attention of a CFG batch does not depend on the unconditional half),
+  so it costs one UNet call per image; mode D follows the whole guided trajectory.
+* The attention is diffusers' (``memobench.api.cross_attention``, the model's dtype, upcast as diffusers does); the
+  reference computes it in fp16 from ``scaled_dot_product_attention``'s inputs.
 """
 
 from __future__ import annotations
@@ -65,7 +107,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, replace
 
-from memobench.api import BadInput, Conditioning, Guidance, Mitigation, hookimpl, param
+from memobench.api import BadInput, Conditioning, Detector, Guidance, Mitigation, hookimpl, param
 
 #: Named configurations (the reference's command; MemBench's).
 PRESETS: dict[str, dict] = {
@@ -193,6 +235,162 @@ class MemAttnMitigation(Mitigation):
 
     def report(self) -> dict:
         return {"prompts": dict(self._summaries), "c1": self.params.c1}
+
+
+# ---------------------------------------------------------------------------------------------- detection
+_GROUPS = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+
+def forward_order(names: list[str]) -> list[str]:
+    """Cross-attention layer names in the UNet's forward order (down blocks, mid block, up blocks; by index within
+    each): the order of the reference's attention list. ``unet.attn_processors`` lists the up blocks before the mid
+    block."""
+    def key(name: str):
+        parts = name.split(".")
+        return (_GROUPS.get(parts[0], 3), [int(x) if x.isdigit() else -1 for x in parts[1:]], name)
+
+    return sorted(names, key=key)
+
+
+def detection_layers(all_layers: list[str], spec: str, mode: str) -> list[str]:
+    """The layers L of the score: ``spec`` "reference" (mode E: the last cross-attention layer of
+    ``down_blocks.1``; mode D: all), "all", or comma-separated indices into :func:`forward_order`."""
+    layers = forward_order(all_layers)
+    if spec == "all" or (spec == "reference" and mode == "D"):
+        return layers
+    if spec == "reference":
+        second = [n for n in layers if n.startswith("down_blocks.1.")]
+        if not second:
+            raise BadInput("detector 'memattn' parameter layers=reference: the UNet has no cross-attention layer in "
+                           "down_blocks.1; pass layers=all or layer indices, e.g. layers=0")
+        return [second[-1]]
+    try:
+        idx = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise BadInput(f"detector 'memattn' parameter layers={spec!r}: 'reference', 'all' or indices like 3 or "
+                       "0,1") from None
+    bad = [i for i in idx if not 0 <= i < len(layers)]
+    if bad:
+        raise BadInput(f"detector 'memattn' parameter layers={spec!r}: index {bad[0]} outside the UNet's "
+                       f"{len(layers)} cross-attention layers (0..{len(layers) - 1})")
+    return [layers[i] for i in idx]
+
+
+def token_distribution(probs, num_images: int, cfg: bool):
+    """ā per image (G × tokens, fp32) from one layer's record ((2)·G·heads × pixels × tokens, sample-major; ``cfg``:
+    the unconditional half comes first and the conditional half is used): the mean over heads and pixels."""
+    rows = probs.shape[0]
+    per = 2 * num_images if cfg else num_images
+    if rows % per:
+        raise ValueError(f"memattn: a record of {rows} rows for {num_images} images (cfg={cfg})")
+    cond = probs[rows // 2:] if cfg else probs
+    return cond.float().reshape(num_images, -1, probs.shape[-1]).mean(dim=1)
+
+
+def token_entropy(a, start: int = 0):
+    """−Σ_{k ≥ start} a_k log a_k per row of ``a`` (natural log; 0 · log 0 = 0)."""
+    import torch
+
+    return -torch.special.xlogy(a[..., start:], a[..., start:]).sum(dim=-1)
+
+
+class MemAttnDetector(Detector):
+    """Ren et al. (ECCV 2024): the entropy of the prompt's cross-attention over its tokens (higher = memorized)."""
+
+    name = "memattn"
+    version = "1"
+    statistic = "E = −Σ_k ā_k log ā_k of the conditional cross-attention (mode E: step 0, layer 3)"
+
+    @dataclass
+    class Params:
+        mode: str = param("E", "'E': first step, one layer (local_cmd.sh) | 'D': last steps, all layers + padding")
+        layers: str = param("reference", "'reference' (E: last layer of down_blocks.1 = SD layer 3; D: all) | "
+                                         "'all' | forward-order indices, e.g. 3 or 0,1")
+        last_steps: int = param(10, "mode D: the last N steps (detect.py np.arange(40, 50) of 50)")
+        seeds: tuple = param((0,), "one image per prompt (num_images_per_prompt 1); one CPU generator per image")
+        num_inference_steps: int = param(0, "0 = the model's default (reference: 50 DDIM steps)")
+        guidance_scale: float = param(-1.0, "mode D's trajectory; < 0 = the model's default (reference: 7.5)")
+        height: int = param(0, "0 = the model's default")
+        width: int = param(0, "0 = the model's default")
+
+        def __post_init__(self):
+            what = "detector 'memattn' parameter"
+            self.seeds = tuple(int(x) for x in self.seeds)
+            if self.mode not in ("E", "D"):
+                raise BadInput(f"{what} mode={self.mode!r}: 'E' (first step) or 'D' (last steps)")
+            if not self.seeds or min(self.seeds) < 0 or len(set(self.seeds)) != len(self.seeds):
+                raise BadInput(f"{what} seeds: distinct non-negative seeds, e.g. 0 or 0,1,2,3")
+            if self.last_steps < 1:
+                raise BadInput(f"{what} last_steps={self.last_steps}: at least 1")
+            if min(self.num_inference_steps, self.height, self.width) < 0:
+                raise BadInput(f"{what} num_inference_steps, height, width: ≥ 0 (0 = the model's default)")
+
+    def resolved(self, generation: dict) -> "MemAttnDetector":
+        p, vals = self.params, {}
+        if p.num_inference_steps == 0:
+            vals["num_inference_steps"] = int(generation.get("num_inference_steps", 50))
+        if p.guidance_scale < 0:
+            vals["guidance_scale"] = float(generation.get("guidance_scale", 7.5))
+        for k in ("height", "width"):
+            if getattr(p, k) == 0 and generation.get(k):
+                vals[k] = int(generation[k])
+        out = self.with_params(**vals) if vals else self
+        if out.params.mode == "D" and out.params.last_steps >= out.params.num_inference_steps:
+            raise BadInput(f"detector 'memattn' parameter last_steps={out.params.last_steps}: fewer than the "
+                           f"{out.params.num_inference_steps} denoising steps (step 0 is the reference step)")
+        return out
+
+    def distributions(self, model, text: str) -> dict:
+        """{step index: ā (G × tokens)} at the steps the score reads (mode E: step 0; D: 0 and the last steps)."""
+        import torch
+
+        from memobench.api import cross_attention, cross_attention_layers
+
+        p = self.params
+        if p.num_inference_steps == 0 or p.guidance_scale < 0:
+            raise ValueError("detector 'memattn': call resolved(generation) first (steps/guidance not set)")
+        names = [n.removesuffix(".processor") for n in cross_attention_layers(model.unet)]
+        layers = set(detection_layers(names, p.layers, p.mode))
+        x = model.initial_latents(list(p.seeds), p.height or None, p.width or None)
+        G, n_steps = x.shape[0], p.num_inference_steps
+        steps = {0} if p.mode == "E" else {0, *range(n_steps - p.last_steps, n_steps)}
+        e_p = model.encode_prompt(text)
+        cfg = p.mode == "D" and p.guidance_scale > 1.0
+        calls: dict[str, int] = {}
+        sums: dict[int, list] = {}
+
+        def record(name, probs):
+            step = calls.get(name, 0)
+            calls[name] = step + 1
+            if name in layers and step in steps:
+                sums.setdefault(step, []).append(token_distribution(probs.detach(), G, cfg))
+
+        with torch.no_grad(), cross_attention(model.unet, record=record):
+            if p.mode == "E":
+                t0 = model.timesteps(n_steps)[0]
+                model.eps(model.scheduler.scale_model_input(x, t0), t0, e_p.expand(G, -1, -1))
+            else:
+                model.denoise(e_p, model.empty_embedding(), x, n_steps, p.guidance_scale)
+        return {s: torch.stack(v).mean(dim=0) for s, v in sorted(sums.items())}
+
+    def score(self, model, text: str) -> dict:
+        p = self.params
+        a = self.distributions(model, text)
+        if p.mode == "E":
+            per = token_entropy(a[0])
+            return {"score": float(per.mean()), "per_image": per.tolist()}
+        n = model.prompt_length(text)
+        last = [s for s in a if s > 0]
+        ent = sum(token_entropy(a[s]) for s in last) / len(last)
+        pad = sum(token_entropy(a[s], n - 1) for s in last) / len(last) - token_entropy(a[0], n - 1)
+        per = ent + pad
+        return {"score": float(per.mean()), "per_image": per.tolist(), "entropy_last": ent.tolist(),
+                "padding_entropy_change": pad.tolist(), "prompt_length": n}
+
+
+@hookimpl
+def register_detectors(register):
+    register(MemAttnDetector)
 
 
 @hookimpl

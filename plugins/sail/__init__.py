@@ -59,6 +59,38 @@ memobench choices (recorded in ``Conditioning.trace["sail"]``):
   the v output with its own formula, equal up to the factor 1/√(1−ᾱ_T) ≈ 1.002 in the difference).
 * fp32 optimisation under ``torch.enable_grad()`` with the model's parameters frozen, gradients by
   ``torch.autograd.grad`` w.r.t. the latents only (the reference: bf16, ``loss.backward()``).
+
+Detector ``sail`` (:class:`SharpnessDetector`, the detection track of ``memobench detect``): the paper's sharpness
+measure at the start of sampling (§4: memorized generations sit in sharp regions of the conditional log-density;
+the measure is the Hessian-weighted score difference, computed with one Jacobian–vector product; Table 1 reports it
+with n generations and the first "steps" sampling steps). Reference files: ``detect_mem.py`` (driver and argument
+defaults), ``local_model/pipe.py`` (the ``exp_type == 'det'`` block), ``detect_eval.py`` (mean over the steps, AUC,
+TPR@1%/3%FPR), README "Memorization Detection" (``--gen_num 4``). With s(x) = −ε_θ(x, t, e)/σ_t the score
+(σ_t = √(1 − ᾱ_t)), s̃ = s_c − s_u the score difference and H = ∂s/∂x its Jacobian (the Hessian of log p_t)::
+
+    v     = s̃(x_t) = −(ε_θ(x_t, t, e_p) − ε_θ(x_t, t, e_∅)) / σ_t
+    S^(g) = ‖ (H_c(x_t) − H_u(x_t)) v ‖₂                       (per image, over C×h×w)
+    score = 1/|S| Σ_{t∈S} 1/n Σ_g S^(g)                          (S = the first ``score_steps`` sampling steps)
+
+(H_c − H_u) v is one forward-mode JVP of x ↦ [s_u(x), s_c(x)] along v (``torch.func.jvp``, as the reference; the
+attention runs with PyTorch's math SDPA kernel there, which supports forward-mode AD — the reference disables the
+flash and memory-efficient kernels for the same reason). Higher = sharper = more likely memorized (the reference
+flips the labels when AUC < 0.5; the paper's direction is memorized = larger, which this detector keeps fixed).
+
+Defaults and where each comes from:
+
+* ``samples`` 4 (``--gen_num 4``, README), ``score_steps`` 1 (``--hvp_sampling_num`` default 1: x_T at the first
+  timestep only), ``seed`` 42 (``--gen_seed``: ``set_seed(42)`` before every prompt, "invariant to prompt ordering").
+  [CHOICE] The ``samples`` initial latents are one CPU draw of (samples, C, h, w) after ``manual_seed(seed)``, times
+  the scheduler's initial sigma (the reference draws on the GPU with the global generator, which a CPU cannot
+  reproduce), the same for every prompt.
+* ``num_inference_steps`` 0 / ``guidance_scale`` −1 / ``height`` / ``width`` 0: the model's generation defaults
+  (reference: 50 DDIM steps, CFG 7.5, 512 px). Only the first timestep matters for ``score_steps`` 1; later steps
+  follow the CFG trajectory in ε (``step_eps``).
+* [CHOICE] ε for v-prediction models: the model's own conversion (:meth:`memobench.api.DiffusionModel.eps`), so
+  s = −ε/σ_t for every model. The reference's SD 2 branch builds its "score" from the v output with its own formula
+  ((√ᾱ_t·v − x)/(1−ᾱ_t)); that branch is not reproduced.
+* The model's dtype (fp32 on the CPU), norms in fp32; the reference runs bf16 with the JVP under fp32 autocast.
 """
 
 from __future__ import annotations
@@ -68,6 +100,7 @@ from dataclasses import dataclass
 from memobench.api import (
     BadInput,
     Conditioning,
+    Detector,
     Mitigation,
     hookimpl,
     latent_elements,
@@ -247,6 +280,101 @@ class SAIL(Mitigation):
     def report(self) -> dict:
         """Per prompt: rounds run, latents accepted, the final threshold, how many seeds kept their own latent."""
         return {"prompts": dict(self._summaries)}
+
+
+# ---------------------------------------------------------------------------------------------- detection
+def sharpness(model, x, t, e_u, e_c):
+    """Per image ‖(H_c − H_u) s̃‖₂ at (x, t) (the detection measure; x: G×C×h×w, embeddings 1×L×d), with ε_u and
+    ε_c − ε_u there (G×C×h×w, fp32) for the next sampling step."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    G = x.shape[0]
+    sigma = float((1 - model.alphas_cumprod()[int(t)]).sqrt())
+    xin = model.scheduler.scale_model_input(x, t)
+    emb = torch.cat([e_u.expand(G, -1, -1), e_c.expand(G, -1, -1)]).to(model.dtype)
+
+    def scores(z):  # s(z) = −ε(z)/σ for both halves: the unconditional first
+        return -model.eps(torch.cat([z, z]), t, emb) / sigma
+
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        s_u, s_c = scores(xin).chunk(2)
+        v = s_c - s_u
+        _, jv = torch.func.jvp(scores, (xin,), (v,))
+    h_u, h_c = jv.float().chunk(2)
+    return (h_c - h_u).flatten(1).norm(dim=1), (-sigma * s_u).float(), (-sigma * v).float()
+
+
+class SharpnessDetector(Detector):
+    """Jeon et al. (ICML 2025): the sharpness ‖(H_c − H_u)(s_c − s_u)‖ at the start of sampling (higher = memorized)."""
+
+    name = "sail"
+    version = "1"
+    statistic = "‖(H_c − H_u) s̃‖₂ at x_T, t_0 (JVP of the score difference), mean over n = 4 latents"
+
+    @dataclass
+    class Params:
+        samples: int = param(4, "n: initial latents per prompt (--gen_num 4, README)")
+        seed: int = param(42, "seed of the one CPU draw of the latents (--gen_seed 42)")
+        score_steps: int = param(1, "the first N sampling steps enter the mean (--hvp_sampling_num 1)")
+        num_inference_steps: int = param(0, "0 = the model's default (reference: 50 DDIM steps)")
+        guidance_scale: float = param(-1.0, "CFG of the trajectory (score_steps > 1); < 0 = the model's default")
+        height: int = param(0, "0 = the model's default")
+        width: int = param(0, "0 = the model's default")
+
+        def __post_init__(self):
+            what = "detector 'sail' parameter"
+            if self.samples < 1 or self.score_steps < 1:
+                raise BadInput(f"{what} samples, score_steps: at least 1 (got {self.samples}, {self.score_steps})")
+            if self.seed < 0 or min(self.num_inference_steps, self.height, self.width) < 0:
+                raise BadInput(f"{what} seed, num_inference_steps, height, width: ≥ 0")
+
+    def resolved(self, generation: dict) -> "SharpnessDetector":
+        p, vals = self.params, {}
+        if p.num_inference_steps == 0:
+            vals["num_inference_steps"] = int(generation.get("num_inference_steps", 50))
+        if p.guidance_scale < 0:
+            vals["guidance_scale"] = float(generation.get("guidance_scale", 7.5))
+        for k in ("height", "width"):
+            if getattr(p, k) == 0 and generation.get(k):
+                vals[k] = int(generation[k])
+        out = self.with_params(**vals) if vals else self
+        if out.params.score_steps > out.params.num_inference_steps:
+            raise BadInput(f"detector 'sail' parameter score_steps={out.params.score_steps}: exceeds the "
+                           f"{out.params.num_inference_steps} denoising steps")
+        return out
+
+    def initial_latents(self, model):
+        import torch
+
+        p = self.params
+        shape = (p.samples, *model.latent_shape(p.height or None, p.width or None))
+        lat = torch.randn(shape, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float32)
+        return (lat * model.scheduler.init_noise_sigma).to(model.device, model.dtype)
+
+    def score(self, model, text: str) -> dict:
+        import torch
+
+        p = self.params
+        if p.num_inference_steps == 0 or p.guidance_scale < 0:
+            raise ValueError("detector 'sail': call resolved(generation) first (steps/guidance not set)")
+        e_c, e_u = model.encode_prompt(text), model.empty_embedding()
+        x = self.initial_latents(model)
+        per_step = []
+        for t in model.timesteps(p.num_inference_steps)[: p.score_steps]:
+            val, eu, d = sharpness(model, x, t, e_u, e_c)
+            per_step.append(val)
+            if len(per_step) < p.score_steps:  # the CFG step in ε to the next scored timestep
+                with torch.no_grad():
+                    x = model.step_eps((eu + p.guidance_scale * d).to(x.dtype), t, x)
+        per = torch.stack(per_step)  # steps × n
+        return {"score": float(per.mean()), "per_step": per.mean(dim=1).tolist(),
+                "per_image": per.mean(dim=0).tolist()}
+
+
+@hookimpl
+def register_detectors(register):
+    register(SharpnessDetector)
 
 
 @hookimpl
