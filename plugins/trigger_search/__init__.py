@@ -78,6 +78,7 @@ are neither the current nor the empty word are the proposals), the n latents x_T
 from __future__ import annotations
 
 import hashlib
+import weakref
 from dataclasses import dataclass
 
 from memobench.api import Attack, AttackOutput, BadInput, Conditioning, hookimpl, param
@@ -92,9 +93,18 @@ def generator_seed(prompt_sha256: str, seed: int) -> int:
     return int.from_bytes(h[:8], "big") >> 1
 
 
+_VOCAB_WORDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> its vocab_words
+
+
 def vocab_words(tokenizer) -> list[str]:
     """The tokenizer's alphabetic ASCII whole-word tokens (``word</w>``) that tokenize back to exactly that one token,
-    in token-id order (for CLIP's BPE: merge rank, i.e. most frequent first)."""
+    in token-id order (for CLIP's BPE: merge rank, i.e. most frequent first). Computed once per tokenizer object."""
+    if tokenizer not in _VOCAB_WORDS:
+        _VOCAB_WORDS[tokenizer] = _vocab_words(tokenizer)
+    return list(_VOCAB_WORDS[tokenizer])
+
+
+def _vocab_words(tokenizer) -> list[str]:
     vocab = tokenizer.get_vocab()
     cands = sorted((i, t[:-4]) for t, i in vocab.items()
                    if t.endswith("</w>") and t[:-4].isalpha() and t[:-4].isascii())
@@ -178,8 +188,8 @@ class TriggerSearchAttack(Attack):
         target_weight: float = param(1.0, "λ of the reference's diffusion loss in E; 0 = MemBench's untargeted "
                                      "D_θ-only chain (no reference used) [CHOICE]")
         ref_draws: int = param(1, "(t, ε) pairs of the reference loss per proposal [CHOICE]")
-        resample: bool = param(True, "new noise every proposal (MemBench: new x_T per iteration) [CODE]; False = "
-                               "once per target [CHOICE]")
+        resample: bool = param(False, "new noise every proposal (MemBench: a new x_T per iteration); False = the "
+                               "draws of the first proposal for the whole chain [CHOICE]")
         pool: str = param("vocab", "'vocab' (alphabetic whole-word tokens of the tokenizer) | 'nonmem' (words of "
                           "the model's non-memorized prompts); stands in for BERT's top-k [CHOICE]")
         pool_size: int = param(0, "with pool='vocab': only the N most frequent words (lowest BPE rank); 0 = all")
@@ -190,10 +200,11 @@ class TriggerSearchAttack(Attack):
 
     @classmethod
     def preset(cls, name: str) -> "TriggerSearchAttack.Params":
-        """``membench``: the reference code's search settings (README command: 150 iterations, 200 candidates)."""
+        """``membench``: the reference code's untargeted chain (README command: 150 iterations, 200 candidates, D_θ
+        only, a new x_T every iteration)."""
         if name != "membench":
             raise BadInput(f"trigger_search: unknown preset {name!r}; available: membench")
-        return cls.Params(proposals=150, candidates=200)
+        return cls.Params(proposals=150, candidates=200, target_weight=0.0, resample=True)
 
     def budget(self) -> float:
         return float(self.params.proposals)
