@@ -10,17 +10,22 @@ import math
 import numpy as np
 import pytest
 import torch
+from memobench_plugins.trigger_search import (
+    TriggerSearchAttack,
+    generator_seed,
+    vocab_words,
+)
 
 from memobench.api import BadInput, Context, Prompt
-from memobench_plugins.trigger_search import TriggerSearchAttack, generator_seed, vocab_words
 
 PROMPT = Prompt("p0", "a photo of a cat sitting on a red mat")
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from memobench.model import DiffusionModel
     from memobench_plugins.sd_random.testing import tiny_random_pipeline
+
+    from memobench.model import DiffusionModel
 
     torch.set_num_threads(1)
     pipe = tiny_random_pipeline(tokenizer_dir=tmp_path_factory.mktemp("tok") / "tokenizer")
@@ -67,8 +72,8 @@ def _hand_energy(model, text, x_T, ts, noises, z, lam):
 
 
 def test_one_gibbs_step_matches_a_hand_computation(model, ctx, reference):
-    p = dict(proposals=1, candidates=4, length=4, init_prompt="a red cat", latents_per_prompt=2, ref_draws=2,
-             temperature=50.0, target_weight=0.5)
+    p = {"proposals": 1, "candidates": 4, "length": 4, "init_prompt": "a red cat", "latents_per_prompt": 2,
+         "ref_draws": 2, "temperature": 50.0, "target_weight": 0.5}
     out = _attack(**p).run(model, PROMPT, reference, ctx)
     tr = out.trace
     # replay the generator by hand: slot, pool permutation, noise, Gibbs draw

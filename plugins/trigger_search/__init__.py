@@ -1,8 +1,8 @@
 """MemBench trigger-prompt search: MCMC (Gibbs) sampling of prompts in token space towards memorized images (attack).
 
 Paper: Hong, Oh, Sung, "MemBench: Memorized Image Trigger Prompt Dataset for Diffusion Models", arXiv 2407.17095 /
-TMLR 2025, §3 ("Memorized image trigger prompt search", Algorithm 1; the augmentation of Algorithm 2 uses the same
-step from a given sentence). Reference code ``chunsanHong/MemBench_code`` (f22a0fd), read with ``fetch``:
+TMLR 2025: Algorithm 1 (memorized image trigger prompt search; Algorithm 2, the augmentation, runs the same step
+from a given sentence), as the reference README names them. Reference code ``chunsanHong/MemBench_code`` (f22a0fd), read with ``fetch``:
 ``run_MCMC.py`` (arguments, defaults, best-candidate rule), ``gen_utils.py`` (``get_SD_score`` = D_θ and the
 Boltzmann weights, ``generate_caption_step`` = the proposal set, ``MCMC_generation`` / ``MCMC_aug`` = the chain),
 ``utils.py`` (``get_init_text``), ``stop_words.txt`` and ``banned_tokens.pickle`` (the vocabulary filters).
@@ -13,7 +13,8 @@ memorization score is Wen et al.'s text-conditional noise magnitude at the first
 
     D_θ(p) = (1/n) Σ_j ‖ ε_θ(x_T^j, T, e_p) − ε_θ(x_T^j, T, e_∅) ‖²,   x_T^j ~ N(0, I),  T = 999      (get_SD_score)
 
-(squared L2 summed over the C×h×w latent elements, mean over ``n`` = ``--approx_num`` = 1 latents). The chain
+(squared L2 summed over the C×h×w latent elements, mean over ``n`` = ``--approx_num`` = 1 latents; t = 999 is
+passed literally, not the first DDIM timestep 981). The chain
 samples the Boltzmann distribution π(p) ∝ exp(D_θ(p)/τ), τ = ``--SD_temperature`` = 0.1, by Gibbs steps: each
 iteration picks a slot k uniformly, asks a masked language model (BERT) for the ``--candidate_k`` = 200 most
 likely words at k (LM temperature 0.1, punctuation/number/special tokens of ``stop_words.txt`` and the 323 words of
@@ -42,22 +43,30 @@ then sample 50 times and cluster with SSCD to confirm memorization.
    with λ = ``target_weight`` (1; 0 switches the target off: MemBench's own D_θ-only chain, which needs no
    reference) and m = ``ref_draws`` pairs (t_i, ε_i) shared by all candidates of a proposal. ε for v-prediction
    models (the embedded ``tiny``) is converted from v (``model.eps``).
-3. [CHOICE] The proposal set. No language model can be loaded offline, so the ``candidates`` words besides
-   the current and the empty one (one word when the slot is empty) are drawn uniformly without replacement from a word ``pool``: ``"vocab"`` = the
-   tokenizer's alphabetic whole-word tokens that tokenize back to themselves (32,875 of SD's 49,408 CLIP BPE
-   tokens), optionally only the ``pool_size`` most frequent (lowest BPE merge rank); ``"nonmem"`` = the words of
-   ``ctx.nonmem_prompts``. MemBench's filters map onto this: its stop-word list is punctuation, numbers and
-   special tokens (alphabetic words only here); its banned list (landscape/logo words that raise D_θ on SD-1.4
-   without memorization) is SD-1.4-specific and unlicensed, so ``banned`` (a comma-separated list) is empty by
-   default. Every candidate sentence is the slots' words joined by spaces, encoded as ``model.encode_prompt``
-   encodes it (MemBench decodes BERT tokens to text and lets the pipeline tokenize it, the same way).
-4. Budget: ``proposals`` Gibbs steps (MemBench ``--num_iterations``; README 150, argparse default 10). One proposal
-   costs n·(1 + K) + K·m UNet evaluations (one latent image through the UNet each), K = ``candidates``: with the
-   defaults (n = 1, K = 16, m = 1) 33; at the paper's K = 200 without the target term 201. Plus K text-encoder
-   passes. [CHOICE] the defaults K = 16 and 30 proposals keep a default run of the embedded model on one CPU thread
-   near 6 minutes; the paper's values are the preset ``membench`` (:meth:`TriggerSearchAttack.preset`).
-5. ``resample`` (True, [CODE]: a new x_T every iteration) also draws new (t_i, ε_i) every proposal; False draws
-   them once per target, which makes E a fixed function of the text ([CHOICE] for comparable energies).
+3. [CHOICE] The proposal set. No language model can be loaded offline, so besides the current and the empty word
+   (one word when the slot is empty) the ``candidates`` set is filled with words drawn uniformly without
+   replacement from a word ``pool``: ``"vocab"`` = the tokenizer's alphabetic whole-word tokens that tokenize back
+   to themselves (32,875 of SD's 49,408 CLIP BPE tokens), optionally only the ``pool_size`` most frequent (lowest
+   BPE merge rank); ``"nonmem"`` = the words of ``ctx.nonmem_prompts``. MemBench's filters map onto this: its
+   stop-word list is punctuation, numbers and special tokens (alphabetic words only here); its banned list
+   (landscape/logo words that raise D_θ on SD-1.4 without memorization) is SD-1.4-specific and unlicensed, so
+   ``banned`` (comma-separated words) is empty by default. Every candidate sentence is the slots' words joined by
+   spaces, encoded as ``model.encode_prompt`` encodes it (MemBench likewise decodes BERT tokens to text and lets
+   the pipeline tokenize it).
+4. Budget: ``proposals`` Gibbs steps (MemBench ``--num_iterations``: README 150, argparse default 10). One proposal
+   costs n·(1 + K) + K·m UNet evaluations (one latent image through the UNet each; K = ``candidates``, n =
+   ``latents_per_prompt``, m = ``ref_draws``, the K·m term only when λ > 0): 33 at the defaults (n = 1, K = 16,
+   m = 1), 201 for MemBench's untargeted chain with K = 200; plus K text-encoder passes. [CHOICE] K = 16 and 30
+   proposals keep a default run of the embedded model (8 targets) on one CPU thread near 6 minutes; the reference
+   code's settings are the preset ``membench`` (:meth:`TriggerSearchAttack.preset`: 150 proposals, K = 200, λ = 0,
+   ``resample``).
+5. ``resample``: MemBench draws a new x_T every iteration [CODE] (``resample = True``, which also draws new
+   (t_i, ε_i)). [CHOICE] default False: the draws of the first proposal serve the whole chain (common random
+   numbers), so E is a fixed function of the text and the "best of every scored candidate" rule compares like
+   with like; with fresh draws the target term, whose size varies by orders of magnitude with t_i, would pick the
+   proposal with the luckiest timestep rather than the best text. On the embedded model (8 VM targets, 30
+   proposals, 4 seeds each, pixel correlation > 0.9 with the training image) fixed draws gave 19 of 32 replicated
+   images, fresh draws 12.
 6. Output ``"best"`` ([CODE]): the candidate with the lowest E among all candidates scored; ``"last"``: the chain's
    final state. The conditioning is ``model.encode_prompt(text)`` with e_∅ as negative embedding, ``text`` set.
    ``proposals = 0`` returns the initial prompt (the 0-budget point of an MR-vs-budget curve).
@@ -69,10 +78,9 @@ the generator seed.
 
 Randomness: one CPU ``torch.Generator`` per target, seeded from sha256("trigger_search" | prompt sha256 | ``seed``)
 and recorded as ``generator_seed``. It draws, in this order: the initial prompt's index (only when ``init_prompt``
-is empty); then per proposal the slot (``randint``), a permutation of the pool (``randperm``; the first words that
-are neither the current nor the empty word are the proposals), the n latents x_T and the m timesteps and noises
-(every proposal when ``resample``, else at the first one only; ``randint`` then ``randn``), and the Gibbs draw
-(``multinomial``). Draws are made on the CPU, so they do not depend on the device.
+is empty); then per proposal the slot (``randint``), a permutation of the pool (``randperm``; its first words other
+than the current one fill the candidate set), the noise (every proposal when ``resample``, else at the first one
+only: x_T ``randn``, t ``randint``, ε ``randn``), and the Gibbs draw (``multinomial``). Draws are made on the CPU, so they do not depend on the device.
 """
 
 from __future__ import annotations
@@ -93,7 +101,7 @@ def generator_seed(prompt_sha256: str, seed: int) -> int:
     return int.from_bytes(h[:8], "big") >> 1
 
 
-_VOCAB_WORDS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> its vocab_words
+_VOCAB_WORDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its vocab_words
 
 
 def vocab_words(tokenizer) -> list[str]:
@@ -121,9 +129,9 @@ def text_of(slots: list[str]) -> str:
 class Draws:
     """The noise of one proposal: ``x_T`` (n×C×h×w) for D_θ, timesteps ``t`` (m,) and noises ``eps`` (m×C×h×w)."""
 
-    x_T: "object"
-    t: "object"
-    eps: "object"
+    x_T: object
+    t: object
+    eps: object
 
 
 def energies(model, texts: list[str], draws: Draws, z, t_detect: int, target_weight: float, chunk: int = 32):
@@ -199,7 +207,7 @@ class TriggerSearchAttack(Attack):
         seed: int = param(0, "with the prompt's sha256, seeds the attack generator")
 
     @classmethod
-    def preset(cls, name: str) -> "TriggerSearchAttack.Params":
+    def preset(cls, name: str) -> TriggerSearchAttack.Params:
         """``membench``: the reference code's untargeted chain (README command: 150 iterations, 200 candidates, D_θ
         only, a new x_T every iteration)."""
         if name != "membench":
