@@ -147,6 +147,9 @@ def test_untargeted_search_is_seeded_and_needs_no_reference(model, ctx):
     assert r1["init_prompt"] in ctx.nonmem_prompts and len(r1["energy_curve"]) == 3
     assert r1["target_curve"] == [0.0] * 3 and r1["unet_evaluations"] == 3 * (1 + 3)
     assert all(e == -d for e, d in zip(r1["energy_curve"], r1["detect_curve"]))
+    last = _attack(proposals=3, candidates=3, target_weight=0.0, output="last").run(model, PROMPT, None, ctx).trace
+    assert last["chain"] == r1["chain"] and last["trigger_text"] == r1["chain"][-1]
+    assert r1["best_energy"] <= min(r1["energy_curve"])  # the chain's states are among the scored candidates
 
 
 def test_zero_proposals_return_the_initial_prompt(model, ctx, reference):
