@@ -65,9 +65,9 @@ then sample 50 times and cluster with SSCD to confirm memorization.
    (t_i, ε_i)). [CHOICE] default False: the draws of the first proposal serve the whole chain (common random
    numbers), so E is a fixed function of the text and the "best of every scored candidate" rule compares like
    with like; with fresh draws the target term, whose size varies by orders of magnitude with t_i, would pick the
-   proposal with the luckiest timestep rather than the best text. On the embedded model (8 VM targets, 30
-   proposals, 4 seeds each, pixel correlation > 0.9 with the training image) fixed draws gave 19 of 32 replicated
-   images, fresh draws 12.
+   proposal with the luckiest timestep rather than the best text. On the embedded model (``memobench run
+   --mitigation none --attack trigger_search --metric mr --metric sscd_orig``, 8 VM targets × 10 seeds) fixed
+   draws give MR 0.625 (SSCD_orig 0.667), ``--attack-param resample=true`` MR 0.250 (SSCD_orig 0.589).
 6. Output ``"best"`` ([CODE]): the candidate with the lowest E among all candidates scored; ``"last"``: the chain's
    final state. The conditioning is ``model.encode_prompt(text)`` with e_∅ as negative embedding, ``text`` set.
    ``proposals = 0`` returns the initial prompt (the 0-budget point of an MR-vs-budget curve).
