@@ -23,10 +23,10 @@ target prompt p:
    [CHOICE] tiles are compared at the same position (the paper: "the maximum of the ℓ2 distance between any pair
    of image tiles", read as corresponding tiles).
 3. **Graph and clique.** An edge joins i ≠ j when d(x_i, x_j) ≤ ``threshold``. [PAPER] δ = 0.15, the threshold of
-   the paper's (ℓ2, 0.15)-extraction; [CHOICE] the same δ joins generations (the paper reuses the tiled distance
-   for the graph and gives no separate edge threshold). The largest clique is found exactly
-   (:func:`largest_clique`: Bron–Kerbosch with Tomita pivoting and a size bound on Python-int bitsets; ties between
-   maximum cliques go to the one with the smallest sample indices, i.e. the smallest seeds). The prompt is
+   the paper's (ℓ2, 0.15)-extraction (Definition 1, §4); [CHOICE] the same δ joins generations in the graph (no
+   separate edge threshold was found for this module; a parameter). The largest clique is found exactly
+   (:func:`largest_clique`: branch and bound with greedy-colouring bounds, Tomita & Seki's MCQ, on Python-int
+   bitsets; ties between maximum cliques go to the one with the smallest sample indices, i.e. the smallest seeds). The prompt is
    **flagged** as memorized when the clique has ≥ ``min_clique`` members: [PAPER] 10 (of 500 generations).
 4. **Publish.** The samples are ranked: members of the largest clique first, then the rest; within each group by
    degree in the graph (descending), then by seed (ascending). The attacker publishes its top-``len(ctx.seeds)``
@@ -38,9 +38,9 @@ target prompt p:
    turns that into the run's images. A prompt that is not flagged still publishes its best-ranked samples.
 
 Budget: ``samples`` generated images per prompt (each one full generation of the deployed system). [PAPER] 500;
-the default here is 25 ([CHOICE]: a default run of the embedded model, 8 prompts × 25 samples at 50 steps, takes
-about 5 minutes on one CPU thread; 100 would take about 20); pass ``--attack-param samples=500`` for the paper's
-setting. ``budget_values`` (10, 25, 50, 100): 10 is the embedded
+the default here is 25 ([CHOICE]: a default run of the embedded model, 8 prompts × 25 samples at 50 steps plus the
+80 published images, took about 5 minutes of one CPU thread; 100 would take about 15); pass
+``--attack-param samples=500`` for the paper's setting. ``budget_values`` (10, 25, 50, 100): 10 is the embedded
 model's default number of seeds, where the attack publishes every sample it drew (no filtering).
 
 The trace records per prompt: the largest clique's size, ``flagged``, the number of edges, the picked seeds (in
@@ -90,33 +90,52 @@ def tiled_l2(images, tiles: int):
 
 def largest_clique(adj) -> list[int]:
     """An exact maximum clique of the undirected graph with boolean adjacency matrix ``adj`` (diagonal ignored),
-    as sorted vertex indices; among maximum cliques, the lexicographically smallest. Bron–Kerbosch with Tomita
-    pivoting on Python-int bitsets, pruning branches that cannot reach the best size found."""
+    as sorted vertex indices; among maximum cliques, the lexicographically smallest. Branch and bound with greedy
+    colouring bounds (Tomita & Seki's MCQ) on Python-int bitsets; branches that cannot reach the best size found are
+    cut, branches that can tie it are not (so every maximum clique is seen and the tie-break is exact)."""
+    import sys
+
     import numpy as np
 
     n = len(adj)
     nbr = [sum(1 << int(j) for j in np.flatnonzero(adj[i]) if j != i) for i in range(n)]
     best: list[list[int]] = [[]]
 
-    def members(bits: int) -> list[int]:
-        return [i for i in range(n) if bits >> i & 1]
+    def colouring(p: int) -> tuple[list[int], list[int]]:
+        """The vertices of ``p`` in greedy colouring order and each one's colour number: a clique among the first
+        k vertices has at most colour[k − 1] members."""
+        order, colour, k = [], [], 0
+        while p:
+            k += 1
+            q = p
+            while q:
+                v = (q & -q).bit_length() - 1
+                q &= ~nbr[v] & ~(1 << v)
+                p &= ~(1 << v)
+                order.append(v)
+                colour.append(k)
+        return order, colour
 
-    def expand(r: int, p: int, x: int, size: int) -> None:
-        if not p and not x:
-            cand = members(r)
-            if size > len(best[0]) or (size == len(best[0]) and cand < best[0]):
-                best[0] = cand
-            return
-        if size + p.bit_count() < len(best[0]):
-            return
-        pivot = max(members(p | x), key=lambda u: (p & nbr[u]).bit_count())
-        for v in members(p & ~nbr[pivot]):
-            expand(r | 1 << v, p & nbr[v], x & nbr[v], size + 1)
+    def expand(r: list[int], p: int) -> None:
+        order, colour = colouring(p)
+        for v, c in zip(reversed(order), reversed(colour)):
+            if len(r) + c < len(best[0]):
+                return
+            q = p & nbr[v]
+            if q:
+                expand(r + [v], q)
+            else:
+                cand = sorted(r + [v])
+                if len(cand) > len(best[0]) or (len(cand) == len(best[0]) and cand < best[0]):
+                    best[0] = cand
             p &= ~(1 << v)
-            x |= 1 << v
 
-    if n:
-        expand(0, (1 << n) - 1, 0, 0)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, n + 1000))  # one level per clique member
+    try:
+        expand([], (1 << n) - 1)
+    finally:
+        sys.setrecursionlimit(limit)
     return best[0]
 
 
