@@ -151,8 +151,7 @@ def rank_samples(adj, clique: list[int], seeds: list[int]) -> list[int]:
 
 
 class Extraction(Attack):
-    """Carlini et al. (USENIX Security 2023) generate-and-filter: publish the largest clique of near-identical
-    generations among many seeds."""
+    """Carlini et al. (USENIX Security 2023) generate-and-filter: publish the largest clique of alike samples."""
 
     name = "extraction"
     version = "1"
