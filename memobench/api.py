@@ -535,6 +535,10 @@ class Attack(Plugin):
     budget_param: ClassVar[str | None] = None  # the parameter --budget-sweep varies (None: no budget)
     budget_unit: ClassVar[str] = ""  # one unit of the attacker's work, e.g. "UNet forward+backward passes"
     budget_values: ClassVar[tuple[int, ...]] = ()  # default values of budget_param for --budget-sweep
+    # True when the output depends on the run's sampler settings and number of seeds (the attack samples the
+    # deployed system with ``ctx.generate`` or publishes one initial latent per seed): its cache key then includes
+    # num_inference_steps, guidance_scale and the number of seeds, besides the generation size every key has
+    depends_on_sampler: ClassVar[bool] = False
 
     def budget(self) -> float:
         """The attacker's work at these parameters, in :attr:`budget_unit` (default: the budget parameter itself)."""

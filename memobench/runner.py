@@ -178,7 +178,7 @@ class Runner:
         if aggregate:
             self._require_complete(plan.jobs, ctx, "aggregate")
         attacks = AttackPhase(self.attack, self.mitigation, self.attack_cache, self.generation,
-                              lambda prompt: self._reference(prompt, ctx))
+                              lambda prompt: self._reference(prompt, ctx), n_seeds=len(ctx.seeds))
         shard_done = self._fit_and_generate(model, model_ident, plan, ctx, attacks, device, aggregate, timing)
         if shard_done is not None:
             return shard_done

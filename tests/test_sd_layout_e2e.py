@@ -28,7 +28,8 @@ FAST = {
     "sail": ["max_steps=2", "max_rounds=1"],
     "bright_ending": ["max_iters=2"],
 }
-ATTACK_FAST = {"dori": ["steps=3", "batch=2"],
+ATTACK_FAST = {"dori": ["steps=3", "batch=2"], "extraction": ["samples=3", "tiles=4"],
+               "onestep": ["candidates=3", "mode=blackbox", "edge_size=0"],
                "trigger_search": ["proposals=2", "candidates=3", "init_prompt=a photo of a dog"]}
 SIZE = 64  # pixels: 8×8 latents
 
@@ -98,7 +99,7 @@ def test_every_mitigation_sd14_layout(tmp_path, shapes, capsys, mitigation):
     _check_layout(shapes, "sd14")
 
 
-@pytest.mark.parametrize("attack", ["prompt", "dori", "trigger_search"])
+@pytest.mark.parametrize("attack", ["prompt", "dori", "extraction", "onestep", "trigger_search"])
 def test_every_attack_sd14_layout(tmp_path, shapes, capsys, attack):
     res = _run(tmp_path, "sd14", "nemo", attack, capsys)
     assert res["config"]["attack"] == attack

@@ -15,16 +15,20 @@ from ..util import image_sha256
 
 
 def attack_key(model_ident: dict, mitigation: Mitigation | None, attack: Attack, prompt: Prompt,
-               ref_sha: str | None, size_part: tuple[str, ...] = ()) -> str:
+               ref_sha: str | None, size_part: tuple[str, ...] = (), sampler: dict | None = None) -> str:
     """Cache key of one attack output: the model, the mitigation it attacked (None = no mitigation), the attack
     (with its params), the target prompt and its reference image, and the size the attack encoded the image at
-    (``size_part``: :func:`memobench.model.size_key_part`, empty at the native size). The Runner and analyses such
-    as ``memobench analyze locality`` share these entries."""
+    (``size_part``: :func:`memobench.model.size_key_part`, empty at the native size). ``sampler``: the run's
+    sampler settings and number of seeds, for an attack whose output depends on them
+    (:attr:`memobench.api.Attack.depends_on_sampler`). The Runner and analyses such as ``memobench analyze
+    locality`` share these entries."""
     rec = {"schema": CACHE_SCHEMA, "model": model_ident,
            "mitigation": None if mitigation is None or mitigation.kind == "none" else mitigation.identity(),
            "attack": attack.identity(), "prompt_sha256": prompt.sha256, "reference": ref_sha}
     if size_part:
         rec["size"] = list(size_part)
+    if sampler:
+        rec["sampler"] = dict(sampler)
     return key_of(rec)
 
 
@@ -55,10 +59,17 @@ class AttackPhase:
     cache: TensorCache
     generation: dict  # the run's sampler settings (its height and width enter the attack key)
     references: Callable[[Prompt], list]
+    n_seeds: int = 0  # the run's seeds per target (in the key of an attack that depends on the sampler)
 
     def key(self, model, model_ident: dict, prompt: Prompt, ref_sha: str | None) -> str:
-        size = (self.generation["height"], self.generation["width"])
-        return attack_key(model_ident, self.mitigation, self.attack, prompt, ref_sha, size_key_part(model, size))
+        g = self.generation
+        size = (g["height"], g["width"])
+        sampler = None
+        if self.attack.depends_on_sampler:
+            sampler = {"num_inference_steps": g["num_inference_steps"], "guidance_scale": g["guidance_scale"],
+                       "n_seeds": self.n_seeds}
+        return attack_key(model_ident, self.mitigation, self.attack, prompt, ref_sha, size_key_part(model, size),
+                          sampler)
 
     def output(self, model, model_ident: dict, prompt: Prompt, ctx: Context) -> Conditioning | None:
         """The conditioning of one target (None when the attack has no reference image for it: that is reported
