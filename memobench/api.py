@@ -594,6 +594,20 @@ class Detector(Plugin):
     def resolved(self, generation: dict) -> "Detector":
         return self
 
+    def with_generation(self, generation: dict) -> "Detector":
+        """This detector with the generation parameters it leaves to the model at their sentinels filled from
+        ``generation`` (the model's defaults): ``num_inference_steps`` 0, ``guidance_scale`` < 0, ``height`` /
+        ``width`` 0. Parameters a detector does not have are skipped."""
+        p, vals = self.params, {}
+        if getattr(p, "num_inference_steps", None) == 0:
+            vals["num_inference_steps"] = int(generation.get("num_inference_steps", 50))
+        if getattr(p, "guidance_scale", 0) < 0:
+            vals["guidance_scale"] = float(generation.get("guidance_scale", 7.5))
+        for k in ("height", "width"):
+            if getattr(p, k, None) == 0 and generation.get(k):
+                vals[k] = int(generation[k])
+        return self.with_params(**vals) if vals else self
+
     def with_params(self, **values: Any) -> "Detector":
         return type(self)(dataclasses.replace(self.params, **values))
 

@@ -124,9 +124,7 @@ class AnisotropyDetector(Detector):
                 raise BadInput(f"{what} seed, height, width: ≥ 0")
 
     def resolved(self, generation: dict) -> "AnisotropyDetector":
-        vals = {k: int(generation[k]) for k in ("height", "width") if getattr(self.params, k) == 0
-                and generation.get(k)}
-        return self.with_params(**vals) if vals else self
+        return self.with_generation(generation)
 
     def initial_latents(self, model):
         import torch

@@ -302,15 +302,7 @@ class BrightEndingDetector(Detector):
                 raise BadInput(f"{what} mask_threshold={self.mask_threshold}: ≤ 1, or < 0 for the soft mask")
 
     def resolved(self, generation: dict) -> "BrightEndingDetector":
-        p, vals = self.params, {}
-        if p.num_inference_steps == 0:
-            vals["num_inference_steps"] = int(generation.get("num_inference_steps", 50))
-        if p.guidance_scale < 0:
-            vals["guidance_scale"] = float(generation.get("guidance_scale", 7.5))
-        for k in ("height", "width"):
-            if getattr(p, k) == 0 and generation.get(k):
-                vals[k] = int(generation[k])
-        out = self.with_params(**vals) if vals else self
+        out = self.with_generation(generation)
         n, q = out.params.num_inference_steps, out.params
         if q.score_steps > n or not -n <= q.mask_step < n:
             raise BadInput(f"detector 'bright_ending' parameters score_steps={q.score_steps}, mask_step="

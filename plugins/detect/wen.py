@@ -225,16 +225,7 @@ class WenDetector(Detector):
                 raise ValueError(f"detector 'wen' parameter attribution: {self.attribution!r} not in {ATTRIBUTIONS}")
 
     def resolved(self, generation: dict) -> "WenDetector":
-        p = self.params
-        vals = {}
-        if p.num_inference_steps == 0:
-            vals["num_inference_steps"] = int(generation.get("num_inference_steps", 50))
-        if p.guidance_scale < 0:
-            vals["guidance_scale"] = float(generation.get("guidance_scale", 7.5))
-        for k in ("height", "width"):
-            if getattr(p, k) == 0 and generation.get(k):
-                vals[k] = int(generation[k])
-        out = self.with_params(**vals) if vals else self
+        out = self.with_generation(generation)
         if out.params.score_steps > out.params.num_inference_steps:
             raise ValueError(f"detector 'wen' parameter score_steps: {out.params.score_steps} exceeds "
                              f"num_inference_steps {out.params.num_inference_steps}")

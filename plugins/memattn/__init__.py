@@ -326,15 +326,7 @@ class MemAttnDetector(Detector):
                 raise BadInput(f"{what} num_inference_steps, height, width: ≥ 0 (0 = the model's default)")
 
     def resolved(self, generation: dict) -> "MemAttnDetector":
-        p, vals = self.params, {}
-        if p.num_inference_steps == 0:
-            vals["num_inference_steps"] = int(generation.get("num_inference_steps", 50))
-        if p.guidance_scale < 0:
-            vals["guidance_scale"] = float(generation.get("guidance_scale", 7.5))
-        for k in ("height", "width"):
-            if getattr(p, k) == 0 and generation.get(k):
-                vals[k] = int(generation[k])
-        out = self.with_params(**vals) if vals else self
+        out = self.with_generation(generation)
         if out.params.mode == "D" and out.params.last_steps >= out.params.num_inference_steps:
             raise BadInput(f"detector 'memattn' parameter last_steps={out.params.last_steps}: fewer than the "
                            f"{out.params.num_inference_steps} denoising steps (step 0 is the reference step)")

@@ -330,15 +330,7 @@ class SharpnessDetector(Detector):
                 raise BadInput(f"{what} seed, num_inference_steps, height, width: ≥ 0")
 
     def resolved(self, generation: dict) -> "SharpnessDetector":
-        p, vals = self.params, {}
-        if p.num_inference_steps == 0:
-            vals["num_inference_steps"] = int(generation.get("num_inference_steps", 50))
-        if p.guidance_scale < 0:
-            vals["guidance_scale"] = float(generation.get("guidance_scale", 7.5))
-        for k in ("height", "width"):
-            if getattr(p, k) == 0 and generation.get(k):
-                vals[k] = int(generation[k])
-        out = self.with_params(**vals) if vals else self
+        out = self.with_generation(generation)
         if out.params.score_steps > out.params.num_inference_steps:
             raise BadInput(f"detector 'sail' parameter score_steps={out.params.score_steps}: exceeds the "
                            f"{out.params.num_inference_steps} denoising steps")
