@@ -58,10 +58,10 @@ the picked seeds in publishing order with their scores.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 from memobench.api import Attack, AttackOutput, BadInput, Conditioning, hookimpl, param
+from memobench_plugins.extraction import seed_base as _seed_base
 
 MODES = ("whitebox", "blackbox")
 REFERENCE_GROUP = 4  # seeds per caption of the reference black-box attack (configs/run_bb_attack_30k.sh)
@@ -69,8 +69,7 @@ REFERENCE_GROUP = 4  # seeds per caption of the reference black-box attack (conf
 
 def seed_base(prompt_sha256: str, seed: int) -> int:
     """b: the first 31 bits of sha256("onestep" | prompt sha256 | seed); the candidate seeds are b, b + 1, …"""
-    h = hashlib.sha256(f"onestep|{prompt_sha256}|{int(seed)}".encode()).digest()
-    return int.from_bytes(h[:4], "big") >> 1
+    return _seed_base(prompt_sha256, seed, tag="onestep")
 
 
 def sigma_max(model) -> float:
