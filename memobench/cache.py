@@ -5,6 +5,7 @@ Layout under the cache directory::
     images/<key[:2]>/<key>.png       + <key>.json  (sidecar: image sha256 and what determined the pixels)
     attacks/<key[:2]>/<key>.safetensors + <key>.json
     artifacts/<plugin>/<key>.<suffix>
+    features/<extractor key>/<image sha256[:2]>/<image sha256>.npy  (per-image feature vectors, e.g. SSCD)
 
 A key is the sha256 of the canonical JSON of everything that determines the content (never batch size,
 world size or shard). Every write goes to a temporary file in the same directory followed by ``os.replace``,
@@ -40,7 +41,7 @@ def default_cache_dir() -> Path:
 # A folder memobench uses as its cache holds this marker; ``cache clear`` deletes only inside a marked folder, and there
 # only memobench's own sections and files (never another program's folders that share the directory).
 MARKER = ".memobench-cache"
-SECTIONS = ("images", "attacks", "artifacts", "data", "sscd", "fidelity", "tmp", "sd-random-tokenizer")
+SECTIONS = ("images", "attacks", "artifacts", "features", "data", "sscd", "fidelity", "tmp", "sd-random-tokenizer")
 SECTION_FILES = ("weights_sha.json", "sd-random-identity.json")
 
 
@@ -147,11 +148,13 @@ def write_once_bytes(path: str | Path, data: bytes) -> bool:
             tmp.unlink()
 
 
-def png_bytes(image: np.ndarray) -> bytes:
+def png_bytes(image: np.ndarray, compress_level: int = 6) -> bytes:
+    """Lossless PNG bytes (``compress_level`` 0-9, zlib's; PIL's default 6). The pixels do not depend on it."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8)).save(buf, format="PNG",
+                                                                      compress_level=int(compress_level))
     return buf.getvalue()
 
 
@@ -274,6 +277,30 @@ class TensorCache:
         if sha256_bytes(data) != meta.get("sha256"):
             raise CacheError(f"corrupt cache entry {a}: sha256 differs from its sidecar; {fix}")
         return load(data), meta
+
+
+class FeatureCache:
+    """Per-image feature vectors of one feature extractor: ``<cache>/features/<key of the extractor's identity>/``,
+    one ``.npy`` (float32/64, no pickle) per image sha256, written atomically. Sound only for extractors whose output
+    for an image does not depend on the other images of its batch (checked for the onnx SSCD:
+    tests/test_sscd.py); a corrupt or unreadable entry reads as missing and is recomputed."""
+
+    def __init__(self, root: str | Path, extractor: dict):
+        self.root = mark_cache_dir(root) / "features" / key_of(extractor)[:32]
+
+    def path(self, digest: str) -> Path:
+        return self.root / digest[:2] / f"{digest}.npy"
+
+    def get(self, digest: str) -> np.ndarray | None:
+        try:
+            return np.load(self.path(digest), allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+
+    def put(self, digest: str, vector: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(vector), allow_pickle=False)
+        atomic_write_bytes(self.path(digest), buf.getvalue())
 
 
 def artifact_path(cache_dir: str | Path, model_id: str, plugin: Any, parts: tuple[str, ...], suffix: str) -> Path:

@@ -238,6 +238,7 @@ def _run_matrix(cfg, reg, mitigations: str | None, attacks: str | None, progress
     console = Console(stderr=True)
     con = _stdout_console()
     rows, failed = [], []
+    memo: dict = {}  # the model, loaded once for every pairing (Runner._load_model)
     t0 = time.time()
     for i, (m, a) in enumerate(pairs):
         c = copy.deepcopy(cfg)
@@ -246,7 +247,9 @@ def _run_matrix(cfg, reg, mitigations: str | None, attacks: str | None, progress
             c.budget_sweep = None  # the sweep is for the attacks that declare a budget
         console.print(f"[bold]matrix {i + 1}/{len(pairs)}: mitigation {escape(m)} × attack {escape(a)}[/bold]")
         try:
-            out = Runner(config_from_dict({}, c), registry=reg, progress=progress, console=console).run()
+            runner = Runner(config_from_dict({}, c), registry=reg, progress=progress, console=console)
+            runner.model_memo = memo
+            out = runner.run()
         except BadInput:
             raise
         except Exception as e:  # one broken pairing never loses the others

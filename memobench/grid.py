@@ -111,4 +111,4 @@ def write_grid(samples: list[Sample], path: Path, max_prompts: int = 16, max_see
             if scores and s.sample_key in scores:
                 v = scores[s.sample_key]
                 d.text((x + 2, y + cell + 1), f"seed {s.seed}: {v:.2f}", fill=(170, 0, 0) if v > 0.7 else (0, 0, 0))
-    atomic_write_bytes(path, png_bytes(np.asarray(canvas)))
+    atomic_write_bytes(path, png_bytes(np.asarray(canvas), compress_level=1))  # fast: a grid is rewritten per run

@@ -70,6 +70,27 @@ def _instantiate(reg: Registry, kind: str, name: str, params: dict):
         raise BadInput(str(e)) from None
 
 
+def weights_fingerprint(model: DiffusionModel) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer of the model's modules, and
+    over their hooks and attention processors (what a mitigation may install and must remove)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for part in ("unet", "text_encoder", "vae"):
+        module = getattr(model, part, None)
+        if module is None:
+            continue
+        for name, t in module.state_dict().items():
+            t = t.detach().contiguous()
+            h.update(f"{part}.{name}|{t.dtype}|{tuple(t.shape)}".encode())
+            h.update(t.cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        for name, m in module.named_modules():
+            hooks = (len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks))
+            proc = type(getattr(m, "processor", None)).__name__
+            h.update(f"{part}.{name}|{hooks}|{proc}|{m.training}".encode())
+    return h.hexdigest()
+
+
 class Runner:
     def __init__(self, cfg: RunConfig, registry: Registry | None = None, progress: bool = True, console=None,
                  shard: Shard | None = None):
@@ -77,6 +98,7 @@ class Runner:
         self.reg = registry or get_registry()
         self.cfg = resolve_defaults(cfg, self.reg)  # unset model / mitigation / attack: the registry's defaults
         self.shard = shard or Shard()
+        self.model_memo: dict | None = None  # see _load_model (set by `run --matrix`)
         self.progress = ProgressReporter(enabled=progress, console=console)
         self._resolve()
 
@@ -243,8 +265,7 @@ class Runner:
                    for role, s in self.utility_sets.items()}
         timing["prompts_s"] = time.time() - t
         t = time.time()
-        model = self._cast(boundary.call(self.model_plugin, "load", self.model_plugin.load, ctx,
-                                         expect=DiffusionModel))
+        model = self._load_model(ctx)
         model_ident = model.identity()
         ctx.model_id = key_of(model_ident)
         timing["load_s"] = time.time() - t
@@ -311,6 +332,26 @@ class Runner:
         if d == "cuda" and self.shard.group:  # one GPU per rank
             d = f"cuda:{self.shard.local_rank}"
         return d
+
+    def _load_model(self, ctx: Context) -> DiffusionModel:
+        """The model plugin's model, cast to ``--dtype``. With :attr:`model_memo` (``run --matrix``: one process, many
+        pairings) a model loaded by an earlier run with the same plugin identity, device and dtype is reused when its
+        weights are still bit-identical to how they were loaded (:func:`weights_fingerprint`; a mitigation must
+        restore what it changes): loading is then paid once per matrix, not once per pairing."""
+        memo = self.model_memo
+        key = key_of([self.model_plugin.identity(), str(ctx.device), self.cfg.dtype]) if memo is not None else None
+        if memo is not None and key in memo:
+            model, fingerprint = memo[key]
+            if weights_fingerprint(model) == fingerprint:
+                return model
+            del memo[key]
+            self.progress.log("[memobench] the model's weights changed during the previous pairing (a mitigation did "
+                              "not restore them); loading it again")
+        model = self._cast(boundary.call(self.model_plugin, "load", self.model_plugin.load, ctx,
+                                         expect=DiffusionModel))
+        if memo is not None:
+            memo[key] = (model, weights_fingerprint(model))
+        return model
 
     def _cast(self, model):
         """Apply ``--dtype`` (the dtype is part of the model identity, hence of every sample key)."""

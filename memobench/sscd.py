@@ -73,9 +73,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from .cache import atomic_write_text, default_cache_dir
+from .cache import FeatureCache, atomic_write_text, default_cache_dir
 from .data import check_pin, download_file
-from .util import dist_version, file_sha256
+from .util import dist_version, file_sha256, image_sha256
 
 __all__ = [
     "CHECKPOINTS",
@@ -316,8 +316,11 @@ class SSCD:
 
     def __init__(self, preset: str | SSCDPreset = "dori2026", backend: Backend = "auto",
                  weights_path: str | Path | None = None, cache_dir: str | Path | None = None,
-                 offline: bool = True, batch_size: int = 16, device: str = "cpu", sha256: str | None = None):
+                 offline: bool = True, batch_size: int = 16, device: str = "cpu", sha256: str | None = None,
+                 feature_cache: bool = True):
         self.preset = get_preset(preset)
+        self.feature_cache = bool(feature_cache)
+        self._features: FeatureCache | None = None
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.offline = offline
         self.batch_size = max(1, int(batch_size))
@@ -479,10 +482,15 @@ class SSCD:
         if not images:
             dim = CHECKPOINTS.get(self.preset.checkpoint, 512) if self.backend_name == "torchscript" else 512
             return np.zeros((0, dim), dtype=np.float32)
-        pre = [preprocess(im, self.preset) for im in images]
-        out: list[np.ndarray | None] = [None] * len(pre)
+        out: list[np.ndarray | None] = [None] * len(images)
+        store = self._feature_store()
+        digests = [image_sha256(im) for im in images] if store is not None else []
+        if store is not None:
+            for i, d in enumerate(digests):
+                out[i] = store.get(d)
+        pre = {i: preprocess(im, self.preset) for i, im in enumerate(images) if out[i] is None}
         by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i, a in enumerate(pre):
+        for i, a in pre.items():
             by_shape.setdefault(a.shape, []).append(i)
         for idx in by_shape.values():
             for s in range(0, len(idx), self.batch_size):
@@ -490,7 +498,20 @@ class SSCD:
                 feats = be.run(np.stack([pre[i] for i in chunk]), self.preset.normalize)
                 for i, f in zip(chunk, feats):
                     out[i] = f
+                    if store is not None:
+                        store.put(digests[i], f)
         return _l2_normalize(np.stack(out))  # type: ignore[arg-type]
+
+    def _feature_store(self) -> FeatureCache | None:
+        """The on-disk cache of this embedder's raw outputs per image (``<cache_dir>/features/``), keyed by
+        :attr:`impl` (backend, checkpoint, weights sha256, transform, preset, device); None when disabled. An
+        image's vector does not depend on the rest of its batch (onnx: bit-identical, tests/test_sscd.py), so a
+        cached vector equals a fresh one; a warm run then embeds nothing."""
+        if not self.feature_cache:
+            return None
+        if self._features is None:
+            self._features = FeatureCache(self.cache_dir, {"kind": "sscd-raw-output", **self.impl})
+        return self._features
 
     def similarity(self, a_images: Sequence[np.ndarray], b_images: Sequence[np.ndarray]) -> np.ndarray:
         """Cosine-similarity matrix ``[Na, Nb]`` (float32)."""

@@ -419,3 +419,21 @@ def test_params_validation_and_registration():
     with pytest.raises(RuntimeError, match="fit"):
         with N.NeMo().apply(None, PROMPTS[0], None):
             pass
+
+
+@pytest.mark.parametrize("shape, small_latent", [((6, 16, 16, 16), "upsample"), ((3, 4, 64, 64), "upsample"),
+                                                 ((4, 4, 32, 32), "fewer_scales")])
+def test_ms_ssim_against_a_fixed_target_is_bit_identical_to_ms_ssim(shape, small_latent):
+    """NeMo's refinement scores with MSSSIMAgainst (the unblocked side computed once): the same numbers, bit for bit,
+    as torchmetrics' MS-SSIM through ms_ssim, in either argument order."""
+    from memobench_plugins.nemo.localize import MSSSIMAgainst, minmax_normalize, ms_ssim
+
+    g = torch.Generator().manual_seed(1)
+    d0 = minmax_normalize(torch.randn(shape, generator=g))
+    against = MSSSIMAgainst(d0, small_latent=small_latent)
+    for i in range(4):
+        db = minmax_normalize(torch.randn(shape, generator=g) + (d0 if i % 2 else 0))
+        want = ms_ssim(d0, db, small_latent=small_latent)
+        assert torch.equal(against(db), want)
+        assert torch.equal(against(db), ms_ssim(db, d0, small_latent=small_latent))
+    assert torch.equal(against(d0), torch.ones(shape[0]))  # identical planes

@@ -225,3 +225,33 @@ def test_torchscript_backend_with_local_file(tmp_path):
     assert m.impl["weights_sha256"] == sscd.file_sha256(path)
     e = SSCD("wen2024", backend="torchscript", weights_path=path).embed([np.zeros((300, 300, 3), np.uint8)])
     np.testing.assert_allclose(e[0], -np.ones(3) / np.sqrt(3), atol=1e-6)  # Normalize(0.5, 0.5): 0 -> -1
+
+
+# ---------------------------------------------------------------------------------------------- feature cache
+def test_embedding_does_not_depend_on_the_rest_of_the_batch(photos, tmp_path):
+    """What makes the per-image feature cache exact: an image's vector is the same alone or in any batch."""
+    small = [_to64(a) for a in photos]
+    m = SSCD("dori2026", backend="onnx", cache_dir=tmp_path, feature_cache=False)
+    alone = m.embed(small[:1])[0]
+    mixed = m.embed([small[3], small[0], small[5]])[1]
+    full = m.embed(small)[0]
+    assert np.array_equal(alone, mixed) and np.array_equal(alone, full)
+    assert not (tmp_path / "features").exists()  # disabled: nothing written
+
+
+def test_feature_cache_returns_the_computed_vectors_and_recovers_from_corruption(photos, tmp_path):
+    small = [_to64(a) for a in photos[:4]]
+    fresh = SSCD("dori2026", backend="onnx", cache_dir=tmp_path / "off", feature_cache=False).embed(small)
+    m = SSCD("dori2026", backend="onnx", cache_dir=tmp_path / "on")
+    first = m.embed(small)
+    files = sorted((tmp_path / "on" / "features").rglob("*.npy"))
+    assert len(files) == 4 and np.array_equal(first, fresh)
+    calls = []
+    be = m._load()
+    orig_run = be.run
+    be.run = lambda batch, norm: calls.append(len(batch)) or orig_run(batch, norm)
+    again = SSCD("dori2026", backend="onnx", cache_dir=tmp_path / "on")
+    again._backend = be  # the same session: count what it embeds
+    assert np.array_equal(again.embed(small), fresh) and calls == []  # warm: nothing embedded
+    files[0].write_bytes(b"not an npy file")
+    assert np.array_equal(again.embed(small), fresh) and calls == [1]  # the corrupt entry alone is recomputed

@@ -91,12 +91,13 @@ from memobench.api import BadInput, Context, Mitigation, Prompt, hookimpl, param
 __all__ = [
     "NeMo", "value_layers", "block_neurons", "activation_stats", "prompt_activations", "embedding_activations",
     "candidate_sets", "theta_k_schedule", "initial_selection", "refine", "minmax_normalize", "ms_ssim",
-    "msssim_min_size", "max_pairwise_ms_ssim", "noise_differences",
+    "msssim_min_size", "max_pairwise_ms_ssim", "noise_differences", "MSSSIMAgainst",
 ]
 
 from .localize import (  # noqa: F401  (re-exported: the plugin's public functions)
     _parse_blocks, _score_value, activation_stats, block_neurons, candidate_sets, embedding_activations,
-    initial_selection, max_pairwise_ms_ssim, minmax_normalize, ms_ssim, msssim_min_size, noise_differences,
+    MSSSIMAgainst, initial_selection, max_pairwise_ms_ssim, minmax_normalize, ms_ssim, msssim_min_size,
+    noise_differences,
     prompt_activations, refine, refine_total, theta_k_schedule, value_layers,
 )
 
@@ -304,13 +305,16 @@ class NeMo(Mitigation):
             return rec
         lat_k, d0_k = latents[keep], d0[keep]
         memo: dict = {}
+        # MS-SSIM(δ_unblocked, δ_blocked) with the unblocked side computed once (bit-identical to ms_ssim)
+        against = (MSSSIMAgainst(d0_k, **kw) if p.msssim_kernel == 11
+                   else (lambda db: ms_ssim(d0_k, db, **kw)))
 
         def score(sets):
             key = tuple(tuple(sorted(set(s))) for s in sets)
             if key not in memo:
                 with block_neurons(layers, key, p.scaling_factor):
                     db = noise_differences(model, emb, lat_k, t, p.detect_guidance_scale, p.autocast_fp16)
-                memo[key] = ms_ssim(d0_k, db, **kw).cpu()
+                memo[key] = against(db).cpu()
             return memo[key]
 
         acts = [a[0] for a in embedding_activations(layers, emb)]

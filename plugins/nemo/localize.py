@@ -183,6 +183,93 @@ def ms_ssim(x, y, kernel_size: int = 11, betas: Sequence[float] = (0.33, 0.33, 0
         return msssim(x, y, reduction="none", kernel_size=kernel_size, betas=betas)
 
 
+class MSSSIMAgainst:
+    """:func:`ms_ssim` of many ``preds`` against one fixed ``target`` (N×C×H×W), with the target's side of the
+    computation done once: its upsampling, padding, Gaussian-filtered mean and second moment and its range at every
+    scale. NeMo's refinement compares hundreds of blocked noise differences with the same unblocked δ, so this halves
+    the work of each comparison without changing what is computed: torchmetrics' functional MS-SSIM
+    (``_multiscale_ssim_update`` with a Gaussian kernel of σ 1.5 / size 11, k1 0.01, k2 0.03, data range from the
+    data at each scale, ``normalize="relu"``), step by step, on the same tensors (the target's per-channel filter
+    responses are those of the joint depthwise convolution; checked equal to :func:`ms_ssim` in
+    tests/test_nemo_wanda.py)."""
+
+    def __init__(self, target, kernel_size: int = 11, betas: Sequence[float] = (0.33, 0.33, 0.33),
+                 small_latent: str = "upsample", upsample_to: int = 64):
+        import torch
+        import torch.nn.functional as F
+        from torchmetrics.functional.image.utils import _gaussian_kernel_2d
+
+        if kernel_size != 11:  # torchmetrics' Gaussian size comes from σ = 1.5 (11), whatever kernel_size says
+            raise BadInput(f"nemo: MS-SSIM with kernel {kernel_size}: only 11 (torchmetrics' Gaussian of σ 1.5)")
+        y = target.float()
+        betas = tuple(float(b) for b in betas)
+        size = min(y.shape[-2:])
+        need = msssim_min_size(len(betas), kernel_size)
+        self.factor = 1
+        if size < need:
+            if small_latent == "upsample":
+                self.factor = max(math.ceil(upsample_to / size), math.ceil(need / size))
+                y = self._up(y)
+            elif small_latent == "fewer_scales":
+                n = len(betas)
+                while n > 0 and size < msssim_min_size(n, kernel_size):
+                    n -= 1
+                if n == 0:
+                    raise BadInput(f"nemo: latent planes of {size}px are too small for MS-SSIM with kernel "
+                                   f"{kernel_size} even at one scale; use small_latent='upsample'")
+                betas = betas[:n]
+            else:
+                raise BadInput(f"nemo: MS-SSIM with kernel {kernel_size} and {len(betas)} scales needs planes of at "
+                               f"least {need}px, got {size}px; set small_latent='upsample' or 'fewer_scales'")
+        self.betas = torch.tensor(betas).view(-1, 1)
+        self.pad = (kernel_size - 1) // 2
+        self.channels = y.shape[1]
+        self.kernel = _gaussian_kernel_2d(self.channels, [kernel_size, kernel_size], [1.5, 1.5], y.dtype, y.device)
+        self.scales = []  # per scale: (padded target, μ_t, E[t²], range of t)
+        with torch.no_grad():
+            for _ in range(len(betas)):
+                yp = F.pad(y, (self.pad,) * 4, mode="reflect")
+                o = F.conv2d(torch.cat((yp, yp * yp)), self.kernel, groups=self.channels).split(y.shape[0])
+                self.scales.append((yp, o[0], o[1], y.max() - y.min()))
+                y = F.avg_pool2d(y, (2, 2))
+        self.n = target.shape[0]
+
+    def _up(self, x):
+        f = self.factor
+        return x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1) if f > 1 else x
+
+    def __call__(self, preds):
+        """Per-sample MS-SSIM(preds[i], target[i]) (preds: N×C×H×W, the target's shape before upsampling)."""
+        import torch
+        import torch.nn.functional as F
+
+        if preds.shape[0] != self.n:
+            raise ValueError(f"nemo: {preds.shape[0]} samples against a target of {self.n}")
+        x = self._up(preds.float())
+        mcs = []
+        with torch.no_grad():
+            for yp, mu_t, e_tt, range_t in self.scales:
+                dr = torch.maximum(x.max() - x.min(), range_t)
+                c1, c2 = (0.01 * dr) ** 2, (0.03 * dr) ** 2
+                xp = F.pad(x, (self.pad,) * 4, mode="reflect")
+                o = F.conv2d(torch.cat((xp, xp * xp, xp * yp)), self.kernel, groups=self.channels).split(x.shape[0])
+                mu_p, e_pp, e_pt = o
+                mu_p_sq, mu_t_sq, mu_pt = mu_p.pow(2), mu_t.pow(2), mu_p * mu_t
+                s_pp = torch.clamp(e_pp - mu_p_sq, min=0.0)
+                s_tt = torch.clamp(e_tt - mu_t_sq, min=0.0)
+                s_pt = e_pt - mu_pt
+                upper = 2 * s_pt + c2
+                lower = (s_pp + s_tt) + c2
+                full = ((2 * mu_pt + c1) * upper) / ((mu_p_sq + mu_t_sq + c1) * lower)
+                pd = self.pad
+                cs = (upper / lower)[..., pd:-pd, pd:-pd]
+                sim = torch.relu(full.reshape(full.shape[0], -1).mean(-1))
+                mcs.append(torch.relu(cs.reshape(cs.shape[0], -1).mean(-1)))
+                x = F.avg_pool2d(x, (2, 2))
+            mcs[-1] = sim
+            return torch.prod(torch.stack(mcs) ** self.betas.to(x.device), dim=0)
+
+
 def max_pairwise_ms_ssim(deltas, **kw):
     """m_g = max_{g'≠g} MS-SSIM(δ_g, δ_g') over all pairs (reference ``calculate_max_pairwise_ssim``)."""
     import torch

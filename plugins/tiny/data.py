@@ -16,6 +16,8 @@ Everything is a pure function of constants and seeds: the same call gives the sa
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import itertools
 from dataclasses import dataclass
@@ -134,7 +136,13 @@ def _skimage(source: str) -> np.ndarray:
 
 
 def photo(key: str, res: int = RES) -> np.ndarray:
-    """A memorized or non-memorized photograph by key, as ``res``×``res``×3 uint8."""
+    """A memorized or non-memorized photograph by key, as ``res``×``res``×3 uint8 (a fresh copy; decoded and
+    resized once per process)."""
+    return _photo(key, res).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _photo(key: str, res: int) -> np.ndarray:
     for it in VM_ITEMS + TM_ITEMS:
         if it.key == key:
             return _square_rgb(_skimage(it.source.split(" ")[0]), res)
