@@ -35,8 +35,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchmetrics")
 
-from memobench.api import Context  # noqa: E402
 from memobench_plugins import nemo as N  # noqa: E402
+
+from memobench.api import Context  # noqa: E402
 
 NONMEM = [f"a photo of a {w}" for w in "cat dog house tree car boat bird fish".split()]
 TEXT = "portrait of a smiling man"
@@ -51,8 +52,9 @@ NOT_MEMORIZED = dict(samples_per_prompt=3, seed=1)
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from memobench.model import DiffusionModel
     from memobench_plugins.sd_random.testing import tiny_random_pipeline
+
+    from memobench.model import DiffusionModel
 
     tok = tmp_path_factory.getbasetemp() / "sd-tokenizer"
     return DiffusionModel(tiny_random_pipeline(sd14_layout=True, tokenizer_dir=tok), "tiny-random-sd14")
@@ -118,7 +120,7 @@ def _localize_counted(model, ctx, monkeypatch, params: dict):
 
 
 def test_nemo_memorized_prompt_unet_calls_within_reference(model, ctx, monkeypatch):
-    nemo, rec, calls, log, (layers, means, stds) = _localize_counted(model, ctx, monkeypatch, MEMORIZED)
+    _, rec, calls, log, (layers, means, stds) = _localize_counted(model, ctx, monkeypatch, MEMORIZED)
     assert rec["memorized"] and rec["seeds_K"] == [0, 1, 2]
     n = calls["unet_output"]
     assert calls["hook"] == n  # no UNet call bypasses DiffusionModel.unet_output
