@@ -148,11 +148,16 @@ def peak_rss_mb() -> float:
 
 
 def git_rev() -> str:
+    """The commit of the memobench that is measured (the checkout its package is imported from: this script may be
+    run with another checkout's environment to measure that one)."""
+    import memobench
+
+    where = Path(memobench.__file__).resolve().parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent).stdout.strip()
+                             cwd=where).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+                               text=True, cwd=where).stdout.strip()
         return rev + ("-dirty" if dirty else "")
     except OSError:
         return "unknown"
