@@ -164,13 +164,15 @@ def git_rev() -> str:
 
 
 def run_once(mitigation: str, attack: str, cache: Path, out: Path, metrics: list[str] | None,
-             metric_params: dict, budget_sweep: bool, memo: dict | None = None) -> dict:
-    """One ``memobench run`` in this process, instrumented; returns the measurements and the result's figures."""
+             metric_params: dict, budget_sweep: bool, memo: dict | None = None, **overrides) -> dict:
+    """One ``memobench run`` in this process, instrumented; returns the measurements and the result's figures.
+    ``overrides``: further :class:`~memobench.config.RunConfig` fields (tests: a smaller run)."""
     from memobench.config import RunConfig
     from memobench.runner import Runner
 
     cfg = RunConfig(mitigation=mitigation, attack=attack, cache_dir=str(cache), output_dir=str(out),
-                    metrics=metrics, metric_params=metric_params, budget_sweep=[] if budget_sweep else None)
+                    metrics=metrics, metric_params=metric_params, budget_sweep=[] if budget_sweep else None,
+                    **overrides)
     probe = Probe()
     probe.install()
     t0 = time.perf_counter()

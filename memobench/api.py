@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Hashable, Iterator, Literal
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -508,6 +508,13 @@ class Mitigation(Plugin):
     def condition(self, model: "DiffusionModel", prompt: Prompt, cond: Conditioning,
                   latents: "torch.Tensor", ctx: Context) -> Conditioning:
         return cond
+
+    def apply_group(self, prompt: Prompt) -> Hashable | None:
+        """Prompts with the same non-None group get the same model from ``apply`` (and ``condition`` is the identity
+        for them): the runner may denoise their images in one batch under one ``apply`` context (utility sets, one
+        image per prompt). None (the default unless :attr:`prompt_independent`): ``prompt`` is generated alone.
+        E.g. NeMo blocks the same union of neurons for every prompt without a fitted set of its own."""
+        return "" if self.prompt_independent else None
 
     def report(self) -> dict:
         """Summary of the fitted artifact (e.g. neurons per prompt) recorded in the result."""

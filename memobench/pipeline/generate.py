@@ -102,13 +102,16 @@ class Generator:
 
     def plain(self, model, jobs: list[Job], mitigation: Mitigation | None, ctx: Context, role: str,
               owned: set[str], across_prompts: bool = False) -> None:
-        """Images from the prompts' own conditioning. ``across_prompts``: several prompts per batch when the model
-        is the same for every prompt (utility sets only: target prompts' images share their cache keys between
-        runs and are always batched per prompt)."""
+        """Images from the prompts' own conditioning. ``across_prompts``: several prompts per batch when the
+        mitigation gives them the same model (:meth:`Mitigation.apply_group`; utility sets only: target prompts'
+        images share their cache keys between runs and are always batched per prompt)."""
         with ctx.task(f"generate {role}", sum(j.key in owned for j in jobs)) as advance:
-            if across_prompts and (mitigation is None or mitigation.prompt_independent):
-                with _applied(mitigation, model, None, ctx):
-                    self.across_prompts(model, jobs, owned, advance)
+            groups = self._apply_groups(mitigation, jobs) if across_prompts else None
+            if groups is not None:
+                for gjobs in groups:
+                    first = None if mitigation is None or mitigation.prompt_independent else gjobs[0].prompt
+                    with _applied(mitigation, model, first, ctx):
+                        self.across_prompts(model, gjobs, owned, advance)
                 return
             for pj in _by_prompt(jobs).values():
                 p = pj[0].prompt
@@ -120,6 +123,20 @@ class Generator:
                 with _applied(mitigation, model, p, ctx):
                     cond = Conditioning(model.encode_prompt(p.text), model.empty_embedding(), text=p.text)
                     self.prompt(model, p, pj, pending, cond, mitigation, ctx, advance)
+
+    @staticmethod
+    def _apply_groups(mitigation: Mitigation | None, jobs: list[Job]) -> list[list[Job]] | None:
+        """The jobs split by :meth:`Mitigation.apply_group` of their prompt (first-appearance order; no mitigation:
+        one group), or None when a prompt must be generated alone."""
+        if mitigation is None:
+            return [jobs]
+        groups: dict = {}
+        for j in jobs:
+            g = boundary.call(mitigation, "apply_group", mitigation.apply_group, j.prompt)
+            if g is None:
+                return None
+            groups.setdefault(g, []).append(j)
+        return list(groups.values())
 
     def across_prompts(self, model, jobs: list[Job], owned: set[str], advance) -> None:
         """Images of several prompts per batch (a prompt-independent model); a batch with a cached or another

@@ -459,6 +459,11 @@ class NeMo(Mitigation):
             return self.union_set()
         return [[] for _ in self._layers]
 
+    def apply_group(self, prompt: Prompt) -> tuple:
+        """Prompts with the same blocked neurons (e.g. every utility prompt under the union) share one model: their
+        images may be denoised in one batch."""
+        return tuple(tuple(sorted(set(s))) for s in self.sets_for(prompt))
+
     # ------------------------------------------------------------------------------------------- apply
     @contextlib.contextmanager
     def apply(self, model, prompt: Prompt | None, ctx: Context) -> Iterator[None]:

@@ -368,6 +368,15 @@ class Wanda(Mitigation):
     def prompt_independent(self) -> bool:  # one mask for every prompt unless group_size > 0
         return self.params.group_size == 0
 
+    def apply_group(self, prompt: Prompt):
+        """Prompts with the same mask (their group's, or the union for prompts outside every group) share one model."""
+        if self.prompt_independent:
+            return ""
+        if self._groups is None:
+            raise RuntimeError(f"mitigation '{self.name}': fit() must run before apply()")
+        gi = self._by_prompt.get(prompt.sha256)
+        return ("group", gi) if gi is not None else ("union",)
+
     def masks_for(self, prompt: Prompt | None) -> dict:
         if self._groups is None:
             raise RuntimeError(f"mitigation '{self.name}': fit() must run before apply()")
