@@ -69,13 +69,18 @@ def test_runner_holds_at_most_a_batch_of_decoded_images(tmp_path, tiny_pipe, mon
 
     from memobench_plugins.memorization import _SSCDMetric
 
+    import memobench.pipeline.score as score_mod
+
     monkeypatch.setattr(ImageCache, "get", counting_get)
     monkeypatch.setattr(_SSCDMetric, "make_embedder", make_embedder)
+    # the run's store of decoded images (DecodedImages) keeps what fits in its byte budget: with none, only the
+    # image read last stays; the rest is what the metrics hold
+    monkeypatch.setattr(score_mod, "DECODED_IMAGES_MAX_BYTES", 0)
     out = Runner(_cfg(tmp_path, tiny_pipe, metrics, mitigation="rta"), progress=False).run()
     n_samples = sum(1 for _ in open(out.samples_path))
     assert out.result["errors"] == [] and n_samples == 2 * 12 + 4 and out.result["metrics"]["sscd_gen"]["n"] == 2
     # a batch of generations (sscd_gen: a batch of images + their baselines is 2 × bs at most), never all of them
-    assert peak[0] <= 2 * bs, f"{peak[0]} decoded images alive at once (batch {bs}, {n_samples} samples)"
+    assert peak[0] <= 2 * bs + 1, f"{peak[0]} decoded images alive at once (batch {bs}, {n_samples} samples)"
     assert all(max(f.batches) <= bs for f in fakes) and len(fakes) == 4
 
 
@@ -103,8 +108,9 @@ def test_start_of_run_reads_no_png(tmp_path, tiny_pipe, monkeypatch):
     out = Runner(_cfg(tmp_path, tiny_pipe, []), progress=False).run()
     assert out.result["status"] == "partial" and out.grid_path is not None
     assert [p for p, _ in reads if p == "start"] == []
-    # the grid's 2 prompts × first 8 seeds (+ one read for its cell size), not the 24 cached images
-    assert len(reads) == 2 * 8 + 1
+    # the grid's 2 prompts × first 8 seeds, each decoded once (its cell size comes from the first, kept by the run's
+    # DecodedImages store), not the 24 cached images
+    assert len(reads) == 2 * 8 and len(set(reads)) == 2 * 8
 
 
 def test_corrupt_png_found_when_a_metric_reads_it(tmp_path, tiny_pipe, monkeypatch):
@@ -188,19 +194,20 @@ def test_streamed_scores_and_batches_equal_in_memory(tmp_path, monkeypatch, pres
     held = [Sample(f"k{i}{g}", prompts[i], g, gens[i, g], refs[i]) for i, g in gens]
     streamed = [Sample(f"k{i}{g}", prompts[i], g, image_loader=lambda x=gens[i, g]: x.copy(),
                        references_loader=lambda r=refs[i]: [x.copy() for x in r]) for i, g in gens]
-    ctx = Context(cache_dir=tmp_path, offline=True)
+    # one cache folder per computation: the SSCD feature cache would otherwise serve the later ones without batches
+    ctx, ctx2, ctx3 = (Context(cache_dir=tmp_path / n, offline=True) for n in ("held", "streamed", "add"))
     log = _batch_log(monkeypatch)
     params = {"preset": preset, "backend": "onnx", "batch_size": 3}
     m = mem.SSCDOrig(mem.SSCDOrig.Params(**params))
     v_held = m.compute(held, ctx)["sscd_orig"]
     n_held = len(log)
-    v_streamed = m.compute(streamed, ctx)["sscd_orig"]
+    v_streamed = m.compute(streamed, ctx2)["sscd_orig"]
     held_batches = log[:n_held]
     assert log[n_held:] == held_batches and n_held >= 4
     assert v_held.per_sample == v_streamed.per_sample and v_held.value == v_streamed.value
 
     log.clear()  # the pre-streaming path: one add() of generations then references
-    cache = mem.EmbeddingCache(m.make_embedder(ctx))
+    cache = mem.EmbeddingCache(m.make_embedder(ctx3))
     cache.add([s.image for s in held] + [refs[i][0] for i in range(2)])
     assert log == held_batches
     for s in held:
@@ -208,3 +215,23 @@ def test_streamed_scores_and_batches_equal_in_memory(tmp_path, monkeypatch, pres
 
     d = mem.Diversity(mem.Diversity.Params(**params))
     assert d.compute(held, ctx)["diversity"].per_sample == d.compute(streamed, ctx)["diversity"].per_sample
+
+
+def test_each_generated_image_is_decoded_once_per_run(tmp_path, tiny_pipe, monkeypatch):
+    """Several metrics read the same images: within the store's byte budget each PNG is decoded (and sha256-checked)
+    once per run, and the scores are those of a run that decodes on every read."""
+    import memobench.pipeline.score as score_mod
+
+    metrics = ["mr", "sscd_orig", "sscd_gen", "diversity", "tiny_alignment"]
+    Runner(_cfg(tmp_path, tiny_pipe, [], mitigation="rta"), progress=False).run()  # generate only
+    reads: list[str] = []
+    orig_get = ImageCache.get
+    monkeypatch.setattr(ImageCache, "get", lambda self, key: reads.append(key) or orig_get(self, key))
+    once = Runner(_cfg(tmp_path, tiny_pipe, metrics, mitigation="rta"), progress=False).run()
+    assert len(reads) == len(set(reads)) > 0
+    reads.clear()
+    monkeypatch.setattr(score_mod, "DECODED_IMAGES_MAX_BYTES", 0)
+    every = Runner(_cfg(tmp_path, tiny_pipe, metrics, mitigation="rta"), progress=False).run()
+    assert len(reads) > len(set(reads))
+    for k, v in once.result["metrics"].items():
+        assert v["value"] == every.result["metrics"][k]["value"], k

@@ -42,15 +42,44 @@ class ReferenceStore:
         return refs
 
 
+DECODED_IMAGES_MAX_BYTES = 64 << 20  # the run's store of decoded generated images (DecodedImages)
+
+
+class DecodedImages:
+    """Generated images of the run, decoded (and sha256-checked) once and kept while they fit in ``max_bytes``
+    (least recently used dropped first); every read returns a fresh copy. Several metrics read the same images, so
+    a warm run decodes each about once; memory stays bounded whatever the number of samples."""
+
+    def __init__(self, images: ImageCache, max_bytes: int | None = None):
+        self.images = images
+        self.max_bytes = DECODED_IMAGES_MAX_BYTES if max_bytes is None else max_bytes
+        self._arrays: collections.OrderedDict = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: str):
+        a = self._arrays.get(key)
+        if a is not None:
+            self._arrays.move_to_end(key)
+            return a.copy()
+        a = self.images.get(key)
+        self._arrays[key] = a
+        self._bytes += a.nbytes
+        while self._bytes > self.max_bytes and len(self._arrays) > 1:
+            _, old = self._arrays.popitem(last=False)
+            self._bytes -= old.nbytes
+        return a.copy()
+
+
 def load_samples(jobs: list[Job], images: ImageCache, needs_baseline: bool,
                  target_references: Callable[[Prompt], list],
                  utility_references: Callable[[str, Prompt], list]) -> list[Sample]:
     """The run's samples, *streamed*: each holds loaders, not pixels (:class:`memobench.api.Sample`). An image
-    (and its baseline) is decoded from the cache, sha256-checked, when a metric or the grid reads it and is not
-    kept; a prompt's reference images are loaded about once per prompt and kept while they fit in a bounded
-    store (:class:`ReferenceStore`). Memory is then a batch of images plus features, whatever the number of
-    samples. Jobs whose image is not in the cache are left out (the phase that skipped them recorded why)."""
+    (and its baseline) is decoded from the cache, sha256-checked, when a metric or the grid first reads it, and kept
+    while it fits in a bounded store (:class:`DecodedImages`, 64 MB); a prompt's reference images are loaded about
+    once per prompt and kept while they fit in a bounded store (:class:`ReferenceStore`). Memory is then bounded by
+    the two stores plus features, whatever the number of samples. Jobs whose image is not in the cache are left out (the phase that skipped them recorded why)."""
     refs = ReferenceStore()
+    decoded = DecodedImages(images)
     baseline = {(j.prompt.id, j.seed): j.key for j in jobs if j.role == "baseline"}
     if not baseline and needs_baseline:  # no mitigation, no attack: the targets are the baseline
         baseline = {(j.prompt.id, j.seed): j.key for j in jobs if j.role == "target"}
@@ -66,9 +95,9 @@ def load_samples(jobs: list[Job], images: ImageCache, needs_baseline: bool,
                                            functools.partial(utility_references, j.role, j.prompt))
         bkey = baseline.get((j.prompt.id, j.seed)) if j.role in TARGET_ROLES else None
         out.append(Sample(sample_key=j.key, prompt=j.prompt, seed=j.seed, role=j.role,
-                          image_loader=functools.partial(images.get, j.key),
+                          image_loader=functools.partial(decoded.get, j.key),
                           references_loader=ref_loader,
-                          baseline_loader=(functools.partial(images.get, bkey)
+                          baseline_loader=(functools.partial(decoded.get, bkey)
                                            if bkey and images.has(bkey) else None),
                           extra={"image_sha256": images.meta(j.key)["image_sha256"]}))
     return out
