@@ -118,3 +118,15 @@ def cli_inproc(capsys):
 
     return call
 
+
+
+@pytest.fixture(scope="session")
+def sd14_random_model(tmp_path_factory):
+    """A tiny random pipeline with SD v1.4's UNet layout (its block structure and value-layer order) as a
+    :class:`memobench.model.DiffusionModel` (shared by the NeMo / Wanda tests)."""
+    from memobench_plugins.sd_random.testing import tiny_random_pipeline
+
+    from memobench.model import DiffusionModel
+
+    tok = tmp_path_factory.getbasetemp() / "sd-tokenizer"
+    return DiffusionModel(tiny_random_pipeline(sd14_layout=True, tokenizer_dir=tok), "tiny-random-sd14")

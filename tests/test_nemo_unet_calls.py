@@ -51,13 +51,8 @@ NOT_MEMORIZED = dict(samples_per_prompt=3, seed=1)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from memobench_plugins.sd_random.testing import tiny_random_pipeline
-
-    from memobench.model import DiffusionModel
-
-    tok = tmp_path_factory.getbasetemp() / "sd-tokenizer"
-    return DiffusionModel(tiny_random_pipeline(sd14_layout=True, tokenizer_dir=tok), "tiny-random-sd14")
+def model(sd14_random_model):
+    return sd14_random_model  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

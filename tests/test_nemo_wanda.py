@@ -39,12 +39,8 @@ NONMEM = [f"a photo of a {w}" for w in "cat dog house tree car boat bird fish".s
 
 # ---------------------------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from memobench.model import DiffusionModel
-    from memobench_plugins.sd_random.testing import tiny_random_pipeline
-
-    tok = tmp_path_factory.getbasetemp() / "sd-tokenizer"
-    return DiffusionModel(tiny_random_pipeline(sd14_layout=True, tokenizer_dir=tok), "tiny-random-sd14")
+def model(sd14_random_model):
+    return sd14_random_model  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

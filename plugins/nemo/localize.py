@@ -151,6 +151,33 @@ def msssim_min_size(n_scales: int, kernel_size: int) -> int:
     return max(2 ** n_scales, kernel_size * div)
 
 
+def _small_plane_plan(size: int, betas: Sequence[float], kernel_size: int, small_latent: str,
+                      upsample_to: int) -> tuple[int, tuple[float, ...]]:
+    """(nearest-upsampling factor, betas) for planes of ``size`` px under ``small_latent`` (see the module
+    docstring of the plugin): factor 1 and all betas when the planes are large enough for torchmetrics."""
+    betas = tuple(float(b) for b in betas)
+    need = msssim_min_size(len(betas), kernel_size)
+    if size >= need:
+        return 1, betas
+    if small_latent == "upsample":
+        return max(math.ceil(upsample_to / size), math.ceil(need / size)), betas
+    if small_latent == "fewer_scales":
+        n = len(betas)
+        while n > 0 and size < msssim_min_size(n, kernel_size):
+            n -= 1
+        if n == 0:
+            raise BadInput(f"nemo: latent planes of {size}px are too small for MS-SSIM with kernel "
+                           f"{kernel_size} even at one scale; use small_latent='upsample'")
+        return 1, betas[:n]
+    raise BadInput(f"nemo: MS-SSIM with kernel {kernel_size} and {len(betas)} scales needs planes of at "
+                   f"least {need}px, got {size}px; set small_latent='upsample' or 'fewer_scales'")
+
+
+def _upsample(x, f: int):
+    """Nearest-neighbour upsampling by the integer factor ``f`` (every value an f×f block)."""
+    return x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1) if f > 1 else x
+
+
 def ms_ssim(x, y, kernel_size: int = 11, betas: Sequence[float] = (0.33, 0.33, 0.33), small_latent: str = "upsample",
             upsample_to: int = 64):
     """Per-sample multi-scale SSIM of two N×C×H×W tensors (torchmetrics' functional MS-SSIM, ``reduction='none'``,
@@ -160,25 +187,8 @@ def ms_ssim(x, y, kernel_size: int = 11, betas: Sequence[float] = (0.33, 0.33, 0
     from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as msssim
 
     x, y = x.float(), y.float()
-    betas = tuple(float(b) for b in betas)
-    size = min(x.shape[-2:])
-    need = msssim_min_size(len(betas), kernel_size)
-    if size < need:
-        if small_latent == "upsample":
-            f = max(math.ceil(upsample_to / size), math.ceil(need / size))
-            x = x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
-            y = y.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1)
-        elif small_latent == "fewer_scales":
-            n = len(betas)
-            while n > 0 and size < msssim_min_size(n, kernel_size):
-                n -= 1
-            if n == 0:
-                raise BadInput(f"nemo: latent planes of {size}px are too small for MS-SSIM with kernel "
-                               f"{kernel_size} even at one scale; use small_latent='upsample'")
-            betas = betas[:n]
-        else:
-            raise BadInput(f"nemo: MS-SSIM with kernel {kernel_size} and {len(betas)} scales needs planes of at "
-                           f"least {need}px, got {size}px; set small_latent='upsample' or 'fewer_scales'")
+    f, betas = _small_plane_plan(min(x.shape[-2:]), betas, kernel_size, small_latent, upsample_to)
+    x, y = _upsample(x, f), _upsample(y, f)
     with torch.no_grad():
         return msssim(x, y, reduction="none", kernel_size=kernel_size, betas=betas)
 
@@ -201,26 +211,8 @@ class MSSSIMAgainst:
 
         if kernel_size != 11:  # torchmetrics' Gaussian size comes from σ = 1.5 (11), whatever kernel_size says
             raise BadInput(f"nemo: MS-SSIM with kernel {kernel_size}: only 11 (torchmetrics' Gaussian of σ 1.5)")
-        y = target.float()
-        betas = tuple(float(b) for b in betas)
-        size = min(y.shape[-2:])
-        need = msssim_min_size(len(betas), kernel_size)
-        self.factor = 1
-        if size < need:
-            if small_latent == "upsample":
-                self.factor = max(math.ceil(upsample_to / size), math.ceil(need / size))
-                y = self._up(y)
-            elif small_latent == "fewer_scales":
-                n = len(betas)
-                while n > 0 and size < msssim_min_size(n, kernel_size):
-                    n -= 1
-                if n == 0:
-                    raise BadInput(f"nemo: latent planes of {size}px are too small for MS-SSIM with kernel "
-                                   f"{kernel_size} even at one scale; use small_latent='upsample'")
-                betas = betas[:n]
-            else:
-                raise BadInput(f"nemo: MS-SSIM with kernel {kernel_size} and {len(betas)} scales needs planes of at "
-                               f"least {need}px, got {size}px; set small_latent='upsample' or 'fewer_scales'")
+        self.factor, betas = _small_plane_plan(min(target.shape[-2:]), betas, kernel_size, small_latent, upsample_to)
+        y = _upsample(target.float(), self.factor)
         self.betas = torch.tensor(betas).view(-1, 1)
         self.pad = (kernel_size - 1) // 2
         self.channels = y.shape[1]
@@ -234,10 +226,6 @@ class MSSSIMAgainst:
                 y = F.avg_pool2d(y, (2, 2))
         self.n = target.shape[0]
 
-    def _up(self, x):
-        f = self.factor
-        return x.repeat_interleave(f, dim=-2).repeat_interleave(f, dim=-1) if f > 1 else x
-
     def __call__(self, preds):
         """Per-sample MS-SSIM(preds[i], target[i]) (preds: N×C×H×W, the target's shape before upsampling)."""
         import torch
@@ -245,7 +233,7 @@ class MSSSIMAgainst:
 
         if preds.shape[0] != self.n:
             raise ValueError(f"nemo: {preds.shape[0]} samples against a target of {self.n}")
-        x = self._up(preds.float())
+        x = _upsample(preds.float(), self.factor)
         mcs = []
         with torch.no_grad():
             for yp, mu_t, e_tt, range_t in self.scales:
