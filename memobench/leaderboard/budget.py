@@ -70,6 +70,10 @@ def budget_plots(rows: list[Row], files: dict[str, bytes], xml: str) -> list[tup
     return out
 
 
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "*", "<", ">")
+DASHES = ("-", (0, (6, 2)), (0, (2, 2)), (0, (7, 2, 1, 2)), (0, (1, 1)))
+
+
 def budget_svg(model: str, attack: str, sweeps: list[Sweep], prefix: str = "bud") -> str:
     from matplotlib import rc_context
 
@@ -82,18 +86,23 @@ def budget_svg(model: str, attack: str, sweeps: list[Sweep], prefix: str = "bud"
         ax.set_ylim(-0.03, 1.03)
         ax.axhline(s0.threshold, color="#868e96", lw=1, ls=(0, (2, 2)))
         hover = {}
-        for i, s in enumerate(sorted(sweeps, key=lambda s: s.row.mitigation)):
+        ordered = sorted(sweeps, key=lambda s: s.row.mitigation)
+        for i, s in enumerate(ordered):
             xs = [x for x, _, m in s.points if m is not None]
             ys = [m for _, _, m in s.points if m is not None]
             gid = f"{prefix}-c{i}"
-            ax.plot(xs, ys, marker="o", ms=5, lw=1.6, color=f"C{i % 10}", ls="-" if i < 10 else (0, (4, 2)),
-                    gid=gid, label=s.row.mitigation[:24], url=f"pairings/{s.row.slug}.html")
+            # curves often coincide (MR 1.0 at every budget): hollow markers of decreasing size and distinct
+            # shapes and dash patterns keep every one of them visible where they overlap
+            ms = 11.0 - 7.0 * i / max(len(ordered) - 1, 1)
+            ax.plot(xs, ys, marker=MARKERS[i % len(MARKERS)], ms=ms, mfc="none", mew=1.5, lw=1.4,
+                    color=f"C{i % 10}", ls=DASHES[i % len(DASHES)], gid=gid, label=s.row.mitigation[:24],
+                    url=f"pairings/{s.row.slug}.html")
             cell = work_cell(s.row)
             hover[gid] = ("curve", f"{s.row.mitigation}: work to re-extract {cell['text']}; {cell['tip']}")
         for t in ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, borderaxespad=0).get_texts():
             t.set_parse_math(False)
-        fig.text(64 / W, 1 - 22 / H, "one line per mitigation; hover for the work to re-extract, click for details",
-                 color="#5b6570", parse_math=False)
+        fig.text(64 / W, 1 - 22 / H, "one line per mitigation (coinciding curves: nested hollow markers); hover for "
+                 "the work to re-extract, click for details", color="#5b6570", parse_math=False)
         return _svg(fig, W, H, f"{model}: {s0.metric} vs attacker work ({attack})", hover)
 
 
