@@ -227,6 +227,8 @@ def main_measure(args) -> int:
     for state in ("cold", "warm"):
         if state == "warm" and args.cold_only:
             break
+        if state == "cold" and args.warm_only:
+            continue
         t0 = time.perf_counter()
         rows, memo = [], ({} if args.mode == "matrix" else None)
         for m, a in pairs:
@@ -309,6 +311,8 @@ def parse_args(argv=None):
         p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
         p.add_argument("--cache-dir", default=None, help="use this cache (default: a fresh temporary folder)")
         p.add_argument("--cold-only", action="store_true", help="skip the warm repetition")
+        p.add_argument("--warm-only", action="store_true", help="only the warm pass (with --cache-dir holding "
+                       "everything the pairings need already)")
         p.add_argument("--keep", action="store_true", help="keep the temporary folder")
         p.add_argument("--out", default=None, help="write the JSON here (default: stdout)")
     r = sub.add_parser("report")
