@@ -241,6 +241,15 @@ class DiffusionModel:
                          for s in seeds])
         return lat.to(self.device) * self.scheduler.init_noise_sigma
 
+    def joint_latents(self, n: int, seed: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
+        """``n`` initial latents from **one** CPU draw of shape (n, C, h, w) after ``manual_seed(seed)``, × the
+        scheduler's initial sigma, in the model's dtype (NeMo's ``prepare_diffusion_inputs`` convention, also used
+        by detectors that score a fixed set of latents); unlike :meth:`initial_latents` (one generator per image),
+        latent g depends on n."""
+        shape = (int(n), *self.latent_shape(height, width))
+        lat = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)), dtype=torch.float32)
+        return (lat * self.scheduler.init_noise_sigma).to(self.device, self.dtype)
+
     @property
     def prediction_type(self) -> str:
         """What the UNet predicts (the scheduler's ``prediction_type``): ``"epsilon"`` (SD v1.x, SD 2 base) or

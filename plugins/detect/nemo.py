@@ -61,13 +61,9 @@ class NeMoDetector(Detector):
                 raise ValueError("detector 'nemo' parameter timestep_index: outside the denoising steps")
 
     def initial_latents(self, model):
-        import torch
-
         p = self.params
         if p.latent_rule == "nemo":
-            lat = torch.randn((p.samples, *model.latent_shape()), generator=torch.Generator().manual_seed(p.seed),
-                              dtype=torch.float32)
-            return (lat * model.scheduler.init_noise_sigma).to(model.device, model.dtype)
+            return model.joint_latents(p.samples, p.seed)
         return model.initial_latents(list(range(p.seed, p.seed + p.samples)))
 
     def score(self, model, text: str) -> dict:

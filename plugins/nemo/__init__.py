@@ -252,14 +252,10 @@ class NeMo(Mitigation):
 
     def _latents(self, model, size: tuple[int, int] | None = None):
         """The G detection latents x_T^(g) at ``size`` (height, width in pixels; default the model's native)."""
-        import torch
-
         p = self.params
         h, w = size or (model.resolution, model.resolution)
         if p.latent_rule == "nemo":
-            shape = (p.samples_per_prompt, *model.latent_shape(h, w))
-            lat = torch.randn(shape, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float32)
-            return (lat * model.scheduler.init_noise_sigma).to(model.device, model.dtype)
+            return model.joint_latents(p.samples_per_prompt, p.seed, h, w)
         return model.initial_latents(list(range(p.seed, p.seed + p.samples_per_prompt)), h, w)
 
     def _selection_ident(self, stats_key: str, model=None, size: tuple[int, int] | None = None) -> _Ident:

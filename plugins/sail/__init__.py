@@ -337,12 +337,8 @@ class SharpnessDetector(Detector):
         return out
 
     def initial_latents(self, model):
-        import torch
-
         p = self.params
-        shape = (p.samples, *model.latent_shape(p.height or None, p.width or None))
-        lat = torch.randn(shape, generator=torch.Generator().manual_seed(p.seed), dtype=torch.float32)
-        return (lat * model.scheduler.init_noise_sigma).to(model.device, model.dtype)
+        return model.joint_latents(p.samples, p.seed, p.height or None, p.width or None)
 
     def score(self, model, text: str) -> dict:
         import torch
