@@ -187,6 +187,16 @@ def columns_of(rows: list[Row], targets: set[str]) -> list[Column]:
             main_sig={m: _most_common(s) for m, s in sigs.items()},
             rmin=_num(first.get("min")), rmax=_num(first.get("max")),
             notes=[t for t, _ in sorted(notes.items(), key=lambda kv: (-kv[1], kv[0]))], role=roles[n]))
+    # several metrics with one display name (MR, MR_gen, MR_mean, MR_any all say "MR"): all but the headline one
+    # name their metric id too, so that no two columns read the same
+    seen: dict[str, list[Column]] = {}
+    for c in cols:
+        seen.setdefault(c.display, []).append(c)
+    for same in seen.values():
+        if len(same) > 1:
+            for c in same:
+                if not (c.role.headline and c.display.lower().replace(" ", "_") == c.name.lower()):
+                    c.display = f"{c.display} ({c.name})"
     return cols
 
 
