@@ -195,7 +195,8 @@ def run_once(mitigation: str, attack: str, cache: Path, out: Path, metrics: list
             "unet_samples": sum(p["unet_samples"] + p["unet_grad_samples"] for p in phases.values()),
             "peak_rss_mb": round(peak_rss_mb(), 1), "config_hash": res["config_hash"][:16], "figures": figures,
             "figures_without_attack": {k: v.get("value") for k, v in (res.get("metrics_without_attack") or {}).items()},
-            "runner_timing": {k: round(v, 3) for k, v in res["timing"].items()}}
+            "runner_timing": {k: round(v, 3) for k, v in res["timing"].items()},
+            "image_provenance": res.get("image_provenance")}
 
 
 def environment(threads: int) -> dict:

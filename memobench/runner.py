@@ -42,7 +42,7 @@ from .pipeline.attack import AttackPhase, attack_key, cached_attack  # noqa: F40
 from .pipeline.fit import fit
 from .pipeline.generate import Generator
 from .pipeline.plan import Job, Plan
-from .pipeline.score import condition_traces, load_samples, score
+from .pipeline.score import condition_traces, image_provenance, load_samples, score
 from .pipeline.write import RESULT_SCHEMA, RunOutcome, assemble_result, run_dir, write_grids, write_result  # noqa: F401
 from .progress import Interrupted, ProgressReporter
 from .registry import Registry, get_registry
@@ -218,6 +218,7 @@ class Runner:
             timing["budget_sweep_s"] = time.time() - t
         timing["total_s"] = time.time() - t_start
         traces["mitigation"] = condition_traces(plan.jobs, self.images)
+        traces["provenance"] = image_provenance(plan.jobs, self.images)
         result = assemble_result(self, plan, model, model_ident, scores, traces, errors, timing, aggregate)
         if self.cfg.budget_sweep is not None:
             result["budget_sweep"] = sweep

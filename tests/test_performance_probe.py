@@ -70,3 +70,12 @@ def test_nemo_utility_images_are_batched_across_prompts(tmp_path):
     assert (r["phases"]["generate targets"]["unet_calls"], r["phases"]["generate targets"]["unet_samples"]) == (3, 18)
     assert (r["phases"]["generate other"]["unet_calls"], r["phases"]["generate other"]["unet_samples"]) == (3, 24)
     assert r["phases"]["fit"]["unet_calls"] >= 1  # NeMo localized the target prompt
+
+
+def test_result_records_where_its_images_were_computed(runs):
+    """Sidecars and the result record the device and CPU thread count of every image (same seed → same bytes only
+    for the same thread count): a cold run's images are all this process's."""
+    import torch
+
+    cold, _ = runs
+    assert cold["image_provenance"] == {f"cpu, {torch.get_num_threads()} thread(s)": 2 * 3 + 4}

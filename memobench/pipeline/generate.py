@@ -24,10 +24,22 @@ from .attack import AttackPhase
 from .plan import Job, Plan
 
 
-def image_meta(job: Job, condition_trace: dict) -> dict:
+def generated_with(model) -> dict:
+    """Where an image was computed: the device and, on CPU, torch's intra-op thread count. CPU kernels sum in an
+    order that depends on the thread count, so the same seed gives bit-identical images only for the same count
+    (a uint8 value may differ by one level otherwise); the cache key does not contain it (a cache stays usable from
+    another machine), the sidecar and the result record it."""
+    dev = str(getattr(model, "device", "cpu"))
+    return {"device": dev, **({"torch_threads": torch.get_num_threads()} if dev.startswith("cpu") else {})}
+
+
+def image_meta(job: Job, condition_trace: dict, model=None) -> dict:
     """The sidecar of a generated image."""
-    return {"prompt_id": job.prompt.id, "prompt_sha256": job.prompt.sha256, "seed": job.seed, "role": job.role,
+    meta = {"prompt_id": job.prompt.id, "prompt_sha256": job.prompt.sha256, "seed": job.seed, "role": job.role,
             "condition_trace": condition_trace}
+    if model is not None:
+        meta["generated_with"] = generated_with(model)
+    return meta
 
 
 def jsonable_trace(trace: dict) -> dict:
@@ -155,7 +167,7 @@ class Generator:
                                     g["num_inference_steps"], g["guidance_scale"])
             for j, img in zip(chunk, model.decode(out)):
                 if j.key in todo:
-                    self.images.put(j.key, img, image_meta(j, {}))
+                    self.images.put(j.key, img, image_meta(j, {}, model))
             advance(len(todo))
 
     def sampler(self, model, target: Prompt, mitigation: Mitigation | None, ctx: Context):
@@ -227,5 +239,5 @@ class Generator:
                 if j.key in todo:
                     # the conditioning trace (e.g. Wen's iterations) travels with every image it produced, so a
                     # result reads the same whether its images were generated now or found in the cache
-                    self.images.put(j.key, img, image_meta(j, jsonable_trace(cond.trace)))
+                    self.images.put(j.key, img, image_meta(j, jsonable_trace(cond.trace), model))
             advance(n_todo)

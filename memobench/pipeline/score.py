@@ -175,6 +175,21 @@ def sample_row(s: Sample, per_sample: dict[str, dict]) -> dict:
     return row
 
 
+def image_provenance(jobs: list[Job], images: ImageCache) -> dict:
+    """How many of the run's images were computed where (``generated_with`` of their sidecars: device and CPU
+    thread count; "unrecorded" for images cached by versions before it was recorded), e.g.
+    ``{"cpu, 1 thread(s)": 190}``. Mixed values mean the images were not all computed under the same kernels."""
+    out: dict[str, int] = {}
+    for j in jobs:
+        if not images.has(j.key):
+            continue
+        g = images.meta(j.key).get("generated_with")
+        k = "unrecorded" if not g else (f"{g.get('device')}, {g['torch_threads']} thread(s)"
+                                         if "torch_threads" in g else str(g.get("device")))
+        out[k] = out.get(k, 0) + 1
+    return dict(sorted(out.items()))
+
+
 def condition_traces(jobs: list[Job], images: ImageCache) -> dict:
     """Per target prompt, the inference-time mitigation's trace stored with its first image."""
     out: dict[str, dict] = {}

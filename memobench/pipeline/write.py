@@ -78,6 +78,8 @@ def assemble_result(run: Any, plan: Any, model: Any, model_ident: dict, scores: 
         **_prompt_sets(run, plan),
         "generation": {**run.generation, "images_per_prompt": len(run.seeds), "batch_size": cfg.batch_size,
                        "negative_prompt": ""},
+        # where the run's images were computed (device, CPU threads): memobench.pipeline.generate.generated_with
+        "image_provenance": traces.get("provenance", {}),
         "seeds": {"target": run.seeds, "utility": run.utility_seeds if plan.utility else [], "rule": SEED_RULE},
         "metrics": scores.metrics,
         # paired scoring: when an attack ran, the same target metrics for the mitigation alone (same targets,
