@@ -234,7 +234,9 @@ def main_measure(args) -> int:
         rows, memo = [], ({} if args.mode == "matrix" else None)
         for m, a in pairs:
             print(f"[performance] {state}: {m} × {a}", file=sys.stderr, flush=True)
-            rows.append(run_once(m, a, cache, work / f"out-{state}", metrics, metric_params, args.budget_sweep, memo))
+            extra = {"model_params": {"path": args.model_path}} if args.model_path else {}
+            rows.append(run_once(m, a, cache, work / f"out-{state}", metrics, metric_params, args.budget_sweep, memo,
+                                 **extra))
         runs[state] = {"wall_s": round(time.perf_counter() - t0, 3), "runs": rows, "peak_rss_mb": round(peak_rss_mb(), 1)}
         print(f"[performance] {state}: {runs[state]['wall_s']:.1f} s", file=sys.stderr, flush=True)
     doc = {"mode": args.mode, "pairs": pairs, "environment": environment(threads), "runs": runs,
@@ -311,6 +313,9 @@ def parse_args(argv=None):
         p.add_argument("--budget-sweep", action="store_true", help="with --budget-sweep (the attack's default values)")
         p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
         p.add_argument("--cache-dir", default=None, help="use this cache (default: a fresh temporary folder)")
+        p.add_argument("--model-path", default="", help="the tiny model's weights folder (model param path; its "
+                       "absolute path is part of the sample keys, so a cache written from another checkout is warm "
+                       "only with that checkout's path)")
         p.add_argument("--cold-only", action="store_true", help="skip the warm repetition")
         p.add_argument("--warm-only", action="store_true", help="only the warm pass (with --cache-dir holding "
                        "everything the pairings need already)")
