@@ -198,8 +198,13 @@ class DiffusionModel:
         return (int(self.unet.config.in_channels), h, w)
 
     def identity(self) -> dict:
+        """What determines the model's outputs, part of every cache key: the sha256 of the weight and config files
+        when they were loaded from a folder (a hub snapshot and a local copy of the same files are the same model,
+        wherever the folder lies: :meth:`from_pretrained`), otherwise the id it was given; and the scheduler, dtype
+        and attention processors. Where the weights came from (hub id, folder) is :attr:`model_id` / :attr:`source`,
+        recorded in results outside the key."""
         return {
-            "id": self.model_id,
+            **({} if self.revision else {"id": self.model_id}),
             "revision_or_sha256": self.revision,
             "pipeline_class": type(self.pipe).__name__,
             "scheduler": {"class": type(self.scheduler).__name__, "config": _jsonable(dict(self.scheduler.config))},

@@ -118,7 +118,7 @@ class ModelSession:
     @property
     def model_identity(self) -> dict:
         """What results record as the model: the weights' identity and the plugin's (name, version, params)."""
-        return {**self.model.identity(), "plugin": self.model_plugin.identity()}
+        return {"id": self.model.model_id, **self.model.identity(), "plugin": self.model_plugin.identity()}
 
 
 def model_context(model_cls: type, *, cache_dir: str | Path | None = None, device: str = "cpu",

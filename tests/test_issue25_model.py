@@ -132,3 +132,22 @@ def test_ddim_never_clips_when_config_lacks_the_key(tmp_path, pipeline_dir):
     assert type(m.scheduler).__name__ == "DDIMScheduler"
     assert m.scheduler.config.clip_sample is False
     assert Path(d).exists()
+
+
+def test_same_weights_in_two_folders_are_one_model(tiny_pipe, tmp_path):
+    """The cache identity is the weights' sha256, not where the folder lies: a copy elsewhere (another checkout, a
+    mounted volume) finds the same cache entries; results still record the folder as the model's id."""
+    import shutil
+
+    from memobench.cache import key_of
+    from memobench.model import DiffusionModel
+
+    copy = tmp_path / "elsewhere" / "pipe"
+    shutil.copytree(tiny_pipe, copy)
+    a = DiffusionModel.from_pretrained(str(tiny_pipe), offline=True)
+    b = DiffusionModel.from_pretrained(str(copy), offline=True)
+    assert a.identity() == b.identity() and key_of(a.identity()) == key_of(b.identity())
+    assert "id" not in a.identity() and a.model_id != b.model_id
+    (copy / "unet" / "config.json").write_text((copy / "unet" / "config.json").read_text().replace("}", ', "x": 1}', 1))
+    c = DiffusionModel.from_pretrained(str(copy), offline=True)  # other files: another model
+    assert c.identity()["revision_or_sha256"] != a.identity()["revision_or_sha256"]

@@ -69,7 +69,7 @@ def assemble_result(run: Any, plan: Any, model: Any, model_ident: dict, scores: 
         "status": run_status(errors, scores, cfg.limit),
         "errors": errors,
         "config": dataclasses.asdict(cfg),
-        "model": {**model_ident, "plugin": run.model_plugin.identity(),
+        "model": {"id": model.model_id, **model_ident, "plugin": run.model_plugin.identity(),
                   "source": jsonable_trace(model.source or {})},
         "mitigation": {**run.mitigation.identity(), "kind": run.mitigation.kind,
                        "dist": run.reg.entry("mitigation", run.mitigation.name).dist,
