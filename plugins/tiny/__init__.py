@@ -11,6 +11,8 @@ Registers the model ``tiny``, its prompt sets (``tiny-vm``, ``tiny-tm``, ``tiny-
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +52,24 @@ def _reference(key: str, caption: str = ""):
 
     name, _, variant = key.partition(":")
     if name == "render":  # a ground-truth rendering of a general-set caption ("real image" of the utility set)
-        import hashlib
-
-        import numpy as np
-
-        seed = int(hashlib.sha256(f"{caption}|{variant}".encode()).hexdigest()[:8], 16)
-        return D.render(caption, np.random.default_rng(seed))
+        return _rendering(caption, variant).copy()
     for it in D.TM_ITEMS:
         if it.key == name:
             return D.tm_image(name, int(variant or 0))
     return D.photo(name)
+
+
+@functools.lru_cache(maxsize=256)
+def _rendering(caption: str, variant: str):
+    """The rendering of a general-set caption (seeded by the caption and variant), drawn once per process."""
+    import hashlib
+
+    import numpy as np
+
+    from . import data as D
+
+    seed = int(hashlib.sha256(f"{caption}|{variant}".encode()).hexdigest()[:8], 16)
+    return D.render(caption, np.random.default_rng(seed))
 
 
 class _TinySet(PromptSet):
