@@ -69,7 +69,9 @@ def assemble_result(run: Any, plan: Any, model: Any, model_ident: dict, scores: 
         "status": run_status(errors, scores, cfg.limit),
         "errors": errors,
         "config": dataclasses.asdict(cfg),
-        "model": {"id": model.model_id, **model_ident, "plugin": run.model_plugin.identity(),
+        # the folder or hub id the weights came from, for readers (the cache identity is model_ident: their sha256)
+        "model": {**({"id": model.model_id} if getattr(model, "model_id", None) else {}), **model_ident,
+                  "plugin": run.model_plugin.identity(),
                   "source": jsonable_trace(model.source or {})},
         "mitigation": {**run.mitigation.identity(), "kind": run.mitigation.kind,
                        "dist": run.reg.entry("mitigation", run.mitigation.name).dist,
