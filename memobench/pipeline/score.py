@@ -25,21 +25,28 @@ class ReferenceStore:
 
     def __init__(self, max_bytes: int = 128 << 20):
         self.max_bytes = max_bytes
-        self._lists: collections.OrderedDict = collections.OrderedDict()  # key -> (list, bytes)
+        self._items: collections.OrderedDict = collections.OrderedDict()  # key -> (value, bytes)
         self._bytes = 0
 
-    def get(self, key: tuple, load) -> list:
-        if key in self._lists:
-            self._lists.move_to_end(key)
-            return self._lists[key][0]
-        refs = load()
-        size = sum(int(getattr(r, "nbytes", 0)) for r in refs)
-        self._lists[key] = (refs, size)
+    def get(self, key, load):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key][0]
+        value = load()
+        size = _nbytes(value)
+        self._items[key] = (value, size)
         self._bytes += size
-        while self._bytes > self.max_bytes and len(self._lists) > 1:
-            _, (_, b) = self._lists.popitem(last=False)
+        while self._bytes > self.max_bytes and len(self._items) > 1:
+            _, (_, b) = self._items.popitem(last=False)
             self._bytes -= b
-        return refs
+        return value
+
+
+def _nbytes(value) -> int:
+    """Bytes of an array or of a list of arrays."""
+    if isinstance(value, (list, tuple)):
+        return sum(int(getattr(r, "nbytes", 0)) for r in value)
+    return int(getattr(value, "nbytes", 0))
 
 
 DECODED_IMAGES_MAX_BYTES = 64 << 20  # the run's store of decoded generated images (DecodedImages)
@@ -47,27 +54,15 @@ DECODED_IMAGES_MAX_BYTES = 64 << 20  # the run's store of decoded generated imag
 
 class DecodedImages:
     """Generated images of the run, decoded (and sha256-checked) once and kept while they fit in ``max_bytes``
-    (least recently used dropped first); every read returns a fresh copy. Several metrics read the same images, so
-    a warm run decodes each about once; memory stays bounded whatever the number of samples."""
+    (a :class:`ReferenceStore` by sample key); every read returns a fresh copy. Several metrics read the same images,
+    so a warm run decodes each about once; memory stays bounded whatever the number of samples."""
 
     def __init__(self, images: ImageCache, max_bytes: int | None = None):
         self.images = images
-        self.max_bytes = DECODED_IMAGES_MAX_BYTES if max_bytes is None else max_bytes
-        self._arrays: collections.OrderedDict = collections.OrderedDict()
-        self._bytes = 0
+        self._store = ReferenceStore(DECODED_IMAGES_MAX_BYTES if max_bytes is None else max_bytes)
 
     def get(self, key: str):
-        a = self._arrays.get(key)
-        if a is not None:
-            self._arrays.move_to_end(key)
-            return a.copy()
-        a = self.images.get(key)
-        self._arrays[key] = a
-        self._bytes += a.nbytes
-        while self._bytes > self.max_bytes and len(self._arrays) > 1:
-            _, old = self._arrays.popitem(last=False)
-            self._bytes -= old.nbytes
-        return a.copy()
+        return self._store.get(key, lambda: self.images.get(key)).copy()
 
 
 def load_samples(jobs: list[Job], images: ImageCache, needs_baseline: bool,
