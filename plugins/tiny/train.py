@@ -62,9 +62,23 @@ RECIPE: dict = {
     # frozen, like SD's (pretrained) CLIP text encoder: trained jointly from scratch, the encoder made the caption
     # tokens *more* alike (cosine 0.34 at init -> 0.85 after 1,250 steps) and the UNet ignored the text
     "train_text_encoder": False,
+    # contrastive pretraining of the text encoder before the UNet phase (issue 31; 0 steps = off, the shipped model's
+    # random frozen encoder). CLIP's symmetric InfoNCE loss (Radford et al. 2021, Fig. 3) between the encoder's pooled
+    # (EOS) state, projected, and a small conv image encoder on the scaled VAE latents of the training data (general
+    # scenes, photo-pool crops, the memorized photos at share text_pretrain_frac_mem); captions shared within a batch
+    # are all positives. The encoder is then frozen for the UNet phase, as SD's pretrained CLIP encoder is.
+    "text_pretrain_steps": 0,
+    "text_pretrain_batch": 128,
+    "text_pretrain_lr": 5e-4,
+    "text_pretrain_weight_decay": 0.01,
+    "text_pretrain_frac_mem": 0.05,
+    "text_pretrain_frac_photo": 0.25,
     # UNet (SD layout: cross-attention down blocks, plain lowest block, cross-attention mid block)
     "unet_block_out_channels": [64, 128, 128],
     "unet_layers_per_block": 1,
+    # transformer layers per cross-attention block (SD v1.4: 1; issue 31's lever: 2 gives the text more room and
+    # doubles the value layers NeMo scores)
+    "unet_transformer_layers": 1,
     "unet_heads": 4,
     # cross-attention in the up blocks too (True: SD's layout, the earlier eps model). False (shipped) = plain
     # UpBlock2D up blocks, so that the text reaches the UNet only through the down and mid blocks' attn2 (NeMo's value
@@ -89,6 +103,9 @@ RECIPE: dict = {
     # more of every batch to the general set
     "frac_vm": 0.25,
     "frac_tm": 0.084,
+    # the memorized photos (VM and TM) enter UNet batches only from this fraction of the steps on; before, their share
+    # goes to the general set (issue 31: duplication meets an already trained model). 0 = from the first step
+    "mem_start_frac": 0.0,
     "caption_dropout": 0.1,
     "lr": 6e-4,
     "warmup_frac": 0.05,
@@ -107,6 +124,9 @@ RECIPE: dict = {
     "beta_end": 0.012,
     "train_timesteps": 1000,
     "checkpoint_every": 250,
+    # reuse the VAE (encoder and refined decoder) of an exported pipeline folder instead of the VAE and decoder phases
+    # ("" = train them). Its latents are re-encoded and the scaling factor recomputed from the data as usual.
+    "vae_from": "",
 }
 
 
@@ -140,6 +160,7 @@ def build_components(recipe: dict | None = None):
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D" if r["unet_up_cross_attention"] else "UpBlock2D",) * 2,
         block_out_channels=tuple(r["unet_block_out_channels"]), layers_per_block=r["unet_layers_per_block"],
         cross_attention_dim=r["text_hidden"], attention_head_dim=r["unet_heads"], norm_num_groups=32,
+        transformer_layers_per_block=r["unet_transformer_layers"],
     )
     sched = DDIMScheduler(
         num_train_timesteps=r["train_timesteps"], beta_start=r["beta_start"], beta_end=r["beta_end"],
@@ -392,11 +413,124 @@ def refine_decoder(work: Path, r: dict, progress: bool, log, device: str = "cpu"
     bar.close()
 
 
+class _LatentImageEncoder(torch.nn.Module):
+    """The image tower of the text encoder's contrastive pretraining: a small conv net on scaled VAE latents."""
+
+    def __init__(self, in_ch: int, dim: int):
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(in_ch, 64, 3, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(64, 128, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.Conv2d(128, 128, 3, stride=2, padding=1), torch.nn.GELU(),
+            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(128, dim))
+
+    def forward(self, z):
+        return self.net(z)
+
+
+def clip_loss(text_emb: torch.Tensor, image_emb: torch.Tensor, logit_scale: torch.Tensor,
+              same: torch.Tensor) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy (Radford et al. 2021, Fig. 3) on L2-normalised embeddings, with every pair whose
+    captions are equal (``same``, boolean B×B) a positive: the target of row i is uniform over its positives."""
+    t = F.normalize(text_emb, dim=-1)
+    v = F.normalize(image_emb, dim=-1)
+    logits = logit_scale.exp().clamp(max=100.0) * t @ v.T
+    target = same.float() / same.float().sum(dim=1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T))
+
+
+def _pretrain_draw(rng: np.random.Generator, r: dict, kinds: list[str], n_gen: int):
+    b = r["text_pretrain_batch"]
+    n_mem = round(b * r["text_pretrain_frac_mem"])
+    n_photo = round(b * r["text_pretrain_frac_photo"]) if r["photo_pool"] > 0 else 0
+    mem = list(rng.integers(0, len(kinds), n_mem))
+    photo = list(rng.integers(0, r["photo_pool"], n_photo)) if n_photo else []
+    return mem, list(rng.integers(0, n_gen, b - n_mem - n_photo)), photo
+
+
+def pretrain_text(work: Path, r: dict, progress: bool, log, device: str = "cpu") -> None:
+    """Contrastive pretraining of the text encoder (``text_pretrain_*``); writes ``text_pretrained.safetensors``."""
+    n = r["text_pretrain_steps"]
+    out = work / "text_pretrained.safetensors"
+    if n <= 0 or out.exists():
+        return
+    torch.manual_seed(r["seed"])  # the same initial encoder as the UNet phase builds
+    text = build_components(r)["text_encoder"]
+    torch.manual_seed(r["seed"] + 7)
+    dim = r["text_hidden"]
+    heads = torch.nn.ModuleDict({"image": _LatentImageEncoder(r["latent_channels"], dim),
+                                 "text_proj": torch.nn.Linear(dim, dim, bias=False)})
+    heads.register_parameter("logit_scale", torch.nn.Parameter(torch.tensor(math.log(1 / 0.07))))
+    text.to(device); heads.to(device)
+    params = list(text.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=r["text_pretrain_lr"], weight_decay=r["text_pretrain_weight_decay"])
+    start = _load_state(work, "text", {"text_encoder": text, "heads": heads}, opt)
+    lat = load_file(str(work / "latents.safetensors"))
+    scale = _latent_scale(work)
+    zm, zg = lat["mem"] * scale, lat["gen"] * scale
+    _, mcaps, kinds = _memorized_bank(r["res"])
+    gcaps = json.loads((work / "general_pool.json").read_text())
+    zp, pcaps = None, []
+    if r["photo_pool"] > 0:
+        zp = load_file(str(work / "photo_latents.safetensors"))["photo"] * scale
+        pcaps = json.loads((work / "photo_pool.json").read_text())
+    from .tokenizer import load_sd_tokenizer
+
+    tok = load_sd_tokenizer(work / "tokenizer")
+    bar = _Progress(n, start, "text encoder (contrastive)", progress)
+    text.train(); heads.train()
+    for step in range(start, n):
+        rng = np.random.default_rng([r["seed"], 4, step])
+        mem, gen, photo = _pretrain_draw(rng, r, kinds, len(zg))
+        z = torch.cat([zm[mem], zg[gen]] + ([zp[photo]] if photo else []))
+        caps = [mcaps[i] for i in mem] + [gcaps[i] for i in gen] + [pcaps[i] for i in photo]
+        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        codes = {c: k for k, c in enumerate(dict.fromkeys(caps))}
+        cid = torch.tensor([codes[c] for c in caps])
+        same = (cid[:, None] == cid[None, :]).to(device)
+        for grp in opt.param_groups:
+            grp["lr"] = _lr_at(step, n, r["text_pretrain_lr"], 0.05)
+        pooled = text(ids.to(device)).pooler_output
+        loss = clip_loss(heads["text_proj"](pooled), heads["image"](z.to(device)), heads.logit_scale, same)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.update(f"loss {loss.item():.4f}")
+        if (step + 1) % r["checkpoint_every"] == 0 or step + 1 == n:
+            _save_state(work, "text", {"text_encoder": text, "heads": heads}, opt, step + 1)
+            log(f"text step {step + 1} loss {loss.item():.4f} logit_scale {heads.logit_scale.exp().item():.1f}")
+    bar.close()
+    atomic_write_bytes(out, save({k: v.detach().cpu().contiguous() for k, v in text.state_dict().items()}))
+
+
+def reuse_vae(work: Path, r: dict) -> None:
+    """``vae_from``: the VAE of an exported pipeline stands in for the VAE and decoder phases' results."""
+    if (work / "vae_reused.json").exists():
+        return
+    from diffusers import AutoencoderKL
+
+    from memobench.api import BadInput
+
+    src = Path(r["vae_from"]) / "vae"
+    if not (src / "config.json").is_file():
+        raise BadInput(f"recipe vae_from={r['vae_from']!r}: no exported pipeline there (missing vae/config.json)")
+    vae = AutoencoderKL.from_pretrained(str(src), torch_dtype=torch.float32, use_safetensors=True)
+    fresh = build_components(r)["vae"]
+    fresh.load_state_dict(vae.state_dict())
+    blob = save({k: v.detach().contiguous() for k, v in fresh.state_dict().items()})
+    for phase in ("dec", "vae"):
+        atomic_write_bytes(work / f"{phase}_vae.safetensors", blob)
+    atomic_write_text(work / "vae_reused.json", json.dumps({"from": str(src)}))
+
+
 def train_unet(work: Path, r: dict, progress: bool, log, device: str = "cpu") -> None:
     torch.manual_seed(r["seed"])  # the (frozen) text encoder's init must not depend on what ran before
     comps = build_components(r)
     unet, text, sched = comps["unet"], comps["text_encoder"], comps["scheduler"]
     ema = {"unet": build_components(r)["unet"], "text_encoder": build_components(r)["text_encoder"]}
+    if r["text_pretrain_steps"] > 0:
+        text.load_state_dict(load_file(str(work / "text_pretrained.safetensors")))
     ema["unet"].load_state_dict(unet.state_dict()); ema["text_encoder"].load_state_dict(text.state_dict())
     for m in (unet, text, *ema.values()):
         m.to(device)
@@ -423,10 +557,12 @@ def train_unet(work: Path, r: dict, progress: bool, log, device: str = "cpu") ->
     text.requires_grad_(r["train_text_encoder"])
     ema_params = list(ema["unet"].parameters()) + (list(ema["text_encoder"].parameters())
                                                    if r["train_text_encoder"] else [])
+    mem_start = int(r["mem_start_frac"] * r["unet_steps"])
+    no_mem = {**r, "frac_vm": 0.0, "frac_tm": 0.0}
     for step in range(start, r["unet_steps"]):
         rng = np.random.default_rng([r["seed"], 2, step])
         g = torch.Generator().manual_seed(r["seed"] * 1_000_003 + step)
-        mem, gen, *photo = _draw_indices(rng, r, kinds, len(zg), r["batch"])
+        mem, gen, *photo = _draw_indices(rng, r if step >= mem_start else no_mem, kinds, len(zg), r["batch"])
         z0 = torch.cat([zm[mem], zg[gen]] + [zp[p] for p in photo])
         caps = [mcaps[i] for i in mem] + [gcaps[i] for i in gen] + [pcaps[i] for p in photo for i in p]
         caps = ["" if u < r["caption_dropout"] else c for c, u in zip(caps, rng.random(len(caps)))]
@@ -474,7 +610,7 @@ def export(work: Path, r: dict, out_dir: Path) -> Path:
     from diffusers import StableDiffusionPipeline
 
     comps = build_components(r)
-    comps["vae"].load_state_dict(load_file(str(work / ("dec_vae.safetensors" if r["dec_steps"] > 0
+    comps["vae"].load_state_dict(load_file(str(work / ("dec_vae.safetensors" if r["dec_steps"] > 0 or r["vae_from"]
                                                          else "vae_vae.safetensors"))))
     comps["unet"].load_state_dict(load_file(str(work / "unet_ema_unet.safetensors")))
     comps["text_encoder"].load_state_dict(load_file(str(work / "unet_ema_text_encoder.safetensors")))
@@ -520,10 +656,15 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
         pimgs, pcaps = D.photo_pool(r["photo_pool"], seed=r["seed"], res=r["res"])
         atomic_write_bytes(work / "photo_pool.npy", _npy_bytes(pimgs))
         atomic_write_text(work / "photo_pool.json", json.dumps(pcaps))
-    train_vae(work, r, progress, log, device)
+    if r["vae_from"]:
+        reuse_vae(work, r)
+    else:
+        train_vae(work, r, progress, log, device)
     encode_latents(work, r, device)
     encode_photo_latents(work, r, device)
-    refine_decoder(work, r, progress, log, device)
+    if not r["vae_from"]:
+        refine_decoder(work, r, progress, log, device)
+    pretrain_text(work, r, progress, log, device)
     train_unet(work, r, progress, log, device)
     out = export(work, r, Path(out_dir) if out_dir else work / "pipeline")
     log(f"done in {time.time() - t0:.0f}s on {device} -> {out}")
