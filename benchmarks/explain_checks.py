@@ -57,19 +57,22 @@ def token_words(tokenizer, caption: str) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompt-set", default="tiny-vm")
+    ap.add_argument("--model-param", action="append", help="KEY=VALUE for the tiny model plugin (e.g. path=DIR)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--out", default="benchmarks/reports/explain_checks")
     a = ap.parse_args(argv)
+    from memobench.config import parse_kv
     from PIL import Image
 
     from memobench_plugins.detect.bench import load_prompts
     from memobench_plugins.detect.explain import VERDICT_MEM, Explainer, render_png
 
     t0 = time.time()
-    ex = Explainer(model="tiny", cache_dir=a.cache_dir, offline=True)
+    ex = Explainer(model="tiny", model_params=parse_kv(a.model_param, "--model-param"), cache_dir=a.cache_dir,
+                   offline=True)
     if ex.calibration is None:
         raise SystemExit("error: no detection calibration for model 'tiny'; run `memobench detect --model tiny "
-                         "--memorized tiny-vm --nonmemorized tiny-nonmem` first")
+                         "--memorized tiny-vm --nonmemorized tiny-nonmem` (with the same --model-param) first")
     _, prompts, ps = load_prompts(ex.session, a.prompt_set, "--prompt-set")
     dw = distinctive_words()
     from memobench_plugins.tiny import data as D

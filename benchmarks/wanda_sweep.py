@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from memobench.cache import atomic_write_text
-from memobench.config import RunConfig
+from memobench.config import RunConfig, parse_kv
 from memobench.runner import Runner
 
 UTILITY = ("tiny_alignment", "fd_sscd")
@@ -31,6 +31,7 @@ def _val(rec):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model-param", action="append", help="KEY=VALUE for the model plugin (e.g. path=DIR)")
     ap.add_argument("--ratios", default="0.01,0.1,0.3,0.5")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--results-dir", default="results/wanda_sweep")
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
     rows = []
     for mit, params in [("none", {})] + [("wanda", {"skill_ratio": r}) for r in ratios]:
         print(f"[wanda_sweep] {mit} {params or ''}", file=sys.stderr, flush=True)
-        cfg = RunConfig(model=a.model, mitigation=mit, mitigation_params=params, attack="none",
+        cfg = RunConfig(model=a.model, model_params=parse_kv(a.model_param, "--model-param"), mitigation=mit, mitigation_params=params, attack="none",
                         metrics=["mr", "sscd_orig", "tiny_alignment", "fidelity"], output_dir=a.results_dir,
                         metric_params={"fidelity": {"feature_extractor": "sscd"}},  # FD on SSCD features
                         cache_dir=a.cache_dir, offline=True)

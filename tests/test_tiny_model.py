@@ -170,3 +170,67 @@ def test_photo_pool_is_deterministic_and_its_captions_avoid_evaluated_words():
     evaluated = {w for c in [it.caption for it in D.VM_ITEMS + D.TM_ITEMS] + list(D.NONMEM_PROMPTS) for w in c.split()}
     assert all(3 <= len(c.split()) <= 7 for c in ca)
     assert not {w for c in ca for w in c.split()} & evaluated
+
+
+def test_clip_loss_matches_a_hand_computed_value():
+    """CLIP's symmetric InfoNCE on two pairs: embeddings already unit length, logit scale 1 (log 0), so logits are the
+    cosines; rows i: −log softmax(l_i)[i], averaged, both directions."""
+    import math
+
+    import torch
+    from memobench_plugins.tiny.train import clip_loss
+
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    v = torch.tensor([[0.6, 0.8], [0.0, 1.0]])
+    same = torch.eye(2, dtype=torch.bool)
+    got = clip_loss(t, v, torch.tensor(0.0), same).item()
+    # logits t·vᵀ = [[0.6, 0.0], [0.8, 1.0]]
+    row = [-math.log(math.exp(0.6) / (math.exp(0.6) + 1)), -math.log(math.exp(1.0) / (math.exp(0.8) + math.exp(1.0)))]
+    col = [-math.log(math.exp(0.6) / (math.exp(0.6) + math.exp(0.8))), -math.log(math.exp(1.0) / (1 + math.exp(1.0)))]
+    assert got == pytest.approx(0.5 * (sum(row) / 2 + sum(col) / 2), rel=1e-6)
+    # equal captions are both positives: the target of a row is uniform over them
+    both = torch.ones(2, 2, dtype=torch.bool)
+    def uniform_ce(a, b):  # a row (a, b) whose two entries are both positives
+        return -0.5 * (math.log(math.exp(a) / (math.exp(a) + math.exp(b)))
+                       + math.log(math.exp(b) / (math.exp(a) + math.exp(b))))
+
+    rows = (uniform_ce(0.6, 0.0) + uniform_ce(0.8, 1.0)) / 2
+    cols = (uniform_ce(0.6, 0.8) + uniform_ce(0.0, 1.0)) / 2
+    want = 0.5 * (rows + cols)
+    assert clip_loss(t, v, torch.tensor(0.0), both).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_issue31_levers_pretrain_the_frozen_encoder_reuse_the_vae_and_delay_the_photos(tmp_path, monkeypatch):
+    """The v3 recipe options: the pretrained text encoder is what the UNet phase freezes and exports; the VAE comes
+    from an exported pipeline unchanged; two transformer layers per block; no memorized photo before mem_start."""
+    import torch
+    from memobench_plugins.tiny import train as T
+    from safetensors.torch import load_file
+
+    drawn = []
+    orig = T._draw_indices
+
+    def spy(rng, r, kinds, n_pool, batch):
+        out = orig(rng, r, kinds, n_pool, batch)
+        drawn.append(len(out[0]))
+        return out
+
+    monkeypatch.setattr(T, "_draw_indices", spy)
+    work = tmp_path / "w"
+    recipe = {**T.SMOKE, "unet_steps": 4, "text_pretrain_steps": 2, "text_pretrain_batch": 12,
+              "unet_transformer_layers": 2, "mem_start_frac": 0.5, "vae_from": str(WEIGHTS)}
+    T.train(work, work / "pipeline", recipe=recipe, progress=False, log=lambda *a: None)
+    assert drawn[:2] == [0, 0] and all(n > 0 for n in drawn[2:])
+    torch.manual_seed(0)
+    init = T.build_components({**T.RECIPE, **recipe})["text_encoder"].state_dict()
+    pre = load_file(str(work / "text_pretrained.safetensors"))
+    assert any(not torch.equal(init[k], pre[k]) for k in pre)
+    exported = load_file(str(work / "pipeline" / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(exported[k], pre[k]) for k in pre if k in exported)
+    vae = load_file(str(work / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"))
+    shipped = load_file(str(WEIGHTS / "vae" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(vae[k], shipped[k].float()) for k in shipped)
+    cfg = json.loads((work / "pipeline" / "unet" / "config.json").read_text())
+    assert cfg["transformer_layers_per_block"] in (2, [2, 2, 2])
+    with pytest.raises(Exception, match="vae_from"):
+        T.train(tmp_path / "x", recipe={**recipe, "vae_from": str(tmp_path)}, progress=False, log=lambda *a: None)
