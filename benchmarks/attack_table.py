@@ -50,7 +50,9 @@ def markdown(table: dict, model: str) -> str:
     f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"MR on `{model}` (from the committed result files), the mitigation alone and under each attack. "
              "Work to re-extract: the least DoRI work (UNet forward+backward passes, steps × batch) with MR > 0.5 "
-             "(`--budget-sweep` at steps 0, 5, 10, 25, 50); \"not reached\": MR ≤ 0.5 up to 50 steps. Extraction "
+             "(`--budget-sweep`, default steps 0, 5, 10, 25, 50); \"not reached (W)\": MR ≤ 0.5 at every budget swept, "
+             "up to W passes. \"—\": not computed. An attack's MR can fall below the mitigation alone: the attack "
+             "generates from its own prompts (trigger_search) or seeds, not the training caption's. Extraction "
              "flagged: share of targets whose largest clique of near-identical samples reached 10.", "",
              "| mitigation | alone | + DoRI | DoRI work to re-extract | + extraction (flagged) | + onestep | "
              "+ trigger_search |", "|---|---:|---:|---:|---:|---:|---:|"]
