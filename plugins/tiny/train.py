@@ -413,6 +413,23 @@ def refine_decoder(work: Path, r: dict, progress: bool, log, device: str = "cpu"
     bar.close()
 
 
+def _caption_latent_data(work: Path, r: dict):
+    """The UNet and text-pretraining phases' data: scaled latents of the memorized bank, general pool and photo pool
+    (None without one), their captions, the memorized kinds, and the SD tokenizer."""
+    from .tokenizer import load_sd_tokenizer
+
+    lat = load_file(str(work / "latents.safetensors"))
+    scale = _latent_scale(work)
+    _, mcaps, kinds = _memorized_bank(r["res"])
+    gcaps = json.loads((work / "general_pool.json").read_text())
+    zp, pcaps = None, []
+    if r["photo_pool"] > 0:
+        zp = load_file(str(work / "photo_latents.safetensors"))["photo"] * scale
+        pcaps = json.loads((work / "photo_pool.json").read_text())
+    return (lat["mem"] * scale, lat["gen"] * scale, zp, mcaps, kinds, gcaps, pcaps,
+            load_sd_tokenizer(work / "tokenizer"))
+
+
 class _LatentImageEncoder(torch.nn.Module):
     """The image tower of the text encoder's contrastive pretraining: a small conv net on scaled VAE latents."""
 
@@ -465,18 +482,7 @@ def pretrain_text(work: Path, r: dict, progress: bool, log, device: str = "cpu")
     params = list(text.parameters()) + list(heads.parameters())
     opt = torch.optim.AdamW(params, lr=r["text_pretrain_lr"], weight_decay=r["text_pretrain_weight_decay"])
     start = _load_state(work, "text", {"text_encoder": text, "heads": heads}, opt)
-    lat = load_file(str(work / "latents.safetensors"))
-    scale = _latent_scale(work)
-    zm, zg = lat["mem"] * scale, lat["gen"] * scale
-    _, mcaps, kinds = _memorized_bank(r["res"])
-    gcaps = json.loads((work / "general_pool.json").read_text())
-    zp, pcaps = None, []
-    if r["photo_pool"] > 0:
-        zp = load_file(str(work / "photo_latents.safetensors"))["photo"] * scale
-        pcaps = json.loads((work / "photo_pool.json").read_text())
-    from .tokenizer import load_sd_tokenizer
-
-    tok = load_sd_tokenizer(work / "tokenizer")
+    zm, zg, zp, mcaps, kinds, gcaps, pcaps, tok = _caption_latent_data(work, r)
     bar = _Progress(n, start, "text encoder (contrastive)", progress)
     text.train(); heads.train()
     for step in range(start, n):
@@ -540,17 +546,7 @@ def train_unet(work: Path, r: dict, progress: bool, log, device: str = "cpu") ->
                                        "ema_text_encoder": ema["text_encoder"]}, opt)
     if start >= r["unet_steps"]:
         return
-    lat = load_file(str(work / "latents.safetensors"))
-    scale = _latent_scale(work)
-    zm, zg = lat["mem"] * scale, lat["gen"] * scale
-    _, mcaps, kinds = _memorized_bank(r["res"])
-    gcaps = json.loads((work / "general_pool.json").read_text())
-    if r["photo_pool"] > 0:
-        zp = load_file(str(work / "photo_latents.safetensors"))["photo"] * scale
-        pcaps = json.loads((work / "photo_pool.json").read_text())
-    from .tokenizer import load_sd_tokenizer
-
-    tok = load_sd_tokenizer(work / "tokenizer")
+    zm, zg, zp, mcaps, kinds, gcaps, pcaps, tok = _caption_latent_data(work, r)
     ac = sched.alphas_cumprod.to(device)
     bar = _Progress(r["unet_steps"], start, "UNet+text", progress)
     unet.train(); text.train(r["train_text_encoder"])
