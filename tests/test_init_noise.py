@@ -80,9 +80,11 @@ def test_per_sample_stops_each_latent_at_its_target_and_samples_are_independent(
     low, high = (0, 1) if l0[0] < l0[1] else (1, 0)
     assert torch.equal(both.latents[low], lat[low])  # reached: untouched (no update, no weight decay)
     assert both.trace["init_noise"]["iterations"][low] == 0 and both.trace["init_noise"]["reached_target"][low]
-    # the other latent, alone, follows exactly the same path: the batch is G independent reference runs
+    # the other latent, alone, follows the same path: the batch is G independent reference runs. Up to the CPU
+    # kernels' rounding of a batch of 2 vs 1, which AdamW's g/(|g| + eps) amplifies where |g| is tiny (seen: 6.8e-6
+    # after 3 steps on one machine, < 1e-6 on another); coupled samples would differ by about a step, lr = 1e-2
     alone = m.condition(sd14, PROMPT, cond, lat[high:high + 1], _ctx())
-    assert torch.allclose(both.latents[high], alone.latents[0], atol=1e-6)
+    assert torch.allclose(both.latents[high], alone.latents[0], atol=1e-4)
     assert both.trace["init_noise"]["iterations"][high] == alone.trace["init_noise"]["iterations"][0] > 0
 
 
