@@ -516,11 +516,7 @@ def reuse_vae(work: Path, r: dict) -> None:
         return
     from diffusers import AutoencoderKL
 
-    from memobench.api import BadInput
-
     src = Path(r["vae_from"]) / "vae"
-    if not (src / "config.json").is_file():
-        raise BadInput(f"recipe vae_from={r['vae_from']!r}: no exported pipeline there (missing vae/config.json)")
     vae = AutoencoderKL.from_pretrained(str(src), torch_dtype=torch.float32, use_safetensors=True)
     fresh = build_components(r)["vae"]
     fresh.load_state_dict(vae.state_dict())
@@ -634,6 +630,8 @@ def train(work_dir: str | Path, out_dir: str | Path | None = None, recipe: dict 
     for k, allowed in (("prediction_type", ("epsilon", "v_prediction")), ("loss_weighting", ("eps", "v"))):
         if r[k] not in allowed:  # checked before any work: the UNet phase would only fail after the VAE phase
             raise BadInput(f"recipe {k} must be one of {', '.join(allowed)}, not {r[k]!r}")
+    if r["vae_from"] and not (Path(r["vae_from"]) / "vae" / "config.json").is_file():  # before any work, too
+        raise BadInput(f"recipe vae_from={r['vae_from']!r}: no exported pipeline there (missing vae/config.json)")
     for k, v in r.items():
         check_finite(v, f"--recipe-param {k}")
     work = Path(work_dir)
